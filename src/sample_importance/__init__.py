@@ -1,0 +1,11 @@
+"""sample-importance: per-sample, per-layer importance of training samples (Gao & Jojic), tracked with MLflow."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load_dynamics(run_id: str, allow_partial: bool = False):
+    """The validated `dynamics/` artifacts of a `train` run (see `sample_importance.dynamics`)."""
+    from .mlflow_io import load_dynamics as _load
+
+    return _load(run_id, allow_partial=allow_partial)

@@ -1,0 +1,1 @@
+"""Analyses: pure functions of arrays (no MLflow, no files)."""

@@ -1,0 +1,132 @@
+"""Datasets as flat float32 arrays with stable sample ids.
+
+Every dataset is a fixed train/test split; `sample_id` of a training sample is its index in the
+training split, so it is the same across runs, seeds and presentation orders.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DATASETS, ConfigError
+from .errors import UserError
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+PAPER_TRAIN_SIZE = 50_000  # the paper trains on the first 50,000 images of the training split
+
+
+class DataError(UserError):
+    """A dataset cannot be found or read; the message says how to get it."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray  # (n, d) float32
+    y_train: np.ndarray  # (n,) int64
+    x_test: np.ndarray  # (m, d) float32
+    y_test: np.ndarray  # (m,) int64
+    image_shape: tuple[int, ...]  # (C, H, W) of one sample, for figures and convolutions
+    num_classes: int = 10
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def sample_id(self) -> np.ndarray:
+        return np.arange(self.n_train, dtype=np.int64)
+
+
+def load_dataset(name: str, data_dir: str | Path, subset: int = 0) -> Dataset:
+    """Load a dataset by name; `subset` > 0 keeps the first `subset` training samples."""
+    if name not in DATASETS:
+        raise ConfigError(f"Unknown dataset {name!r}: choose one of {', '.join(DATASETS)}.")
+    if name == "digits":
+        data = _digits()
+    else:
+        data = _torchvision(name, Path(data_dir).expanduser())
+    if subset:
+        if subset > data.n_train:
+            raise ConfigError(
+                f"subset={subset} is larger than the {data.n_train} training samples of {name}: "
+                f"choose at most {data.n_train}, or 0 for all."
+            )
+        data = Dataset(name, data.x_train[:subset], data.y_train[:subset], data.x_test,
+                       data.y_test, data.image_shape)
+    return data
+
+
+def _digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits: first 1,500 train, remaining 297 test, pixels / 16."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)  # (1797, 64)
+    y = bunch.target.astype(np.int64)
+    return Dataset("digits", x[:1500], y[:1500], x[1500:], y[1500:], (1, 8, 8))
+
+
+_TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}
+_HOW_TO_GET = {
+    "fashion-mnist": f"install the Debian package (apt-get install dataset-fashion-mnist, files under "
+                     f"{DEBIAN_FASHION_MNIST}) or put torchvision's FashionMNIST/raw files under data_dir",
+    "mnist": "run once with network access (torchvision downloads it into data_dir) or put torchvision's "
+             "MNIST/raw files under data_dir",
+    "cifar10": "run once with network access (torchvision downloads it into data_dir) or put the extracted "
+               "cifar-10-batches-py folder under data_dir",
+}
+
+
+def _torchvision(name: str, data_dir: Path) -> Dataset:
+    """Fashion-MNIST, MNIST or CIFAR-10 through torchvision; train = first 50,000, test = official 10,000."""
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, _TORCHVISION_CLASSES[name])
+    if name == "fashion-mnist":
+        _stage_debian_fashion_mnist(data_dir)
+    splits = {}
+    for train in (True, False):
+        try:
+            try:  # read what is already there, without touching the network
+                ds = cls(root=str(data_dir), train=train, download=False)
+            except RuntimeError:
+                ds = cls(root=str(data_dir), train=train, download=True)
+        except Exception as exc:  # no local copy and the download failed (no network, bad folder, ...)
+            raise DataError(
+                f"Dataset {name} was not found in data_dir={data_dir} and could not be downloaded "
+                f"({type(exc).__name__}): {_HOW_TO_GET[name]}."
+            ) from None
+        x = np.asarray(ds.data)
+        y = np.asarray(ds.targets, dtype=np.int64)
+        if x.ndim == 3:  # (N, H, W) grey images
+            x = x[:, None]
+        else:  # CIFAR: (N, H, W, C) -> (N, C, H, W)
+            x = x.transpose(0, 3, 1, 2)
+        splits[train] = (x, y)
+    (xtr, ytr), (xte, yte) = splits[True], splits[False]
+    xtr, ytr = xtr[:PAPER_TRAIN_SIZE], ytr[:PAPER_TRAIN_SIZE]
+    shape = tuple(xtr.shape[1:])
+    flat = lambda a: (a.reshape(len(a), -1) / np.float32(255.0)).astype(np.float32)  # noqa: E731
+    return Dataset(name, flat(xtr), ytr, flat(xte), yte, shape)
+
+
+def _stage_debian_fashion_mnist(data_dir: Path) -> None:
+    """Decompress the Debian package's IDX files into the layout torchvision's FashionMNIST reads
+    (data_dir/FashionMNIST/raw/*-ubyte), unless a copy is already there."""
+    raw = data_dir / "FashionMNIST" / "raw"
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        return
+    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+        target = raw / gz.name[: -len(".gz")]
+        if target.exists():
+            continue
+        raw.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.rename(target)  # never leave a half-written file under the final name

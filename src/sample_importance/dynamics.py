@@ -1,0 +1,160 @@
+"""The artifact contract: what a training run writes to `dynamics/`, and the one way to read it back.
+
+Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
+    importance.npy   float32 (E, n, L)  beta_{i,d}^t, the sample importance per layer (alpha = sum over L)
+    loss.npy         float32 (E, n)     in-batch NLL of each sample (before its step's update)
+    p_true.npy       float32 (E, n)     in-batch probability of the true label
+    correct.npy      bool    (E, n)     in-batch correctness
+    batch_order.npy  int64   (E, n)     sample ids in presentation order; consecutive batch_size chunks = batches
+    final_loss.npy   float32 (n,)       NLL under the final parameters
+    label.npy        int64   (n,)       training labels
+    sample_id.npy    int64   (n,)       0..n-1, the index in the dataset's training split
+    init_state.pt    state dict of the initial parameters (with batch_order.npy, enough to replay the run)
+    metadata.json    schema version, run settings, layer names and sizes, phi convention, progress
+
+The per-epoch arrays are memory-mapped and filled one epoch at a time, and metadata.json is
+rewritten (atomically) after each epoch with `epochs_completed`, so a crashed run leaves its
+finished epochs readable. `complete` becomes true only after the last file is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+DIRNAME = "dynamics"
+METADATA = "metadata.json"
+INIT_STATE = "init_state.pt"
+# file stem -> dtype
+PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32, "correct": np.bool_,
+             "batch_order": np.int64}
+PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
+
+
+class DynamicsError(UserError):
+    """A dynamics folder is missing, incomplete or inconsistent; the message names the file."""
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class DynamicsWriter:
+    """Writes a run's dynamics epoch by epoch into `folder` (created)."""
+
+    def __init__(self, folder: str | Path, n: int, epochs: int, metadata: dict):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.n, self.epochs = n, epochs
+        self.layer_names = list(metadata["layer_names"])
+        self.metadata = {**metadata, "schema_version": SCHEMA_VERSION, "n": n, "epochs": epochs,
+                         "epochs_completed": 0, "complete": False}
+        L = len(self.layer_names)
+        self.arrays = {
+            name: np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=dtype,
+                                            shape=(epochs, n, L) if name == "importance" else (epochs, n))
+            for name, dtype in PER_EPOCH.items()
+        }
+        _write_json_atomic(self.folder / METADATA, self.metadata)
+
+    def write_epoch(self, epoch: int, record) -> None:
+        """Store one `training.EpochRecord` and mark the epoch as completed."""
+        assert epoch == self.metadata["epochs_completed"], "epochs must be written in order"
+        for name in PER_EPOCH:
+            self.arrays[name][epoch] = getattr(record, name)
+            self.arrays[name].flush()
+        self.metadata["epochs_completed"] = epoch + 1
+        _write_json_atomic(self.folder / METADATA, self.metadata)
+
+    def finish(self, final_loss: np.ndarray, label: np.ndarray, sample_id: np.ndarray) -> None:
+        assert self.metadata["epochs_completed"] == self.epochs, "finish() before every epoch was written"
+        for name, arr in (("final_loss", final_loss), ("label", label), ("sample_id", sample_id)):
+            arr = np.asarray(arr, dtype=PER_SAMPLE[name])
+            assert arr.shape == (self.n,), f"{name} must have shape ({self.n},), got {arr.shape}"
+            tmp = self.folder / f"{name}.tmp.npy"
+            np.save(tmp, arr)
+            os.replace(tmp, self.folder / f"{name}.npy")
+        for arr in self.arrays.values():
+            del arr  # release the memory maps
+        self.arrays = {}
+        self.metadata["complete"] = True
+        _write_json_atomic(self.folder / METADATA, self.metadata)
+
+
+@dataclass
+class Dynamics:
+    """A run's dynamics; per-epoch arrays are memory-mapped and cover the completed epochs."""
+
+    metadata: dict
+    importance: np.ndarray  # (E, n, L) float32
+    loss: np.ndarray  # (E, n) float32
+    p_true: np.ndarray  # (E, n) float32
+    correct: np.ndarray  # (E, n) bool
+    batch_order: np.ndarray  # (E, n) int64
+    final_loss: np.ndarray | None  # (n,) float32; None for an incomplete run
+    label: np.ndarray | None  # (n,) int64; None for an incomplete run
+    sample_id: np.ndarray | None  # (n,) int64; None for an incomplete run
+    folder: Path
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.metadata["layer_names"])
+
+    @property
+    def alpha(self) -> np.ndarray:
+        """alpha_i^t = sum over layers of beta (E, n)."""
+        return self.importance.sum(axis=2, dtype=np.float64)
+
+    @property
+    def total_importance(self) -> np.ndarray:
+        """tau_i = sum over epochs of alpha_i^t (n,)."""
+        return self.alpha.sum(axis=0)
+
+
+def load_dir(folder: str | Path, allow_partial: bool = False) -> Dynamics:
+    """Read and validate a dynamics folder. Raises DynamicsError naming what is wrong."""
+    folder = Path(folder)
+    meta_path = folder / METADATA
+    if not meta_path.is_file():
+        raise DynamicsError(f"{meta_path} is missing: this is not a dynamics folder written by `train`.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DynamicsError(f"{meta_path} is not valid JSON ({exc}).") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise DynamicsError(f"{meta_path} has schema version {meta.get('schema_version')}, this code reads "
+                            f"{SCHEMA_VERSION}: re-run `train` or use a matching version of sample-importance.")
+    complete = bool(meta.get("complete"))
+    if not complete and not allow_partial:
+        raise DynamicsError(f"{folder} holds an unfinished run ({meta.get('epochs_completed')} of "
+                            f"{meta.get('epochs')} epochs): resume or re-run it, or pass allow_partial=True.")
+    n, E, L = meta["n"], meta["epochs"], len(meta["layer_names"])
+    done = meta["epochs_completed"] if not complete else E
+    arrays = {}
+    for name, dtype in PER_EPOCH.items():
+        shape = (E, n, L) if name == "importance" else (E, n)
+        arrays[name] = _load(folder / f"{name}.npy", dtype, shape)[:done]
+    for name, dtype in PER_SAMPLE.items():
+        arrays[name] = _load(folder / f"{name}.npy", dtype, (n,)) if complete else None
+    return Dynamics(metadata=meta, folder=folder, **arrays)
+
+
+def _load(path: Path, dtype, shape: tuple) -> np.ndarray:
+    if not path.is_file():
+        raise DynamicsError(f"{path} is missing from the dynamics folder.")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except ValueError as exc:
+        raise DynamicsError(f"{path} is not a readable .npy file ({exc}).") from None
+    if arr.dtype != np.dtype(dtype) or arr.shape != tuple(shape):
+        raise DynamicsError(f"{path} has dtype {arr.dtype} and shape {arr.shape}; metadata.json says "
+                            f"{np.dtype(dtype)} {tuple(shape)}.")
+    return arr

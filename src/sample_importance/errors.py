@@ -1,0 +1,6 @@
+"""Errors a user can cause and fix. Entry points print their message as one line and exit non-zero."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Base class: the message is one sentence that says what is wrong and what to do."""

@@ -1,0 +1,188 @@
+"""The one module that talks to MLflow: runs, lookups, logging, artifacts.
+
+The tracking store is MLflow's default (SQLite `mlflow.db` in the working directory, artifacts in
+`./mlruns`) unless MLFLOW_TRACKING_URI says otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote, urlparse
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from . import dynamics as dyn
+from .errors import UserError
+
+TAG_ENTRY_POINT = "sample_importance.entry_point"
+TAG_FINGERPRINT = "sample_importance.config_fingerprint"
+TAG_FAILURE = "sample_importance.failure"
+
+
+class RunLookupError(UserError):
+    """A run id does not exist or lacks what was asked of it."""
+
+
+@contextlib.contextmanager
+def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None,
+              description: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, continue) a run; any exception marks it FAILED and records why
+    in a tag, so no run is ever left RUNNING and the UI says what went wrong."""
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, **(tags or {})})
+        if description:
+            mlflow.set_tag("mlflow.note.content", description)
+        try:
+            yield run
+        except BaseException as exc:
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(TAG_FAILURE, reason[:5000])
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            mlflow.end_run(status)
+            raise
+
+
+def log_params_once(params: dict) -> None:
+    """Log parameters not already on the active run (`mlflow run` logs the MLproject parameters
+    itself, as the strings the user gave; logging them again with another spelling would fail)."""
+    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+    fresh = {k: v for k, v in params.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def log_config(config: dict, name: str = "config.json") -> None:
+    mlflow.log_dict(config, name)
+
+
+def log_metrics(metrics: dict[str, float], step: int) -> None:
+    mlflow.log_metrics(metrics, step=step)
+
+
+def log_figure(fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
+def log_torch_model(model, input_example, code_dir: str | Path | None = None) -> None:
+    """Log the model with its signature and an input example; the package's code travels with it
+    so the model loads without this project installed."""
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example)).numpy()
+    mlflow.pytorch.log_model(
+        model, name="model", signature=infer_signature(np.asarray(input_example), output),
+        input_example=np.asarray(input_example), code_paths=[str(code_dir)] if code_dir else None,
+        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+    )
+
+
+@contextlib.contextmanager
+def artifact_folder(subdir: str) -> Iterator[Path]:
+    """A folder that ends up as artifact `subdir` of the active run. With a local artifact store the
+    files are written in place (so a crash leaves what was written visible in the run); otherwise
+    they go to a temporary folder uploaded on exit, also on failure."""
+    uri = mlflow.get_artifact_uri()
+    local = _local_path(uri)
+    if local is not None:
+        folder = local / subdir
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="si-artifacts-"))
+    try:
+        yield tmp
+    finally:
+        mlflow.log_artifacts(str(tmp), subdir)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_path(uri: str) -> Path | None:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(uri)
+    return None
+
+
+def get_run(run_id: str):
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise RunLookupError(
+            f"Run {run_id!r} does not exist in the tracking store {mlflow.get_tracking_uri()}: check the id "
+            f"(the MLflow UI shows it) and MLFLOW_TRACKING_URI."
+        ) from None
+
+
+def load_dynamics(run_id: str, allow_partial: bool = False) -> dyn.Dynamics:
+    """Load the `dynamics/` artifacts of a `train` run, validated against its metadata.json."""
+    run = get_run(run_id)
+    local = _local_path(run.info.artifact_uri)
+    if local is not None:
+        folder = local / dyn.DIRNAME
+    else:
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=dyn.DIRNAME))
+        except Exception:
+            folder = None
+    if folder is None or not (folder / dyn.METADATA).is_file():
+        raise RunLookupError(
+            f"Run {run_id} has no {dyn.DIRNAME}/ artifacts: it is not a finished `train` run; pass the id of one."
+        )
+    try:
+        return dyn.load_dir(folder, allow_partial=allow_partial)
+    except dyn.DynamicsError as exc:
+        raise dyn.DynamicsError(f"Run {run_id}: {exc}") from None
+
+
+def find_finished_run(entry_point: str, fingerprint: str) -> str | None:
+    """The newest FINISHED run of `entry_point` whose configuration has this fingerprint, if any."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=(f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+                       f" and attributes.status = '{RunStatus.to_string(RunStatus.FINISHED)}'"),
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def launch_child(project_dir: str | Path, entry_point: str, parameters: dict, run_name: str) -> str:
+    """Run an MLproject entry point (`mlflow.run`, local environment) as a child of the active run;
+    raise if it fails. Returns the child's run id."""
+    parent = mlflow.active_run()
+    client = MlflowClient()
+    child = client.create_run(parent.info.experiment_id, run_name=run_name,
+                              tags={"mlflow.parentRunId": parent.info.run_id})
+    try:
+        mlflow.projects.run(str(project_dir), entry_point=entry_point,
+                            parameters={k: str(v) for k, v in parameters.items()},
+                            env_manager="local", run_id=child.info.run_id, synchronous=True,
+                            experiment_id=parent.info.experiment_id)
+    except mlflow.projects.ExecutionException:
+        reason = client.get_run(child.info.run_id).data.tags.get(TAG_FAILURE, "see its log above")
+        raise ChildRunError(f"The {entry_point} step (run {child.info.run_id}) failed: {reason}") from None
+    return child.info.run_id
+
+
+class ChildRunError(UserError):
+    """A step of a multi-step workflow failed; the message names the run and why."""
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)

@@ -1,0 +1,113 @@
+"""What each entry point runs, as plain functions of a config: load, train or analyse, log.
+
+Entry points parse the command line and call one of these; other stages (the study, sweeps,
+ordering) call them too, so every run that trains goes through `run_train`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dynamics as dyn
+from . import mlflow_io, plots
+from .config import TrainConfig
+from .data import Dataset, load_dataset
+from .models import build_model, parameter_counts
+from .tracking import PHI_CONVENTION
+from .training import EpochRecord, FitResult, check_batching, fit
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def train_run_name(cfg: TrainConfig) -> str:
+    return f"train {cfg.dataset} seed={cfg.seed}"
+
+
+def run_train(cfg: TrainConfig, order: np.ndarray | None = None, log_model: bool = True,
+              quiet: bool = False) -> str:
+    """Train one model with full tracking inside an MLflow run; return the run id.
+
+    Writes `dynamics/` epoch by epoch, per-epoch metrics, the figures and the final model.
+    """
+    cfg.check()
+    with mlflow_io.start_run(
+        train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()},
+        description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking.",
+    ) as run:
+        mlflow_io.log_params_once({k: v for k, v in cfg.to_dict().items()})
+        mlflow_io.log_config(cfg.to_dict())
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+        check_batching(cfg, data.n_train)
+        model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
+        counts = parameter_counts(model)
+        metadata = {
+            "dataset": cfg.dataset, "subset": cfg.subset, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay, "seed": cfg.seed, "depth": cfg.depth, "width": cfg.width,
+            "layer_names": model.layer_names, "parameter_counts": counts, "phi_convention": PHI_CONVENTION,
+            "image_shape": list(data.image_shape), "num_classes": data.num_classes,
+            "run_id": run.info.run_id, "config": cfg.to_dict(),
+        }
+        with mlflow_io.artifact_folder(dyn.DIRNAME) as folder:
+            torch.save(model.state_dict(), folder / dyn.INIT_STATE)
+            writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata)
+            tau = np.zeros(data.n_train)  # total importance, accumulated as epochs finish
+
+            def on_epoch(rec: EpochRecord) -> None:
+                writer.write_epoch(rec.epoch, rec)
+                tau[:] += rec.importance.sum(1, dtype=np.float64)
+                mlflow_io.log_metrics(rec.metrics, step=rec.epoch)
+                if not quiet:
+                    print(_progress_line(rec, cfg.epochs), flush=True)
+
+            result = fit(model, data, cfg, order=order, on_epoch=on_epoch)
+            writer.finish(result.final_loss, data.y_train, data.sample_id)
+
+        per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in result.history])
+        mlflow_io.log_metrics({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),
+                               "final_test_error": result.history[-1]["test_error"]}, step=cfg.epochs - 1)
+        mlflow_io.log_figure(plots.error_curves(result.history), "figures/error_curves.png")
+        mlflow_io.log_figure(plots.layer_importance(per_layer, model.layer_names, list(counts.values())),
+                             "figures/layer_importance.png")
+        mlflow_io.log_figure(plots.total_importance_histogram(tau), "figures/total_importance_hist.png")
+        if log_model:
+            mlflow_io.log_torch_model(model, data.x_train[:5], code_dir=PACKAGE_DIR)
+        return run.info.run_id
+
+
+def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") -> FitResult:
+    """Retrain a recorded run from its initial parameters and recorded presentation order.
+
+    On the same device and software this reproduces the recorded run bit for bit."""
+    cfg = TrainConfig(**{**d.metadata["config"], "device": device})
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+    model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
+    model.load_state_dict(torch.load(d.folder / dyn.INIT_STATE, weights_only=True))
+    return fit(model, data, cfg, order=np.asarray(d.batch_order))
+
+
+def _progress_line(rec: EpochRecord, epochs: int) -> str:
+    m = rec.metrics
+    return (f"epoch {rec.epoch + 1:3d}/{epochs}  train_loss {m['train_loss']:.4f}  train_error {m['train_error']:.4f}"
+            f"  test_error {m['test_error']:.4f}  importance {m['importance_total']:.4g}"
+            f"  {m['samples_per_second']:,.0f} samples/s")
+
+
+def run_main(cfg: TrainConfig, project_dir: str | Path) -> str:
+    """The study as one parent run. Steps whose configuration already has a finished run are reused,
+    so running the study again retrains nothing. Returns the parent run id."""
+    cfg.check()
+    with mlflow_io.start_run(f"main {cfg.dataset}", "main",
+                             description=f"The sample-importance study on {cfg.dataset}.") as run:
+        mlflow_io.log_params_once(cfg.to_dict())
+        mlflow_io.log_config(cfg.to_dict())
+        train_id = mlflow_io.find_finished_run("train", cfg.fingerprint())
+        if train_id is None:
+            train_id = mlflow_io.launch_child(project_dir, "train", cfg.to_dict(), train_run_name(cfg))
+            print(f"train run {train_id} finished", flush=True)
+        else:
+            print(f"reusing finished train run {train_id} (same configuration)", flush=True)
+        mlflow_io.set_tags({"sample_importance.train_run_id": train_id})
+        return run.info.run_id
