@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Callable, TypeVar
 
-from sample_importance.errors import UserError
+# `mlflow run` of this project (a checkout or a Git URI) uses the project's own source.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from sample_importance.errors import UserError  # noqa: E402
 
 C = TypeVar("C")
 

@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "entry_points"))  # the entry points import their `_cli` helper
+sys.path.insert(0, str(REPO / "src"))  # this checkout's library, whatever is installed
 
 
 @pytest.fixture

@@ -60,6 +60,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def train_config(self) -> "TrainConfig":
+        """The training fields alone (for configs of later stages, which extend this one)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
     def fingerprint(self) -> str:
         """Hash of everything that determines the trained result (not where data is read from or
         which device runs it), used to find an existing run with the same configuration."""
@@ -70,8 +74,88 @@ class TrainConfig:
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
-        """The comment of each field, for command-line help."""
-        return dict(_FIELD_HELP)
+        """One line of help per field, for the command line."""
+        return {f.name: _FIELD_HELP[f.name] for f in dataclasses.fields(cls)}
+
+
+def _ids(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class AnalysisConfig(TrainConfig):
+    """An analysis of `train` runs: the given ones, or those matching the training fields."""
+
+    train_run_ids: str = ""  # comma-separated train run ids; empty = find (or launch) runs matching the training fields
+
+    def run_ids(self) -> list[str]:
+        return _ids(self.train_run_ids)
+
+    def fingerprint(self) -> str:
+        """Identifies the analysis: its own fields and either the runs it reads or the training
+        configuration they are found by."""
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        own = {k: v for k, v in self.to_dict().items() if k not in train_fields and k != "train_run_ids"}
+        key = {"class": type(self).__name__, **own,
+               "runs": self.run_ids() or self.train_config().fingerprint()}
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def check(self) -> "AnalysisConfig":
+        super().check()
+        return self
+
+
+@dataclass(frozen=True)
+class StabilityConfig(AnalysisConfig):
+    num_seeds: int = 3  # seeds trained (seed, seed+1, ...) when train_run_ids is empty
+    every: int = 5  # compare importance every this many epochs (paper: 5)
+
+    def check(self) -> "StabilityConfig":
+        super().check()
+        if not self.run_ids() and self.num_seeds < 2:
+            raise ConfigError(f"num_seeds must be at least 2 to compare initialisations, got {self.num_seeds}.")
+        if self.run_ids() and len(self.run_ids()) < 2:
+            raise ConfigError("stability needs at least two train_run_ids (comma-separated) to compare.")
+        if self.every < 1:
+            raise ConfigError(f"every must be at least 1, got {self.every}.")
+        return self
+
+
+@dataclass(frozen=True)
+class DecomposeConfig(AnalysisConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class NllConfig(AnalysisConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class ClusterConfig(AnalysisConfig):
+    label: int = 5  # the class whose samples are clustered (paper: digit 5 on MNIST)
+    num_clusters: int = 20  # k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)
+    feature_scale: str = "log"  # log | raw: k-means on log10(beta) or on beta itself
+
+    def check(self) -> "ClusterConfig":
+        super().check()
+        if not 0 <= self.label <= 9:
+            raise ConfigError(f"label must be a class between 0 and 9, got {self.label}.")
+        if self.num_clusters < 3:
+            raise ConfigError(f"num_clusters must be at least 3 (easy, middle, hard), got {self.num_clusters}.")
+        if self.feature_scale not in ("log", "raw"):
+            raise ConfigError(f"feature_scale must be log or raw, got {self.feature_scale!r}.")
+        return self
+
+
+@dataclass(frozen=True)
+class StudyConfig(TrainConfig):
+    """`main`: the whole study on one dataset."""
+
+    num_seeds: int = 3
+    every: int = 5
+    label: int = 5
+    num_clusters: int = 20
 
 
 # Help texts mirror the comments above; kept as data so the entry points can show them.
@@ -87,5 +171,10 @@ _FIELD_HELP = {
     "weight_decay": "L2 coefficient added to the gradient as weight_decay * theta",
     "seed": "fixes the initialisation and the per-epoch shuffle",
     "device": "auto (CUDA if available) | cpu | cuda",
+    "train_run_ids": "comma-separated train run ids to analyse; empty = find or launch runs matching the training parameters",
+    "num_seeds": "seeds (seed, seed+1, ...) trained when train_run_ids is empty",
+    "every": "compare importance every this many epochs (paper: 5)",
+    "label": "class whose samples are clustered (paper: 5 on MNIST)",
+    "num_clusters": "k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)",
+    "feature_scale": "log | raw: cluster log10(beta) profiles or raw beta",
 }
-assert set(_FIELD_HELP) == {f.name for f in dataclasses.fields(TrainConfig)}

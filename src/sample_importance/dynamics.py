@@ -158,3 +158,18 @@ def _load(path: Path, dtype, shape: tuple) -> np.ndarray:
         raise DynamicsError(f"{path} has dtype {arr.dtype} and shape {arr.shape}; metadata.json says "
                             f"{np.dtype(dtype)} {tuple(shape)}.")
     return arr
+
+
+def check_aligned(runs: dict[str, Dynamics]) -> None:
+    """Refuse to compare runs whose samples differ (dataset, subset, sample ids or epochs)."""
+    items = list(runs.items())
+    first_id, first = items[0]
+    for run_id, d in items[1:]:
+        for key in ("dataset", "n", "epochs"):
+            if d.metadata[key] != first.metadata[key]:
+                raise DynamicsError(
+                    f"Runs {first_id} and {run_id} cannot be compared: {key} is {first.metadata[key]!r} in one "
+                    f"and {d.metadata[key]!r} in the other; pass runs trained on the same samples for as many epochs."
+                )
+        if first.sample_id is not None and d.sample_id is not None and not np.array_equal(first.sample_id, d.sample_id):
+            raise DynamicsError(f"Runs {first_id} and {run_id} cannot be compared: their sample ids differ.")

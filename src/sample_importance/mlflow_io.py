@@ -21,6 +21,8 @@ from mlflow.tracking import MlflowClient
 from . import dynamics as dyn
 from .errors import UserError
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in logs
+
 TAG_ENTRY_POINT = "sample_importance.entry_point"
 TAG_FINGERPRINT = "sample_importance.config_fingerprint"
 TAG_FAILURE = "sample_importance.failure"
@@ -186,3 +188,47 @@ class ChildRunError(UserError):
 
 def set_tags(tags: dict[str, str]) -> None:
     mlflow.set_tags(tags)
+
+
+def log_table(df, name: str) -> None:
+    """A table as a CSV artifact."""
+    mlflow.log_text(df.to_csv(index=False), name)
+
+
+def log_dict(obj, name: str) -> None:
+    mlflow.log_dict(obj, name)
+
+
+def load_dict(run_id: str, name: str):
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{name}")
+    except Exception:
+        raise RunLookupError(f"Run {run_id} has no artifact {name}: it did not finish; re-run it.") from None
+
+
+def download_bytes(run_id: str, path: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        return Path(local).read_bytes()
+
+
+def log_text(text: str, name: str) -> None:
+    mlflow.log_text(text, name)
+
+
+def ensure_child(project_dir: str | Path, entry_point: str, config, run_name: str) -> tuple[str, bool]:
+    """The finished run of `entry_point` for this config (its fingerprint), or a new child run of
+    the active run that makes it. Returns (run id, reused)."""
+    existing = find_finished_run(entry_point, config.fingerprint())
+    if existing is not None:
+        return existing, True
+    return launch_child(project_dir, entry_point, config.to_dict(), run_name), False
+
+
+def list_artifacts(run_id: str, path: str) -> list[str]:
+    return [f.path for f in MlflowClient().list_artifacts(run_id, path) if not f.is_dir]
+
+
+def artifact_uri(name: str) -> str:
+    """Where artifact `name` of the active run lives."""
+    return mlflow.get_artifact_uri(name)

@@ -58,3 +58,117 @@ def total_importance_histogram(total_importance: np.ndarray) -> plt.Figure:
     ax.set(xlabel=r"total importance $\tau_i$", ylabel="samples", title=f"Total importance of {len(tau)} samples")
     fig.tight_layout()
     return fig
+
+
+def stability_curves(table) -> plt.Figure:
+    """Spearman correlation of alpha_i^t between seeds per evaluated epoch, one line per pair
+    (paper fig. 1), and the Jaccard overlap of their top samples."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for (sa, sb), g in table.groupby(["seed_a", "seed_b"]):
+        axes[0].plot(g["epoch"], g["spearman"], marker="o", label=f"seed {sa} vs {sb}")
+        axes[1].plot(g["epoch"], g["jaccard_top"], marker="o", label=f"seed {sa} vs {sb}")
+    axes[0].set(xlabel="epoch", ylabel="Spearman", title="Importance rank correlation across initialisations")
+    axes[1].set(xlabel="epoch", ylabel="Jaccard", title="Overlap of the top 10% most important samples")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def class_contribution(per_class: np.ndarray, layer_names: list[str]) -> plt.Figure:
+    """Importance contributed by each class to each layer over epochs (paper fig. 2, per class).
+    per_class: (E, C, L)."""
+    E, C, L = per_class.shape
+    fig, axes = plt.subplots(1, L, figsize=(3.2 * L, 3.2), squeeze=False)
+    epochs = np.arange(1, E + 1)
+    for d, name in enumerate(layer_names):
+        ax = axes[0, d]
+        ax.stackplot(epochs, per_class[:, :, d].T, labels=[str(c) for c in range(C)])
+        ax.set(xlabel="epoch", title=name)
+    axes[0, 0].set_ylabel("importance by class")
+    axes[0, -1].legend(title="class", fontsize="x-small", loc="upper right", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def group_shares(shares: np.ndarray, layer_names: list[str],
+                 groups: tuple[str, ...] = ("top 10%", "top 10-20%", "other 80%")) -> plt.Figure:
+    """Share of each layer's importance carried by samples grouped by total importance (paper fig. 3).
+    shares: (E, L, G)."""
+    E, L, G = shares.shape
+    fig, axes = plt.subplots(1, L, figsize=(3.2 * L, 3.2), squeeze=False, sharey=True)
+    epochs = np.arange(1, E + 1)
+    for d, name in enumerate(layer_names):
+        axes[0, d].stackplot(epochs, shares[:, d, :].T, labels=groups)
+        axes[0, d].set(xlabel="epoch", title=name, ylim=(0, 1))
+    axes[0, 0].set_ylabel("share of the layer's importance")
+    axes[0, -1].legend(fontsize="x-small", loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def nll_correlation(spearman: np.ndarray, pearson: np.ndarray, last_nll: np.ndarray,
+                    total_importance: np.ndarray) -> plt.Figure:
+    """Correlation of in-epoch NLL with importance over epochs, and last-epoch NLL against total
+    importance tau per sample (paper fig. 4)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    epochs = np.arange(1, len(spearman) + 1)
+    axes[0].plot(epochs, spearman, label="Spearman")
+    axes[0].plot(epochs, pearson, label="Pearson")
+    axes[0].set(xlabel="epoch", ylabel="correlation", title="NLL vs importance, per epoch")
+    axes[0].legend()
+    axes[1].scatter(np.maximum(last_nll, 1e-12), np.maximum(total_importance, 1e-30), s=3, alpha=0.4)
+    axes[1].set(xscale="log", yscale="log", xlabel="NLL at the last epoch", ylabel=r"total importance $\tau_i$",
+                title="Per sample")
+    fig.tight_layout()
+    return fig
+
+
+def clusters(profiles: list[np.ndarray], losses: list[np.ndarray], images: list[np.ndarray],
+             titles: list[str], layer_names: list[str]) -> plt.Figure:
+    """For a few clusters (rows): example images, mean per-layer importance stacked over epochs, and
+    box plots of the members' NLL per epoch (paper figs. 5, 6).
+
+    Args:
+        profiles: per cluster (E, L) mean beta; losses: per cluster (E, m) members' in-epoch NLL;
+        images: per cluster (k, H, W) example images.
+    """
+    rows = len(profiles)
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 3.2 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.2, 1.5, 1.5]})
+    for r, (profile, loss, imgs, title) in enumerate(zip(profiles, losses, images, titles)):
+        k = len(imgs)
+        cols = int(np.ceil(np.sqrt(k)))
+        h, w = imgs.shape[1:3]
+        montage = np.zeros(((h + 1) * cols, (w + 1) * cols, *imgs.shape[3:]))  # 0 = white in gray_r
+        if imgs.ndim == 4:  # colour: white background
+            montage[:] = 1.0
+        for j, img in enumerate(imgs):
+            y0, x0 = (j // cols) * (h + 1), (j % cols) * (w + 1)
+            montage[y0:y0 + h, x0:x0 + w] = img
+        axes[r, 0].imshow(montage, cmap="gray_r")
+        axes[r, 0].set_axis_off()
+        axes[r, 0].set_title(title, fontsize="small")
+        epochs = np.arange(1, profile.shape[0] + 1)
+        axes[r, 1].stackplot(epochs, profile.T, labels=layer_names)
+        axes[r, 1].set(xlabel="epoch", ylabel="mean importance")
+        axes[r, 2].boxplot(list(loss), showfliers=False)  # one box per epoch
+        axes[r, 2].set(xlabel="epoch", ylabel="NLL")
+        step = max(1, len(epochs) // 10)
+        axes[r, 2].set_xticks(epochs[::step], [str(e) for e in epochs[::step]])
+    axes[0, 1].legend(fontsize="x-small", loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def cluster_summary(difficulty: np.ndarray, peak_epoch: np.ndarray, lower_share: np.ndarray,
+                    out_share: np.ndarray) -> plt.Figure:
+    """Per cluster: difficulty (mean NLL) against the epoch of peak importance and the layer shares."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].scatter(difficulty, peak_epoch)
+    axes[0].set(xlabel="cluster difficulty (mean NLL)", ylabel="peak epoch", title="When a cluster matters")
+    axes[1].scatter(difficulty, lower_share, label="L1")
+    axes[1].scatter(difficulty, out_share, label="Out")
+    axes[1].set(xlabel="cluster difficulty (mean NLL)", ylabel="share of importance", title="Where it matters")
+    axes[1].legend()
+    fig.tight_layout()
+    return fig

@@ -57,7 +57,7 @@ def run_train(cfg: TrainConfig, order: np.ndarray | None = None, log_model: bool
             def on_epoch(rec: EpochRecord) -> None:
                 writer.write_epoch(rec.epoch, rec)
                 tau[:] += rec.importance.sum(1, dtype=np.float64)
-                mlflow_io.log_metrics(rec.metrics, step=rec.epoch)
+                mlflow_io.log_metrics(rec.metrics, step=rec.epoch + 1)  # step = 1-based epoch
                 if not quiet:
                     print(_progress_line(rec, cfg.epochs), flush=True)
 
@@ -66,7 +66,7 @@ def run_train(cfg: TrainConfig, order: np.ndarray | None = None, log_model: bool
 
         per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in result.history])
         mlflow_io.log_metrics({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),
-                               "final_test_error": result.history[-1]["test_error"]}, step=cfg.epochs - 1)
+                               "final_test_error": result.history[-1]["test_error"]}, step=cfg.epochs)
         mlflow_io.log_figure(plots.error_curves(result.history), "figures/error_curves.png")
         mlflow_io.log_figure(plots.layer_importance(per_layer, model.layer_names, list(counts.values())),
                              "figures/layer_importance.png")
@@ -94,20 +94,3 @@ def _progress_line(rec: EpochRecord, epochs: int) -> str:
             f"  test_error {m['test_error']:.4f}  importance {m['importance_total']:.4g}"
             f"  {m['samples_per_second']:,.0f} samples/s")
 
-
-def run_main(cfg: TrainConfig, project_dir: str | Path) -> str:
-    """The study as one parent run. Steps whose configuration already has a finished run are reused,
-    so running the study again retrains nothing. Returns the parent run id."""
-    cfg.check()
-    with mlflow_io.start_run(f"main {cfg.dataset}", "main",
-                             description=f"The sample-importance study on {cfg.dataset}.") as run:
-        mlflow_io.log_params_once(cfg.to_dict())
-        mlflow_io.log_config(cfg.to_dict())
-        train_id = mlflow_io.find_finished_run("train", cfg.fingerprint())
-        if train_id is None:
-            train_id = mlflow_io.launch_child(project_dir, "train", cfg.to_dict(), train_run_name(cfg))
-            print(f"train run {train_id} finished", flush=True)
-        else:
-            print(f"reusing finished train run {train_id} (same configuration)", flush=True)
-        mlflow_io.set_tags({"sample_importance.train_run_id": train_id})
-        return run.info.run_id
