@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from _cli import parse_config, run_cli
 
-from sample_importance.config import TrainConfig
+from sample_importance.config import TrainRunConfig
 from sample_importance.tasks import run_train
 
 
 def main(argv: list[str] | None = None) -> str:
-    cfg = parse_config(TrainConfig, argv, __doc__, TrainConfig.field_help())
+    cfg = parse_config(TrainRunConfig, argv, __doc__, TrainRunConfig.field_help())
     run_id = run_train(cfg)
     print(f"train run {run_id} finished")
     return run_id

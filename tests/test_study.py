@@ -15,8 +15,9 @@ from sample_importance import config as C
 from sample_importance.data import load_dataset
 from test_train_entry import _mlflow_run
 
-ENTRY_CONFIGS = {"main": C.StudyConfig, "train": C.TrainConfig, "stability": C.StabilityConfig,
-                 "decompose": C.DecomposeConfig, "nll": C.NllConfig, "cluster": C.ClusterConfig}
+ENTRY_CONFIGS = {"main": C.StudyConfig, "train": C.TrainRunConfig, "stability": C.StabilityConfig,
+                 "decompose": C.DecomposeConfig, "nll": C.NllConfig, "cluster": C.ClusterConfig,
+                 "ordering": C.OrderingConfig}
 
 
 def test_mlproject_parameters_mirror_the_configs():

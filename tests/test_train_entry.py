@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, all_runs
 from sample_importance import load_dynamics
-from sample_importance.config import TrainConfig
+from sample_importance.config import TrainRunConfig
 from sample_importance.data import load_dataset
 from sample_importance.tasks import replay
 
@@ -43,7 +43,7 @@ def test_run_has_params_metrics_and_every_artifact(trained):
     run = client.get_run(trained)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "train digits seed=4"
-    expected = {**TrainConfig().to_dict(), "subset": 120, "epochs": 3, "width": 32, "batch_size": 25,
+    expected = {**TrainRunConfig().to_dict(), "subset": 120, "epochs": 3, "width": 32, "batch_size": 25,
                 "device": "cpu", "seed": 4}
     assert run.data.params == {k: str(v) for k, v in expected.items()}
 

@@ -78,6 +78,33 @@ class TrainConfig:
         return {f.name: _FIELD_HELP[f.name] for f in dataclasses.fields(cls)}
 
 
+ORDERINGS = ("shuffle", "rand", "nlo", "rnlo", "nlm", "sio", "rsio", "sim")
+
+
+@dataclass(frozen=True)
+class TrainRunConfig(TrainConfig):
+    """The `train` entry point: training plus the presentation order (paper section 3.6)."""
+
+    ordering: str = "shuffle"  # shuffle (new order every epoch) | rand | nlo | rnlo | nlm | sio | rsio | sim
+    reference_run_id: str = ""  # train run whose final NLL and total importance order the batches (not for shuffle)
+
+    def check(self) -> "TrainRunConfig":
+        super().check()
+        if self.ordering not in ORDERINGS:
+            raise ConfigError(f"Unknown ordering {self.ordering!r}: choose one of {', '.join(ORDERINGS)}.")
+        if self.ordering not in ("shuffle", "rand") and not self.reference_run_id:
+            raise ConfigError(f"ordering={self.ordering} sorts samples by a reference run's scores: pass "
+                              "reference_run_id (the id of a finished train run on the same data).")
+        return self
+
+    def fingerprint(self) -> str:
+        # The default order adds nothing, so a plain shuffled run has the fingerprint of its TrainConfig.
+        if self.ordering == "shuffle" and not self.reference_run_id:
+            return self.train_config().fingerprint()
+        d = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "device")}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _ids(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -158,6 +185,33 @@ class StudyConfig(TrainConfig):
     num_clusters: int = 20
 
 
+@dataclass(frozen=True)
+class OrderingConfig(TrainConfig):
+    """`ordering`: every batch construction of paper section 3.6, over several initialisations."""
+
+    reference_run_id: str = ""  # train run whose scores order the batches; empty = find or launch a matching one
+    methods: str = ",".join(ORDERINGS)  # comma-separated batch constructions to compare
+    num_seeds: int = 5  # initialisations (seed, seed+1, ...), shared across methods
+
+    def method_list(self) -> list[str]:
+        return _ids(self.methods)
+
+    def check(self) -> "OrderingConfig":
+        super().check()
+        unknown = [m for m in self.method_list() if m not in ORDERINGS]
+        if unknown or not self.method_list():
+            raise ConfigError(f"Unknown ordering method(s) {', '.join(unknown) or '(none given)'}: choose from "
+                              f"{', '.join(ORDERINGS)}.")
+        if self.num_seeds < 1:
+            raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
+        return self
+
+    def fingerprint(self) -> str:
+        key = {"class": "OrderingConfig", "train": self.train_config().fingerprint(),
+               "reference": self.reference_run_id, "methods": self.method_list(), "num_seeds": self.num_seeds}
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # Help texts mirror the comments above; kept as data so the entry points can show them.
 _FIELD_HELP = {
     "dataset": "digits | fashion-mnist | mnist | cifar10",
@@ -177,4 +231,7 @@ _FIELD_HELP = {
     "label": "class whose samples are clustered (paper: 5 on MNIST)",
     "num_clusters": "k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)",
     "feature_scale": "log | raw: cluster log10(beta) profiles or raw beta",
+    "ordering": "shuffle | rand | nlo | rnlo | nlm | sio | rsio | sim (paper section 3.6)",
+    "reference_run_id": "train run whose final NLL and total importance order the batches",
+    "methods": "comma-separated batch constructions: shuffle, rand, nlo, rnlo, nlm, sio, rsio, sim",
 }

@@ -9,6 +9,8 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
     final_loss.npy   float32 (n,)       NLL under the final parameters
     label.npy        int64   (n,)       training labels
     sample_id.npy    int64   (n,)       0..n-1, the index in the dataset's training split
+    param_projection.npy float32 (E+1, k) fixed random projection of the flattened parameters at init and
+                     after each epoch (models.ParameterProjection), for comparing parameter trajectories
     init_state.pt    state dict of the initial parameters (with batch_order.npy, enough to replay the run)
     metadata.json    schema version, run settings, layer names and sizes, phi convention, progress
 
@@ -35,6 +37,7 @@ INIT_STATE = "init_state.pt"
 PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32, "correct": np.bool_,
              "batch_order": np.int64}
 PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
+PROJECTION = "param_projection"
 
 
 class DynamicsError(UserError):
@@ -50,20 +53,27 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 class DynamicsWriter:
     """Writes a run's dynamics epoch by epoch into `folder` (created)."""
 
-    def __init__(self, folder: str | Path, n: int, epochs: int, metadata: dict):
+    def __init__(self, folder: str | Path, n: int, epochs: int, metadata: dict, projection_dim: int = 32):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.n, self.epochs = n, epochs
         self.layer_names = list(metadata["layer_names"])
         self.metadata = {**metadata, "schema_version": SCHEMA_VERSION, "n": n, "epochs": epochs,
-                         "epochs_completed": 0, "complete": False}
+                         "projection_dim": projection_dim, "epochs_completed": 0, "complete": False}
         L = len(self.layer_names)
         self.arrays = {
             name: np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=dtype,
                                             shape=(epochs, n, L) if name == "importance" else (epochs, n))
             for name, dtype in PER_EPOCH.items()
         }
+        self.projection = np.lib.format.open_memmap(self.folder / f"{PROJECTION}.npy", mode="w+", dtype=np.float32,
+                                                    shape=(epochs + 1, projection_dim))
         _write_json_atomic(self.folder / METADATA, self.metadata)
+
+    def write_projection(self, row: int, values: np.ndarray) -> None:
+        """Projected parameters at init (row 0) or after epoch `row` (1-based)."""
+        self.projection[row] = values
+        self.projection.flush()
 
     def write_epoch(self, epoch: int, record) -> None:
         """Store one `training.EpochRecord` and mark the epoch as completed."""
@@ -82,9 +92,7 @@ class DynamicsWriter:
             tmp = self.folder / f"{name}.tmp.npy"
             np.save(tmp, arr)
             os.replace(tmp, self.folder / f"{name}.npy")
-        for arr in self.arrays.values():
-            del arr  # release the memory maps
-        self.arrays = {}
+        self.arrays, self.projection = {}, None  # release the memory maps
         self.metadata["complete"] = True
         _write_json_atomic(self.folder / METADATA, self.metadata)
 
@@ -99,6 +107,7 @@ class Dynamics:
     p_true: np.ndarray  # (E, n) float32
     correct: np.ndarray  # (E, n) bool
     batch_order: np.ndarray  # (E, n) int64
+    param_projection: np.ndarray  # (E+1, k) float32: projected parameters at init and after each epoch
     final_loss: np.ndarray | None  # (n,) float32; None for an incomplete run
     label: np.ndarray | None  # (n,) int64; None for an incomplete run
     sample_id: np.ndarray | None  # (n,) int64; None for an incomplete run
@@ -144,6 +153,7 @@ def load_dir(folder: str | Path, allow_partial: bool = False) -> Dynamics:
         arrays[name] = _load(folder / f"{name}.npy", dtype, shape)[:done]
     for name, dtype in PER_SAMPLE.items():
         arrays[name] = _load(folder / f"{name}.npy", dtype, (n,)) if complete else None
+    arrays[PROJECTION] = _load(folder / f"{PROJECTION}.npy", np.float32, (E + 1, meta["projection_dim"]))[:done + 1]
     return Dynamics(metadata=meta, folder=folder, **arrays)
 
 
@@ -158,6 +168,13 @@ def _load(path: Path, dtype, shape: tuple) -> np.ndarray:
         raise DynamicsError(f"{path} has dtype {arr.dtype} and shape {arr.shape}; metadata.json says "
                             f"{np.dtype(dtype)} {tuple(shape)}.")
     return arr
+
+
+def check_matches(run_id: str, d: Dynamics, dataset: str, n: int) -> None:
+    """Refuse a reference run trained on other samples than the run that uses it."""
+    if d.metadata["dataset"] != dataset or d.metadata["n"] != n:
+        raise DynamicsError(f"Reference run {run_id} was trained on {d.metadata['n']} samples of "
+                            f"{d.metadata['dataset']}, not {n} of {dataset}: pass a reference run on the same data.")
 
 
 def check_aligned(runs: dict[str, Dynamics]) -> None:

@@ -14,6 +14,7 @@ from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 import mlflow
+import numpy as np
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -26,6 +27,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no pro
 TAG_ENTRY_POINT = "sample_importance.entry_point"
 TAG_FINGERPRINT = "sample_importance.config_fingerprint"
 TAG_FAILURE = "sample_importance.failure"
+TAG_MODEL_URI = "sample_importance.model_uri"
 
 
 class RunLookupError(UserError):
@@ -35,9 +37,10 @@ class RunLookupError(UserError):
 @contextlib.contextmanager
 def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None,
               description: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, continue) a run; any exception marks it FAILED and records why
-    in a tag, so no run is ever left RUNNING and the UI says what went wrong."""
-    with mlflow.start_run() as run:
+    """Start (or, under `mlflow run`, continue) a run, nested under the active run if there is one;
+    any exception marks it FAILED and records why in a tag, so no run is ever left RUNNING and the
+    UI says what went wrong."""
+    with mlflow.start_run(nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, **(tags or {})})
         if description:
             mlflow.set_tag("mlflow.note.content", description)
@@ -76,9 +79,9 @@ def log_figure(fig, name: str) -> None:
     plt.close(fig)
 
 
-def log_torch_model(model, input_example, code_dir: str | Path | None = None) -> None:
-    """Log the model with its signature and an input example; the package's code travels with it
-    so the model loads without this project installed."""
+def log_torch_model(model, input_example) -> None:
+    """Log the model with its signature and an input example. MLflow stores it as an exported
+    program (`model.pt2`), which loads without this project's code."""
     import numpy as np
     import torch
     from mlflow.models import infer_signature
@@ -86,11 +89,12 @@ def log_torch_model(model, input_example, code_dir: str | Path | None = None) ->
     model = model.cpu().eval()
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model, name="model", signature=infer_signature(np.asarray(input_example), output),
-        input_example=np.asarray(input_example), code_paths=[str(code_dir)] if code_dir else None,
+        input_example=np.asarray(input_example),
         pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
     )
+    mlflow.set_tag(TAG_MODEL_URI, info.model_uri)  # models:/<id>: what the registry registers
 
 
 @contextlib.contextmanager
@@ -232,3 +236,30 @@ def list_artifacts(run_id: str, path: str) -> list[str]:
 def artifact_uri(name: str) -> str:
     """Where artifact `name` of the active run lives."""
     return mlflow.get_artifact_uri(name)
+
+
+def metric_series(run_id: str, name: str) -> np.ndarray:
+    """A metric's values ordered by step."""
+    history = sorted(MlflowClient().get_metric_history(run_id, name), key=lambda m: m.step)
+    return np.array([m.value for m in history])
+
+
+def register_version(name: str, run_id: str, tags: dict, description: str = "") -> str:
+    """The registry version of run `run_id`'s model under `name` (registered once, reused after),
+    with `tags` set on it. Returns the version."""
+    client = MlflowClient()
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0].version
+    else:
+        source = client.get_run(run_id).data.tags.get(TAG_MODEL_URI, f"runs:/{run_id}/model")
+        version = mlflow.register_model(source, name).version
+        if description:
+            client.update_registered_model(name, description=description)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    return str(version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)

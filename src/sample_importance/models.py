@@ -5,6 +5,7 @@ layer, its input and its pre-activation output: what the importance recorder nee
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,3 +53,24 @@ def build_model(in_features: int, num_classes: int, depth: int, width: int, seed
 def parameter_counts(model: MLP) -> dict[str, int]:
     """Number of parameters (weights and bias) of each named layer."""
     return {name: sum(p.numel() for p in layer.parameters()) for name, layer in model.layers.items()}
+
+
+class ParameterProjection:
+    """A fixed Gaussian random projection of the flattened parameters to `k` dimensions.
+
+    Parameter trajectories (paper fig. 8) are compared through it without storing checkpoints: the
+    same seed and architecture give the same projection in every run, so trajectories of different
+    runs live in one space (Johnson-Lindenstrauss: distances are kept up to a small factor)."""
+
+    def __init__(self, model: nn.Module, k: int = 32, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        # (numel, k) per parameter tensor, in the order of model.parameters(); N(0, 1/k) entries.
+        self.blocks = [torch.randn(p.numel(), k, generator=gen) / k ** 0.5 for p in model.parameters()]
+        self.k = k
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> np.ndarray:
+        out = torch.zeros(self.k, dtype=torch.float64)
+        for p, block in zip(model.parameters(), self.blocks):
+            out += (p.detach().reshape(-1).cpu().float() @ block).double()
+        return out.float().numpy()  # (k,)

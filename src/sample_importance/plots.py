@@ -172,3 +172,38 @@ def cluster_summary(difficulty: np.ndarray, peak_epoch: np.ndarray, lower_share:
     axes[1].legend()
     fig.tight_layout()
     return fig
+
+
+def ordering_errors(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> plt.Figure:
+    """Train and test error over epochs per batch construction, mean ± standard error over seeds
+    (paper fig. 7). curves: method -> {"train_error"|"test_error": (mean (E,), stderr (E,))}."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("test_error", "train_error"), ("Test error", "Train error (in-batch)")):
+        for method, c in curves.items():
+            mean, se = c[key]
+            epochs = np.arange(1, len(mean) + 1)
+            ax.plot(epochs, mean, label=method)
+            ax.fill_between(epochs, mean - se, mean + se, alpha=0.2)
+        ax.set(xlabel="epoch", ylabel="error", title=title, yscale="log")
+    axes[0].legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def trajectories(paths: dict[int, dict[str, np.ndarray]], methods: list[str], max_panels: int = 3) -> plt.Figure:
+    """PCA of parameter trajectories, one path per method (paper fig. 8), one panel per seed.
+    paths: seed -> method -> (T, 2), T = epochs + 1 (the initialisation first, marked by a square)."""
+    seeds = sorted(paths)[:max_panels]
+    fig, axes = plt.subplots(1, len(seeds), figsize=(5.5 * len(seeds), 4.5), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, seed in zip(axes[0], seeds):
+        for i, method in enumerate(methods):
+            p = paths[seed][method]
+            c = colours[i % len(colours)]
+            ax.plot(p[:, 0], p[:, 1], color=c, lw=1.2, label=method, marker=".", ms=3)
+            ax.scatter(p[-1, 0], p[-1, 1], color=c, s=25, zorder=3)
+        ax.scatter(p[0, 0], p[0, 1], color="black", marker="s", s=30, zorder=4)
+        ax.set(xlabel="PC 1", ylabel="PC 2", title=f"Parameter trajectories, seed {seed}")
+    axes[0, 0].legend(fontsize="small")
+    fig.tight_layout()
+    return fig

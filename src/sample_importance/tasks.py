@@ -12,50 +12,72 @@ import torch
 
 from . import dynamics as dyn
 from . import mlflow_io, plots
-from .config import TrainConfig
+from .analysis import ordering
+from .config import ConfigError, TrainConfig, TrainRunConfig
 from .data import Dataset, load_dataset
-from .models import build_model, parameter_counts
+from .models import ParameterProjection, build_model, parameter_counts
 from .tracking import PHI_CONVENTION
 from .training import EpochRecord, FitResult, check_batching, fit
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
 
 def train_run_name(cfg: TrainConfig) -> str:
-    return f"train {cfg.dataset} seed={cfg.seed}"
+    ordering = getattr(cfg, "ordering", "shuffle")
+    return f"train {cfg.dataset} seed={cfg.seed}" + ("" if ordering == "shuffle" else f" {ordering}")
 
 
-def run_train(cfg: TrainConfig, order: np.ndarray | None = None, log_model: bool = True,
-              quiet: bool = False) -> str:
-    """Train one model with full tracking inside an MLflow run; return the run id.
+def presentation_order(cfg: TrainRunConfig, data: Dataset) -> np.ndarray | None:
+    """The fixed order of a batch construction (None for `shuffle`: `fit` reshuffles every epoch).
+    Reads the reference run's final NLL and total importance for the sorted constructions."""
+    if cfg.ordering == "shuffle":
+        return None
+    n = data.n_train
+    if n % cfg.batch_size:
+        raise ConfigError(f"ordering={cfg.ordering} splits the {n} training samples into equal batches: choose a "
+                          f"batch_size that divides {n}, or a subset that batch_size={cfg.batch_size} divides.")
+    nll = tau = None
+    if cfg.ordering != "rand":
+        ref = mlflow_io.load_dynamics(cfg.reference_run_id)
+        dyn.check_matches(cfg.reference_run_id, ref, cfg.dataset, n)
+        nll, tau = np.asarray(ref.final_loss), ref.total_importance
+    return ordering.presentation_order(cfg.ordering, n, cfg.batch_size, cfg.epochs, nll, tau, seed=cfg.seed)
 
-    Writes `dynamics/` epoch by epoch, per-epoch metrics, the figures and the final model.
-    """
+
+def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False) -> str:
+    """Train one model with full tracking inside an MLflow run (nested when a run is active); return
+    the run id. Writes `dynamics/` epoch by epoch, per-epoch metrics, the figures and the final model."""
+    if not isinstance(cfg, TrainRunConfig):
+        cfg = TrainRunConfig(**cfg.train_config().to_dict())
     cfg.check()
     with mlflow_io.start_run(
-        train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()},
-        description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking.",
+        train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), "ordering": cfg.ordering},
+        description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking"
+                    + ("" if cfg.ordering == "shuffle" else f", batches built by {cfg.ordering}") + ".",
     ) as run:
-        mlflow_io.log_params_once({k: v for k, v in cfg.to_dict().items()})
+        mlflow_io.log_params_once(cfg.to_dict())
         mlflow_io.log_config(cfg.to_dict())
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
         check_batching(cfg, data.n_train)
+        order = presentation_order(cfg, data)
         model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
         counts = parameter_counts(model)
+        project = ParameterProjection(model)
         metadata = {
             "dataset": cfg.dataset, "subset": cfg.subset, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "weight_decay": cfg.weight_decay, "seed": cfg.seed, "depth": cfg.depth, "width": cfg.width,
+            "ordering": cfg.ordering, "reference_run_id": cfg.reference_run_id,
             "layer_names": model.layer_names, "parameter_counts": counts, "phi_convention": PHI_CONVENTION,
             "image_shape": list(data.image_shape), "num_classes": data.num_classes,
             "run_id": run.info.run_id, "config": cfg.to_dict(),
         }
         with mlflow_io.artifact_folder(dyn.DIRNAME) as folder:
             torch.save(model.state_dict(), folder / dyn.INIT_STATE)
-            writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata)
+            writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata, project.k)
+            writer.write_projection(0, project(model))
             tau = np.zeros(data.n_train)  # total importance, accumulated as epochs finish
 
             def on_epoch(rec: EpochRecord) -> None:
                 writer.write_epoch(rec.epoch, rec)
+                writer.write_projection(rec.epoch + 1, project(model))
                 tau[:] += rec.importance.sum(1, dtype=np.float64)
                 mlflow_io.log_metrics(rec.metrics, step=rec.epoch + 1)  # step = 1-based epoch
                 if not quiet:
@@ -72,7 +94,7 @@ def run_train(cfg: TrainConfig, order: np.ndarray | None = None, log_model: bool
                              "figures/layer_importance.png")
         mlflow_io.log_figure(plots.total_importance_histogram(tau), "figures/total_importance_hist.png")
         if log_model:
-            mlflow_io.log_torch_model(model, data.x_train[:5], code_dir=PACKAGE_DIR)
+            mlflow_io.log_torch_model(model, data.x_train[:5])
         return run.info.run_id
 
 
@@ -80,7 +102,7 @@ def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") ->
     """Retrain a recorded run from its initial parameters and recorded presentation order.
 
     On the same device and software this reproduces the recorded run bit for bit."""
-    cfg = TrainConfig(**{**d.metadata["config"], "device": device})
+    cfg = TrainRunConfig(**{**d.metadata["config"], "device": device})
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
     model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
