@@ -212,6 +212,57 @@ class OrderingConfig(TrainConfig):
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+SWEEP_METRICS = {"final_test_error": "test_error", "final_test_loss": "test_loss", "final_train_loss": "train_loss"}
+
+
+@dataclass(frozen=True)
+class SweepConfig(TrainConfig):
+    """`sweep`: Optuna search over the learning rate, each trial repeated over seeds."""
+
+    n_trials: int = 10  # trials this invocation (this worker) adds to the study
+    timeout: float = 0.0  # stop starting trials after this many seconds; 0 = no limit
+    lr_min: float = 0.01  # lower bound of the log-uniform learning-rate range
+    lr_max: float = 0.5  # upper bound
+    seeds: str = "2"  # seeds each trial trains: a count n (seed, ..., seed+n-1) or a comma-separated list
+    metric: str = "final_test_error"  # minimised: final_test_error | final_test_loss | final_train_loss
+    study_name: str = ""  # Optuna study; empty = sweep-<dataset>
+    storage: str = ""  # Optuna storage: empty = journal file ./optuna-journal.log; a .log path; or a database URL
+    sampler_seed: int = 0  # seed of the TPE sampler
+    pruner: str = "median"  # median | none
+    reference_lr: float = 0.1  # learning rate whose importance ranking each trial is compared with (paper: 0.1)
+    heartbeat: int = 60  # seconds between trial heartbeats (database storages); stale trials fail after 2x
+
+    def seed_list(self) -> list[int]:
+        parts = _ids(self.seeds)
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"seeds must be a count or a comma-separated list of integers, got {self.seeds!r}.") from None
+        if len(values) == 1:
+            if values[0] < 1:
+                raise ConfigError(f"seeds must be at least 1, got {values[0]}.")
+            return list(range(self.seed, self.seed + values[0]))
+        return values
+
+    def name(self) -> str:
+        return self.study_name or f"sweep-{self.dataset}"
+
+    def check(self) -> "SweepConfig":
+        super().check()
+        if not (self.lr_min > 0 and self.lr_max > 0):
+            raise ConfigError(f"lr_min and lr_max must be positive, got {self.lr_min} and {self.lr_max}.")
+        if self.lr_min >= self.lr_max:
+            raise ConfigError(f"lr_min ({self.lr_min}) must be smaller than lr_max ({self.lr_max}).")
+        if self.metric not in SWEEP_METRICS:
+            raise ConfigError(f"Unknown metric {self.metric!r}: choose one of {', '.join(SWEEP_METRICS)}.")
+        if self.pruner not in ("median", "none"):
+            raise ConfigError(f"Unknown pruner {self.pruner!r}: choose median or none.")
+        if self.n_trials < 0 or self.timeout < 0 or self.heartbeat < 1:
+            raise ConfigError("n_trials and timeout must be >= 0 and heartbeat >= 1.")
+        self.seed_list()
+        return self
+
+
 # Help texts mirror the comments above; kept as data so the entry points can show them.
 _FIELD_HELP = {
     "dataset": "digits | fashion-mnist | mnist | cifar10",
@@ -234,4 +285,16 @@ _FIELD_HELP = {
     "ordering": "shuffle | rand | nlo | rnlo | nlm | sio | rsio | sim (paper section 3.6)",
     "reference_run_id": "train run whose final NLL and total importance order the batches",
     "methods": "comma-separated batch constructions: shuffle, rand, nlo, rnlo, nlm, sio, rsio, sim",
+    "n_trials": "trials this invocation (worker) adds to the study",
+    "timeout": "stop starting trials after this many seconds; 0 = no limit",
+    "lr_min": "lower bound of the log-uniform learning-rate range",
+    "lr_max": "upper bound of the log-uniform learning-rate range",
+    "seeds": "seeds per trial: a count n (seed..seed+n-1) or a comma-separated list",
+    "metric": "minimised: final_test_error | final_test_loss | final_train_loss",
+    "study_name": "Optuna study name; empty = sweep-<dataset>",
+    "storage": "Optuna storage: empty = ./optuna-journal.log; a journal .log path; or a database URL",
+    "sampler_seed": "seed of the TPE sampler",
+    "pruner": "median | none",
+    "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
+    "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
 }

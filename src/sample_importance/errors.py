@@ -4,3 +4,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Base class: the message is one sentence that says what is wrong and what to do."""
+
+
+class Stopped(Exception):
+    """Work stopped on purpose (e.g. a trial pruned by the sweep): the run ends KILLED, not FAILED."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import dynamics as dyn
-from .errors import UserError
+from .errors import Stopped, UserError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in logs
 
@@ -28,6 +29,42 @@ TAG_ENTRY_POINT = "sample_importance.entry_point"
 TAG_FINGERPRINT = "sample_importance.config_fingerprint"
 TAG_FAILURE = "sample_importance.failure"
 TAG_MODEL_URI = "sample_importance.model_uri"
+TAG_STOPPED = "sample_importance.stopped"
+TAG_OWNER = "sample_importance.owner"  # host:pid of the process running the run
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def reap_orphans() -> list[str]:
+    """Mark FAILED every RUNNING run whose process, on this machine, no longer exists (killed with
+    -9, machine crash): no run stays RUNNING forever. Runs of other machines are left alone."""
+    host = socket.gethostname()
+    try:
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER}` LIKE '{host}:%'")
+    except MlflowException:
+        return []
+    reaped = []
+    for run in runs:
+        pid = run.data.tags[TAG_OWNER].rpartition(":")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            client = MlflowClient()
+            client.set_tag(run.info.run_id, TAG_FAILURE, f"its process ({run.data.tags[TAG_OWNER]}) died")
+            client.set_terminated(run.info.run_id, "FAILED")
+            reaped.append(run.info.run_id)
+    return reaped
 
 
 class RunLookupError(UserError):
@@ -36,21 +73,24 @@ class RunLookupError(UserError):
 
 @contextlib.contextmanager
 def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None,
-              description: str | None = None) -> Iterator[mlflow.ActiveRun]:
+              description: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, continue) a run, nested under the active run if there is one;
     any exception marks it FAILED and records why in a tag, so no run is ever left RUNNING and the
     UI says what went wrong."""
-    with mlflow.start_run(nested=mlflow.active_run() is not None) as run:
-        mlflow.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, **(tags or {})})
+    reap_orphans()
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
+        mlflow.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(),
+                         **(tags or {})})
         if description:
             mlflow.set_tag("mlflow.note.content", description)
         try:
             yield run
         except BaseException as exc:
+            stopped = isinstance(exc, (KeyboardInterrupt, Stopped))
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(Exception):
-                mlflow.set_tag(TAG_FAILURE, reason[:5000])
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+                mlflow.set_tag(TAG_STOPPED if stopped else TAG_FAILURE, reason[:5000])
+            status = "KILLED" if stopped else "FAILED"
             mlflow.end_run(status)
             raise
 
@@ -263,3 +303,57 @@ def register_version(name: str, run_id: str, tags: dict, description: str = "") 
 
 def set_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def create_run(parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """A new run nested under `parent_run_id` (which need not be active); returns its id."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=run_name,
+                            tags={"mlflow.parentRunId": parent_run_id, **tags})
+    return run.info.run_id
+
+
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return get_run(run_id).data.tags
+
+
+def log_to(run_id: str, metrics: dict[str, float] | None = None, figures: dict | None = None,
+           dicts: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
+    """Log to a run that need not be active (the sweep's parent, from any worker)."""
+    import matplotlib.pyplot as plt
+
+    client = MlflowClient()
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, float(value), step=step)
+    for name, fig in (figures or {}).items():
+        client.log_figure(run_id, fig, name)
+        plt.close(fig)
+    for name, obj in (dicts or {}).items():
+        client.log_dict(run_id, obj, name)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, str(value))
+
+
+def fail_run_tree(run_id: str, reason: str) -> None:
+    """Mark a run and its still-RUNNING descendants FAILED (after the process that ran them died)."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    for child in children:
+        if child.info.status == "RUNNING":
+            fail_run_tree(child.info.run_id, reason)
+    if run.info.status == "RUNNING":
+        client.set_tag(run_id, TAG_FAILURE, reason)
+        client.set_terminated(run_id, "FAILED")
+
+
+def finish_if_ended(run_id: str) -> None:
+    """Set a run that is no longer RUNNING (its process died) back to FINISHED."""
+    client = MlflowClient()
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.set_terminated(run_id, "FINISHED")

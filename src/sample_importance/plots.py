@@ -207,3 +207,18 @@ def trajectories(paths: dict[int, dict[str, np.ndarray]], methods: list[str], ma
     axes[0, 0].legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def stability_vs_lr(lrs: list[float], rho_seeds: list[float], rho_reference: list[float],
+                    reference_lr: float) -> plt.Figure:
+    """How stable is the importance ranking across seeds and against the reference learning rate,
+    as a function of the learning rate (one point per completed trial)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(lrs, rho_seeds, label="between the trial's seeds")
+    ax.scatter(lrs, rho_reference, marker="x", label=f"against lr={reference_lr:g}")
+    ax.axvline(reference_lr, color="grey", lw=0.8, ls="--")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=r"Spearman of total importance $\tau$",
+           title="Stability of the importance ranking")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -5,7 +5,7 @@ ordering) call them too, so every run that trains goes through `run_train`.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,9 +42,13 @@ def presentation_order(cfg: TrainRunConfig, data: Dataset) -> np.ndarray | None:
     return ordering.presentation_order(cfg.ordering, n, cfg.batch_size, cfg.epochs, nll, tau, seed=cfg.seed)
 
 
-def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False) -> str:
+def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
+              epoch_callback: Callable[[int, dict[str, float]], None] | None = None) -> str:
     """Train one model with full tracking inside an MLflow run (nested when a run is active); return
-    the run id. Writes `dynamics/` epoch by epoch, per-epoch metrics, the figures and the final model."""
+    the run id. Writes `dynamics/` epoch by epoch, per-epoch metrics, the figures and the final model.
+
+    `epoch_callback(epoch, metrics)` runs after each epoch is logged; raising `errors.Stopped` in it
+    ends training and the run as KILLED (how the sweep prunes a trial)."""
     if not isinstance(cfg, TrainRunConfig):
         cfg = TrainRunConfig(**cfg.train_config().to_dict())
     cfg.check()
@@ -82,13 +86,16 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False) -> 
                 mlflow_io.log_metrics(rec.metrics, step=rec.epoch + 1)  # step = 1-based epoch
                 if not quiet:
                     print(_progress_line(rec, cfg.epochs), flush=True)
+                if epoch_callback is not None:
+                    epoch_callback(rec.epoch + 1, rec.metrics)
 
             result = fit(model, data, cfg, order=order, on_epoch=on_epoch)
             writer.finish(result.final_loss, data.y_train, data.sample_id)
 
         per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in result.history])
         mlflow_io.log_metrics({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),
-                               "final_test_error": result.history[-1]["test_error"]}, step=cfg.epochs)
+                               "final_test_error": result.history[-1]["test_error"],
+                               "final_test_loss": result.history[-1]["test_loss"]}, step=cfg.epochs)
         mlflow_io.log_figure(plots.error_curves(result.history), "figures/error_curves.png")
         mlflow_io.log_figure(plots.layer_importance(per_layer, model.layer_names, list(counts.values())),
                              "figures/layer_importance.png")

@@ -1,0 +1,208 @@
+"""`sweep`: Optuna search over the learning rate, tracked in MLflow, resumable, shared by workers.
+
+One Optuna study (its storage: a journal file on one machine, a database across machines) and one
+MLflow parent run per study, whose id the study keeps as a user attribute. Each trial is a child
+run of that parent, and each of its seeds a `train` run nested under the trial. Any number of
+workers (`sweep` processes) can share a study; running the command again adds trials.
+"""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+from itertools import combinations
+
+import warnings
+
+import numpy as np
+import optuna
+from scipy.stats import spearmanr
+
+from . import mlflow_io, plots
+from .config import SWEEP_METRICS, ConfigError, SweepConfig
+from .errors import Stopped
+from .tasks import run_train
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+ATTR_PARENT = "mlflow_parent_run_id"
+ATTR_RUN = "mlflow_run_id"
+ATTR_OWNER = "owner"  # host:pid of the worker running the trial
+
+
+def open_study(cfg: SweepConfig) -> optuna.Study:
+    """Create or load the study; one clear error when the storage cannot be reached."""
+    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if cfg.pruner == "median" else optuna.pruners.NopPruner()
+    try:
+        return optuna.create_study(study_name=cfg.name(), storage=_storage(cfg), sampler=sampler, pruner=pruner,
+                                   direction="minimize", load_if_exists=True)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"Cannot open the Optuna storage {cfg.storage or 'optuna-journal.log'!r} "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): check the URL, that the "
+                          "database server runs, and its credentials.") from None
+
+
+def _storage(cfg: SweepConfig):
+    url = cfg.storage or "optuna-journal.log"
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        path = url.removeprefix("journal:")
+        # A journal file is safe for several writers on one machine (file locks).
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+    if "://" not in url:
+        raise ConfigError(f"storage {url!r} is neither a journal file (*.log) nor a database URL "
+                          "(e.g. postgresql://user:pass@host/db, sqlite:///optuna.db).")
+    return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
+                                      failed_trial_callback=_mark_failed)
+
+
+def _mark_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """The MLflow side of a trial that Optuna declared failed because its worker died."""
+    run_id = trial.user_attrs.get(ATTR_RUN)
+    if run_id:
+        mlflow_io.fail_run_tree(run_id, f"worker {trial.user_attrs.get(ATTR_OWNER)} died during trial {trial.number}")
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker process on this machine no longer exists (kill -9, crash).
+
+    Database storages also detect dead workers on any machine by heartbeat; a journal file has no
+    heartbeat, and it lives on one machine, where a process id says whether the worker is alive."""
+    optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(ATTR_OWNER, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and not mlflow_io.process_alive(int(pid)):
+            try:
+                study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker got there first
+            _mark_failed(study, trial)
+            failed.append(trial.number)
+    return failed
+
+
+def tau_spearman(taus: list[np.ndarray]) -> float:
+    """Mean Spearman correlation of total importance over all pairs of runs (nan for one run)."""
+    pairs = [spearmanr(a, b).statistic for a, b in combinations(taus, 2)]
+    return float(np.mean(pairs)) if pairs else float("nan")
+
+
+def run_sweep(cfg: SweepConfig) -> str:
+    """Add cfg.n_trials trials to the study; returns the study's MLflow parent run id."""
+    cfg.check()
+    study = open_study(cfg)  # before any run: a bad storage fails here, leaving nothing behind
+    seeds = cfg.seed_list()
+    with mlflow_io.start_run(f"sweep {cfg.name()}", "sweep", tags={"sample_importance.study": cfg.name()},
+                             description=f"Optuna study {cfg.name()}: lr in [{cfg.lr_min}, {cfg.lr_max}] "
+                                         f"(log-uniform), seeds {seeds}, minimising {cfg.metric}.") as run:
+        mlflow_io.log_params_once(cfg.to_dict())
+        mlflow_io.log_config(cfg.to_dict())
+        parent = _claim_parent(study, run.info.run_id)
+        if parent != run.info.run_id:
+            mlflow_io.set_tags({"sample_importance.sweep_parent_run_id": parent})
+            print(f"continuing study {cfg.name()} under parent run {parent}", flush=True)
+        failed = fail_orphaned_trials(study)
+        if failed:
+            print(f"trials {failed} were interrupted (their worker died) and are marked failed", flush=True)
+        reference = _reference_tau(cfg, seeds[0])
+
+        def objective(trial: optuna.Trial) -> float:
+            return _trial(cfg, trial, parent, seeds, reference)
+
+        study.optimize(objective, n_trials=cfg.n_trials or None, timeout=cfg.timeout or None,
+                       catch=(), gc_after_trial=True)
+        _log_study(study, parent, cfg)
+        return parent
+
+
+def _claim_parent(study: optuna.Study, run_id: str) -> str:
+    """The study's parent run: the first invocation's run. Workers starting at once may both write
+    the attribute; after a short wait everyone reads the same (last) value and uses it."""
+    parent = study.user_attrs.get(ATTR_PARENT)
+    if parent is None:
+        study.set_user_attr(ATTR_PARENT, run_id)
+        time.sleep(1.0)
+        parent = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs[ATTR_PARENT]
+    return parent
+
+
+def _reference_tau(cfg: SweepConfig, seed: int) -> np.ndarray:
+    """Total importance of a run at the reference learning rate (reused if one exists)."""
+    ref = dataclasses.replace(cfg.train_config(), lr=cfg.reference_lr, seed=seed)
+    run_id = mlflow_io.find_finished_run("train", ref.fingerprint())
+    if run_id is None:
+        print(f"training the reference run (lr={cfg.reference_lr}, seed {seed})", flush=True)
+        run_id = run_train(ref, quiet=True)
+    return mlflow_io.load_dynamics(run_id).total_importance
+
+
+def _trial(cfg: SweepConfig, trial: optuna.Trial, parent: str, seeds: list[int], reference: np.ndarray) -> float:
+    lr = trial.suggest_float("lr", cfg.lr_min, cfg.lr_max, log=True)
+    run_id = mlflow_io.create_run(parent, f"trial {trial.number} lr={lr:.4g}",
+                                  {"sample_importance.entry_point": "trial", "optuna.study": cfg.name(),
+                                   "optuna.trial": str(trial.number)})
+    trial.set_user_attr(ATTR_RUN, run_id)
+    trial.set_user_attr(ATTR_OWNER, mlflow_io.owner())
+    per_epoch = SWEEP_METRICS[cfg.metric]
+    try:
+        with mlflow_io.start_run(f"trial {trial.number} lr={lr:.4g}", "trial", run_id=run_id):
+            mlflow_io.log_params_once({"lr": lr, "seeds": ",".join(map(str, seeds)), "trial": trial.number})
+            values, taus = [], []
+            for k, seed in enumerate(seeds):
+                def report(epoch: int, metrics: dict[str, float], k=k, seed=seed) -> None:
+                    step = k * cfg.epochs + epoch  # seeds one after another on one axis
+                    trial.report(metrics[per_epoch], step)
+                    if trial.should_prune():
+                        raise Stopped(f"trial {trial.number} pruned at epoch {epoch} of seed {seed}")
+
+                tcfg = dataclasses.replace(cfg.train_config(), lr=lr, seed=seed)
+                train_id = run_train(tcfg, quiet=True, epoch_callback=report)
+                values.append(mlflow_io.metric_series(train_id, cfg.metric)[-1])
+                taus.append(mlflow_io.load_dynamics(train_id).total_importance)
+            value = float(np.mean(values))
+            rho_seeds = tau_spearman(taus)
+            rho_ref = float(spearmanr(taus[0], reference).statistic)
+            mlflow_io.log_metrics({cfg.metric: value, "tau_spearman_seeds": rho_seeds,
+                                   "tau_spearman_reference": rho_ref}, step=0)
+            mlflow_io.set_tags({"sample_importance.trial_state": "COMPLETE"})
+            trial.set_user_attr("tau_spearman_seeds", rho_seeds)
+            trial.set_user_attr("tau_spearman_reference", rho_ref)
+    except Stopped:
+        mlflow_io.log_to(run_id, tags={"sample_importance.trial_state": "PRUNED"})
+        print(f"trial {trial.number} (lr={lr:.4g}) pruned", flush=True)
+        raise optuna.TrialPruned() from None
+    print(f"trial {trial.number}: lr={lr:.4g} {cfg.metric}={value:.4f} tau Spearman between seeds "
+          f"{rho_seeds:.3f}, with lr={cfg.reference_lr} {rho_ref:.3f}", flush=True)
+    return value
+
+
+def _log_study(study: optuna.Study, parent: str, cfg: SweepConfig) -> None:
+    """Figures and the best parameters on the parent run, from every trial of every worker so far."""
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
+    metrics = {f"trials_{k}": v for k, v in counts.items()}
+    figures, dicts = {}, {}
+    if complete:
+        best = study.best_trial
+        metrics.update({f"best_{cfg.metric}": best.value, "best_lr": best.params["lr"]})
+        dicts["best_params.json"] = {"trial": best.number, "value": best.value, **best.params,
+                                     "mlflow_run_id": best.user_attrs.get(ATTR_RUN)}
+        figures["figures/optimization_history.png"] = ovm.plot_optimization_history(study).figure
+        figures["figures/stability_vs_lr.png"] = plots.stability_vs_lr(
+            [t.params["lr"] for t in complete], [t.user_attrs.get("tau_spearman_seeds", np.nan) for t in complete],
+            [t.user_attrs.get("tau_spearman_reference", np.nan) for t in complete], cfg.reference_lr)
+    if len(complete) >= 2:
+        try:
+            figures["figures/param_importances.png"] = ovm.plot_param_importances(study).figure
+        except (RuntimeError, ValueError) as exc:  # e.g. every trial at the same value
+            print(f"parameter importances not plotted: {exc}", flush=True)
+    mlflow_io.log_to(parent, metrics=metrics, figures=figures, dicts=dicts, step=len(study.trials))
+    if parent != mlflow_io.active_run_id():
+        mlflow_io.finish_if_ended(parent)  # a parent whose first worker died: finished as of now

@@ -1,0 +1,167 @@
+"""The `sweep` entry point: Optuna trials as nested MLflow runs, resumable, shared by workers."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, all_runs
+from sample_importance.config import SweepConfig
+from sample_importance.sweep import open_study
+
+TINY = ["--subset", "150", "--epochs", "3", "--width", "8", "--batch_size", "50"]
+
+
+def _by_kind(runs, kind):
+    return [r for r in runs if r.data.tags.get("sample_importance.entry_point") == kind]
+
+
+def test_sweep_nested_runs_and_resume(tracking):
+    import sweep
+
+    parent = sweep.main(TINY + ["--n_trials", "3", "--pruner", "none"])
+    study = optuna.load_study(study_name="sweep-digits", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tracking / "optuna-journal.log"))))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    runs = all_runs(tracking)
+    trials = _by_kind(runs, "trial")
+    assert len(trials) == 3 and all(r.data.tags["mlflow.parentRunId"] == parent for r in trials)
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in trials}
+    for t in study.trials:
+        run = next(r for r in trials if r.info.run_id == t.user_attrs["mlflow_run_id"])
+        assert run.data.metrics["final_test_error"] == pytest.approx(t.value)
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert 0.01 <= t.params["lr"] <= 0.5
+        seeds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert sorted(r.data.params["seed"] for r in seeds) == ["0", "1"]  # two seeds per trial, nested
+        assert -1 <= run.data.metrics["tau_spearman_seeds"] <= 1 and -1 <= run.data.metrics["tau_spearman_reference"] <= 1
+    client = MlflowClient()
+    files = {f.path for f in client.list_artifacts(parent, "figures")}
+    assert files == {"figures/optimization_history.png", "figures/param_importances.png",
+                     "figures/stability_vs_lr.png"}
+    best = mlflow.artifacts.load_dict(f"runs:/{parent}/best_params.json")
+    assert best["value"] == pytest.approx(min(t.value for t in study.trials))
+
+    # Same command again: the same study and parent run, two more trials.
+    assert sweep.main(TINY + ["--n_trials", "2", "--pruner", "none"]) == parent
+    study = optuna.load_study(study_name="sweep-digits", storage=study._storage)
+    assert len(study.trials) == 5
+    assert len(_by_kind(all_runs(tracking), "trial")) == 5
+    assert client.get_run(parent).data.metrics["trials_complete"] == 5
+
+
+def test_pruned_trial_is_pruned_in_both_stores(tracking):
+    import sweep
+
+    # The median pruner prunes after two trials when a trial's curve is worse than the median.
+    sweep.main(TINY + ["--n_trials", "6", "--lr_min", "0.001", "--lr_max", "1.0", "--seeds", "1"])
+    study = optuna.load_study(study_name="sweep-digits", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tracking / "optuna-journal.log"))))
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, [t.state for t in study.trials]
+    client = MlflowClient()
+    for t in pruned:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["sample_importance.trial_state"] == "PRUNED"
+
+
+BAD = [
+    (["--lr_min", "0.5", "--lr_max", "0.1"], "lr_min (0.5) must be smaller than lr_max (0.1)"),
+    (["--lr_min", "0", "--lr_max", "0.1"], "must be positive"),
+    (["--metric", "accuracy"], "Unknown metric 'accuracy'"),
+    (["--pruner", "hyperband"], "Unknown pruner 'hyperband'"),
+    (["--storage", "postgresql://nobody:secret@127.0.0.1:9/none"], "Cannot open the Optuna storage"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[a[1] for a, _ in BAD])
+def test_bad_sweep_input_fails_before_any_trial(tracking, capsys, args, message):
+    import sweep
+    from _cli import run_cli
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: sweep.main(TINY + ["--n_trials", "1", *args]))
+    assert info.value.code == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert len(err) == 1 and message in err[0], err
+    assert all_runs(tracking) == []  # nothing started
+
+
+def _worker(tmp_path, uri, *args):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "entry_points" / "sweep.py"), *TINY, *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _trial_accounting(study, client):
+    """Each Optuna trial has exactly one MLflow trial run, and each MLflow trial run one trial."""
+    runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+            if r.data.tags.get("sample_importance.entry_point") == "trial"]
+    by_number = {}
+    for r in runs:
+        by_number.setdefault(int(r.data.tags["optuna.trial"]), []).append(r)
+    assert sorted(by_number) == [t.number for t in study.trials]
+    assert all(len(v) == 1 for v in by_number.values()), "a trial logged twice"
+    for t in study.trials:
+        assert by_number[t.number][0].info.run_id == t.user_attrs["mlflow_run_id"]
+    return {t.number: (t.state, by_number[t.number][0].info.status) for t in study.trials}
+
+
+def test_two_workers_share_one_study_through_a_tracking_server(tmp_path, mlflow_server):
+    journal = str(tmp_path / "shared.log")
+    args = ["--storage", journal, "--n_trials", "2", "--pruner", "none", "--study_name", "shared"]
+    workers = [_worker(tmp_path, mlflow_server, *args) for _ in range(2)]
+    outputs = [w.communicate(timeout=400)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(journal)))
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        states = _trial_accounting(study, MlflowClient())
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(states) == 4
+    assert set(states.values()) == {(optuna.trial.TrialState.COMPLETE, "FINISHED")}
+
+
+def test_kill_9_mid_trial_then_restart(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--n_trials", "2", "--pruner", "none", "--seeds", "1"]
+    slow = ["--epochs", "40"]  # long enough to be killed inside a trial
+    worker = _worker(tmp_path, uri, *args, *slow)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    try:
+        deadline = time.time() + 120
+        while True:  # wait until a trial's training is under way
+            assert time.time() < deadline and worker.poll() is None, "no trial started"
+            runs = all_runs(tmp_path)
+            trials = {r.info.run_id for r in _by_kind(runs, "trial")}
+            running = [r for r in _by_kind(runs, "train") if r.data.tags.get("mlflow.parentRunId") in trials
+                       and r.info.status == "RUNNING" and client.get_metric_history(r.info.run_id, "train_loss")]
+            if running:
+                break
+            time.sleep(0.3)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        restarted = _worker(tmp_path, uri, *args, *slow)
+        out = restarted.communicate(timeout=600)[0]
+        assert restarted.returncode == 0, out
+        assert "were interrupted (their worker died) and are marked failed" in out
+        study = optuna.load_study(study_name="sweep-digits", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna-journal.log"))))
+        states = _trial_accounting(study, client)
+        assert states[0] == (optuna.trial.TrialState.FAIL, "FAILED")
+        assert [states[1], states[2]] == [(optuna.trial.TrialState.COMPLETE, "FINISHED")] * 2
+        runs = all_runs(tmp_path)
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        assert [r.info.status for r in _by_kind(runs, "sweep")] == ["FINISHED", "FINISHED"]
+    finally:
+        mlflow.set_tracking_uri(None)
