@@ -87,6 +87,7 @@ class TrainRunConfig(TrainConfig):
 
     ordering: str = "shuffle"  # shuffle (new order every epoch) | rand | nlo | rnlo | nlm | sio | rsio | sim
     reference_run_id: str = ""  # train run whose final NLL and total importance order the batches (not for shuffle)
+    resume_run_id: str = ""  # continue this interrupted run; empty = resume one with the same configuration if any
 
     def check(self) -> "TrainRunConfig":
         super().check()
@@ -101,7 +102,7 @@ class TrainRunConfig(TrainConfig):
         # The default order adds nothing, so a plain shuffled run has the fingerprint of its TrainConfig.
         if self.ordering == "shuffle" and not self.reference_run_id:
             return self.train_config().fingerprint()
-        d = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "device")}
+        d = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "device", "resume_run_id")}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -284,6 +285,7 @@ _FIELD_HELP = {
     "feature_scale": "log | raw: cluster log10(beta) profiles or raw beta",
     "ordering": "shuffle | rand | nlo | rnlo | nlm | sio | rsio | sim (paper section 3.6)",
     "reference_run_id": "train run whose final NLL and total importance order the batches",
+    "resume_run_id": "continue this interrupted train run; empty = resume one with the same configuration if any",
     "methods": "comma-separated batch constructions: shuffle, rand, nlo, rnlo, nlm, sio, rsio, sim",
     "n_trials": "trials this invocation (worker) adds to the study",
     "timeout": "stop starting trials after this many seconds; 0 = no limit",

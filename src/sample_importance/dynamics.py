@@ -14,12 +14,16 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
     init_state.pt    state dict of the initial parameters (with batch_order.npy, enough to replay the run)
     metadata.json    schema version, run settings, layer names and sizes, phi convention, progress
 
-The per-epoch arrays are memory-mapped and filled one epoch at a time, and metadata.json is
-rewritten (atomically) after each epoch with `epochs_completed`, so a crashed run leaves its
-finished epochs readable. `complete` becomes true only after the last file is written.
+The per-epoch arrays are memory-mapped `<name>.partial.npy` files filled one epoch at a time and
+renamed to `<name>.npy` when the run completes; metadata.json is rewritten atomically after each
+epoch with `epochs_completed` and a checksum of every row written, so a crashed run leaves its
+finished epochs readable (`allow_partial=True`) and a damaged file is named, never silently read.
+`complete` becomes true only after the last file is in place. Until then `checkpoint.pt` holds
+what `train` needs to resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ SCHEMA_VERSION = 1
 DIRNAME = "dynamics"
 METADATA = "metadata.json"
 INIT_STATE = "init_state.pt"
+CHECKPOINT = "checkpoint.pt"  # model, optimizer and progress after the last finished epoch (until complete)
 # file stem -> dtype
 PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32, "correct": np.bool_,
              "batch_order": np.int64}
@@ -50,37 +55,81 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-class DynamicsWriter:
-    """Writes a run's dynamics epoch by epoch into `folder` (created)."""
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]
 
-    def __init__(self, folder: str | Path, n: int, epochs: int, metadata: dict, projection_dim: int = 32):
+
+def _partial(folder: Path, name: str) -> Path:
+    """Per-epoch arrays carry this name until the run is complete, then are renamed to <name>.npy."""
+    return folder / f"{name}.partial.npy"
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees half a file."""
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class DynamicsWriter:
+    """Writes a run's dynamics epoch by epoch into `folder`; `resume=True` reopens an unfinished one.
+
+    Per-epoch arrays are memory-mapped `<name>.partial.npy` files, renamed to `<name>.npy` by
+    `finish`; every row written gets a checksum in metadata.json, which is rewritten atomically after
+    each epoch, so a reader can tell a finished epoch from a damaged one."""
+
+    def __init__(self, folder: str | Path, n: int, epochs: int, metadata: dict, projection_dim: int = 32,
+                 resume: bool = False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.n, self.epochs = n, epochs
-        self.layer_names = list(metadata["layer_names"])
-        self.metadata = {**metadata, "schema_version": SCHEMA_VERSION, "n": n, "epochs": epochs,
-                         "projection_dim": projection_dim, "epochs_completed": 0, "complete": False}
-        L = len(self.layer_names)
-        self.arrays = {
-            name: np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=dtype,
-                                            shape=(epochs, n, L) if name == "importance" else (epochs, n))
-            for name, dtype in PER_EPOCH.items()
-        }
-        self.projection = np.lib.format.open_memmap(self.folder / f"{PROJECTION}.npy", mode="w+", dtype=np.float32,
-                                                    shape=(epochs + 1, projection_dim))
+        L = len(metadata["layer_names"])
+        shapes = {name: (epochs, n, L) if name == "importance" else (epochs, n) for name in PER_EPOCH}
+        shapes[PROJECTION] = (epochs + 1, projection_dim)
+        dtypes = {**PER_EPOCH, PROJECTION: np.float32}
+        if resume:
+            self.metadata = json.loads((self.folder / METADATA).read_text())
+            assert not self.metadata["complete"] and self.metadata["n"] == n and self.metadata["epochs"] == epochs
+            mode = "r+"
+        else:
+            self.metadata = {**metadata, "schema_version": SCHEMA_VERSION, "n": n, "epochs": epochs,
+                             "projection_dim": projection_dim, "epochs_completed": 0, "complete": False,
+                             "checksums": {name: {} for name in shapes}}
+            mode = "w+"
+        self.arrays = {name: np.lib.format.open_memmap(_partial(self.folder, name), mode=mode, dtype=dtypes[name],
+                                                       shape=shapes[name]) for name in shapes}
         _write_json_atomic(self.folder / METADATA, self.metadata)
 
-    def write_projection(self, row: int, values: np.ndarray) -> None:
-        """Projected parameters at init (row 0) or after epoch `row` (1-based)."""
-        self.projection[row] = values
-        self.projection.flush()
+    def _store(self, name: str, row: int, values) -> None:
+        self.arrays[name][row] = values
+        self.arrays[name].flush()
+        self.metadata["checksums"][name][str(row)] = _digest(self.arrays[name][row])
 
-    def write_epoch(self, epoch: int, record) -> None:
-        """Store one `training.EpochRecord` and mark the epoch as completed."""
+    def write_initial(self, projection: np.ndarray, init_state: dict) -> None:
+        """The starting point: projected initial parameters and the initial state dict."""
+        self._store(PROJECTION, 0, projection)
+        save_atomic(init_state, self.folder / INIT_STATE)
+        _write_json_atomic(self.folder / METADATA, self.metadata)
+
+    def truncate(self, epochs_completed: int) -> None:
+        """Forget epochs after `epochs_completed` (resuming from a checkpoint written before them)."""
+        for name in self.arrays:
+            for row in list(self.metadata["checksums"][name]):
+                limit = epochs_completed + (1 if name == PROJECTION else 0)
+                if int(row) >= limit:
+                    del self.metadata["checksums"][name][row]
+        self.metadata["epochs_completed"] = epochs_completed
+        _write_json_atomic(self.folder / METADATA, self.metadata)
+
+    def write_epoch(self, record, projection: np.ndarray) -> None:
+        """Store one `training.EpochRecord` and the projected parameters after it; mark it completed."""
+        epoch = record.epoch
         assert epoch == self.metadata["epochs_completed"], "epochs must be written in order"
         for name in PER_EPOCH:
-            self.arrays[name][epoch] = getattr(record, name)
-            self.arrays[name].flush()
+            self._store(name, epoch, getattr(record, name))
+        self._store(PROJECTION, epoch + 1, projection)
         self.metadata["epochs_completed"] = epoch + 1
         _write_json_atomic(self.folder / METADATA, self.metadata)
 
@@ -92,7 +141,12 @@ class DynamicsWriter:
             tmp = self.folder / f"{name}.tmp.npy"
             np.save(tmp, arr)
             os.replace(tmp, self.folder / f"{name}.npy")
-        self.arrays, self.projection = {}, None  # release the memory maps
+            self.metadata["checksums"][name] = _digest(arr)
+        names = list(self.arrays)
+        self.arrays = {}  # release the memory maps before renaming their files
+        for name in names:
+            os.replace(_partial(self.folder, name), self.folder / f"{name}.npy")
+        (self.folder / CHECKPOINT).unlink(missing_ok=True)  # the model is logged; the checkpoint is spent
         self.metadata["complete"] = True
         _write_json_atomic(self.folder / METADATA, self.metadata)
 
@@ -128,8 +182,9 @@ class Dynamics:
         return self.alpha.sum(axis=0)
 
 
-def load_dir(folder: str | Path, allow_partial: bool = False) -> Dynamics:
-    """Read and validate a dynamics folder. Raises DynamicsError naming what is wrong."""
+def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = True) -> Dynamics:
+    """Read and validate a dynamics folder: shapes and dtypes against metadata.json and, with
+    `verify`, every row's checksum. Raises DynamicsError naming the file that is wrong."""
     folder = Path(folder)
     meta_path = folder / METADATA
     if not meta_path.is_file():
@@ -146,14 +201,26 @@ def load_dir(folder: str | Path, allow_partial: bool = False) -> Dynamics:
         raise DynamicsError(f"{folder} holds an unfinished run ({meta.get('epochs_completed')} of "
                             f"{meta.get('epochs')} epochs): resume or re-run it, or pass allow_partial=True.")
     n, E, L = meta["n"], meta["epochs"], len(meta["layer_names"])
-    done = meta["epochs_completed"] if not complete else E
+    done = meta["epochs_completed"]
+    path = (lambda name: folder / f"{name}.npy") if complete else (lambda name: _partial(folder, name))
     arrays = {}
     for name, dtype in PER_EPOCH.items():
         shape = (E, n, L) if name == "importance" else (E, n)
-        arrays[name] = _load(folder / f"{name}.npy", dtype, shape)[:done]
+        arrays[name] = _load(path(name), dtype, shape)[:done]
+    arrays[PROJECTION] = _load(path(PROJECTION), np.float32, (E + 1, meta["projection_dim"]))[:done + 1]
     for name, dtype in PER_SAMPLE.items():
         arrays[name] = _load(folder / f"{name}.npy", dtype, (n,)) if complete else None
-    arrays[PROJECTION] = _load(folder / f"{PROJECTION}.npy", np.float32, (E + 1, meta["projection_dim"]))[:done + 1]
+    if verify:
+        sums = meta["checksums"]
+        for name in (*PER_EPOCH, PROJECTION):
+            for row in range(len(arrays[name])):
+                if sums[name].get(str(row)) != _digest(arrays[name][row]):
+                    raise DynamicsError(f"{path(name)} is damaged: row {row} does not match the checksum in "
+                                        f"metadata.json; re-run the training run.")
+        for name in PER_SAMPLE:
+            if complete and sums.get(name) != _digest(arrays[name]):
+                raise DynamicsError(f"{folder / (name + '.npy')} is damaged: it does not match the checksum in "
+                                    f"metadata.json; re-run the training run.")
     return Dynamics(metadata=meta, folder=folder, **arrays)
 
 
@@ -163,9 +230,9 @@ def _load(path: Path, dtype, shape: tuple) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r")
     except ValueError as exc:
-        raise DynamicsError(f"{path} is not a readable .npy file ({exc}).") from None
+        raise DynamicsError(f"{path} is damaged: not a readable .npy file ({exc}).") from None
     if arr.dtype != np.dtype(dtype) or arr.shape != tuple(shape):
-        raise DynamicsError(f"{path} has dtype {arr.dtype} and shape {arr.shape}; metadata.json says "
+        raise DynamicsError(f"{path} is damaged: dtype {arr.dtype} and shape {arr.shape}, but metadata.json says "
                             f"{np.dtype(dtype)} {tuple(shape)}.")
     return arr
 

@@ -30,6 +30,8 @@ TAG_FINGERPRINT = "sample_importance.config_fingerprint"
 TAG_FAILURE = "sample_importance.failure"
 TAG_MODEL_URI = "sample_importance.model_uri"
 TAG_STOPPED = "sample_importance.stopped"
+TAG_DIVERGED = "sample_importance.diverged"
+TAG_RESUMED_IN = "sample_importance.resumed_run_id"
 TAG_OWNER = "sample_importance.owner"  # host:pid of the process running the run
 
 
@@ -78,6 +80,14 @@ def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = Non
     any exception marks it FAILED and records why in a tag, so no run is ever left RUNNING and the
     UI says what went wrong."""
     reap_orphans()
+    cli_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created for this process
+    if run_id and cli_run and cli_run != run_id:
+        # Resuming another run: the one `mlflow run` made says where the work went.
+        MlflowClient().set_tag(cli_run, TAG_RESUMED_IN, run_id)
+        MlflowClient().set_tag(cli_run, "mlflow.note.content", f"Resumed the interrupted run {run_id}.")
+    if run_id:
+        with contextlib.suppress(MlflowException):
+            MlflowClient().delete_tag(run_id, TAG_FAILURE)  # it failed because its process died; now it goes on
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(),
                          **(tags or {})})
@@ -86,11 +96,11 @@ def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = Non
         try:
             yield run
         except BaseException as exc:
-            stopped = isinstance(exc, (KeyboardInterrupt, Stopped))
+            # Stopped on purpose (pruned): KILLED, not to be resumed. Ctrl-C: KILLED, resumable.
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(Exception):
-                mlflow.set_tag(TAG_STOPPED if stopped else TAG_FAILURE, reason[:5000])
-            status = "KILLED" if stopped else "FAILED"
+                mlflow.set_tag(TAG_STOPPED if isinstance(exc, Stopped) else TAG_FAILURE, reason[:5000])
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Stopped)) else "FAILED"
             mlflow.end_run(status)
             raise
 
@@ -110,6 +120,16 @@ def log_config(config: dict, name: str = "config.json") -> None:
 
 def log_metrics(metrics: dict[str, float], step: int) -> None:
     mlflow.log_metrics(metrics, step=step)
+
+
+def log_metrics_once(metrics: dict[str, float], step: int) -> None:
+    """Log the metrics not yet logged at `step` on the active run."""
+    client = MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    missing = {k: v for k, v in metrics.items()
+               if not any(m.step == step for m in client.get_metric_history(run_id, k))}
+    if missing:
+        mlflow.log_metrics(missing, step=step)
 
 
 def log_figure(fig, name: str) -> None:
@@ -197,6 +217,30 @@ def load_dynamics(run_id: str, allow_partial: bool = False) -> dyn.Dynamics:
         raise dyn.DynamicsError(f"Run {run_id}: {exc}") from None
 
 
+def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, checkpoint: str) -> str | None:
+    """The run to continue: `run_id` if given (it must hold a checkpoint), else the newest unfinished
+    run with this configuration whose process is gone and which left a checkpoint. None: start anew."""
+    reap_orphans()
+    if run_id:
+        run = get_run(run_id)
+        local = _local_path(run.info.artifact_uri)
+        if run.info.status == "FINISHED" or local is None or not (local / subdir / checkpoint).is_file():
+            raise RunLookupError(f"Run {run_id} cannot be resumed: it is {run.info.status.lower()} and has "
+                                 f"{'a' if local and (local / subdir / checkpoint).is_file() else 'no'} checkpoint "
+                                 f"in its local artifact folder; start a new run instead.")
+        return run_id
+    runs = mlflow.search_runs(
+        search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+                      " and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'")
+    for run in runs:
+        local = _local_path(run.info.artifact_uri)
+        resumable = TAG_DIVERGED not in run.data.tags and TAG_STOPPED not in run.data.tags
+        if resumable and local is not None and (local / subdir / checkpoint).is_file():
+            return run.info.run_id
+    return None
+
+
 def find_finished_run(entry_point: str, fingerprint: str) -> str | None:
     """The newest FINISHED run of `entry_point` whose configuration has this fingerprint, if any."""
     runs = mlflow.search_runs(
@@ -223,7 +267,8 @@ def launch_child(project_dir: str | Path, entry_point: str, parameters: dict, ru
     except mlflow.projects.ExecutionException:
         reason = client.get_run(child.info.run_id).data.tags.get(TAG_FAILURE, "see its log above")
         raise ChildRunError(f"The {entry_point} step (run {child.info.run_id}) failed: {reason}") from None
-    return child.info.run_id
+    # A step that resumed an interrupted run did its work there.
+    return client.get_run(child.info.run_id).data.tags.get(TAG_RESUMED_IN, child.info.run_id)
 
 
 class ChildRunError(UserError):

@@ -17,7 +17,7 @@ from .config import ConfigError, TrainConfig, TrainRunConfig
 from .data import Dataset, load_dataset
 from .models import ParameterProjection, build_model, parameter_counts
 from .tracking import PHI_CONVENTION
-from .training import EpochRecord, FitResult, check_batching, fit
+from .training import DivergenceError, EpochRecord, FitResult, check_batching, fit, make_optimizer
 
 
 def train_run_name(cfg: TrainConfig) -> str:
@@ -47,15 +47,18 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
     """Train one model with full tracking inside an MLflow run (nested when a run is active); return
     the run id. Writes `dynamics/` epoch by epoch, per-epoch metrics, the figures and the final model.
 
-    `epoch_callback(epoch, metrics)` runs after each epoch is logged; raising `errors.Stopped` in it
-    ends training and the run as KILLED (how the sweep prunes a trial)."""
+    Resumes, in the same run, an interrupted run with the same configuration (or cfg.resume_run_id)
+    from its last finished epoch. `epoch_callback(epoch, metrics)` runs after each epoch is logged;
+    raising `errors.Stopped` in it ends training and the run as KILLED (how the sweep prunes a trial)."""
     if not isinstance(cfg, TrainRunConfig):
         cfg = TrainRunConfig(**cfg.train_config().to_dict())
     cfg.check()
+    resume = mlflow_io.resumable_run("train", cfg.fingerprint(), cfg.resume_run_id, dyn.DIRNAME, dyn.CHECKPOINT)
     with mlflow_io.start_run(
         train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), "ordering": cfg.ordering},
         description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking"
                     + ("" if cfg.ordering == "shuffle" else f", batches built by {cfg.ordering}") + ".",
+        run_id=resume,
     ) as run:
         mlflow_io.log_params_once(cfg.to_dict())
         mlflow_io.log_config(cfg.to_dict())
@@ -63,6 +66,7 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
         check_batching(cfg, data.n_train)
         order = presentation_order(cfg, data)
         model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
+        optimizer = make_optimizer(model, cfg)
         counts = parameter_counts(model)
         project = ParameterProjection(model)
         metadata = {
@@ -71,32 +75,52 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
             "ordering": cfg.ordering, "reference_run_id": cfg.reference_run_id,
             "layer_names": model.layer_names, "parameter_counts": counts, "phi_convention": PHI_CONVENTION,
             "image_shape": list(data.image_shape), "num_classes": data.num_classes,
-            "run_id": run.info.run_id, "config": cfg.to_dict(),
+            "run_id": run.info.run_id, "config": cfg.train_config().to_dict(),
         }
         with mlflow_io.artifact_folder(dyn.DIRNAME) as folder:
-            torch.save(model.state_dict(), folder / dyn.INIT_STATE)
-            writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata, project.k)
-            writer.write_projection(0, project(model))
-            tau = np.zeros(data.n_train)  # total importance, accumulated as epochs finish
+            checkpoint = folder / dyn.CHECKPOINT
+            if resume:
+                state = torch.load(checkpoint, weights_only=False)
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["torch_rng"])
+                history, tau, start = state["history"], state["tau"], state["epoch"]
+                writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata, project.k, resume=True)
+                writer.truncate(start)
+                for epoch, metrics in enumerate(history, start=1):  # epochs whose metrics died with the process
+                    mlflow_io.log_metrics_once(metrics, step=epoch)
+                print(f"resuming run {run.info.run_id} after epoch {start} of {cfg.epochs}", flush=True)
+            else:
+                history, tau, start = [], np.zeros(data.n_train), 0
+                writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata, project.k)
+                writer.write_initial(project(model), model.state_dict())
 
             def on_epoch(rec: EpochRecord) -> None:
-                writer.write_epoch(rec.epoch, rec)
-                writer.write_projection(rec.epoch + 1, project(model))
+                writer.write_epoch(rec, project(model))
                 tau[:] += rec.importance.sum(1, dtype=np.float64)
+                history.append(rec.metrics)
+                # After the arrays, before the metrics: a resumed run re-logs what is missing.
+                dyn.save_atomic({"epoch": rec.epoch + 1, "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                                 "history": history, "tau": tau}, checkpoint)
                 mlflow_io.log_metrics(rec.metrics, step=rec.epoch + 1)  # step = 1-based epoch
                 if not quiet:
                     print(_progress_line(rec, cfg.epochs), flush=True)
                 if epoch_callback is not None:
                     epoch_callback(rec.epoch + 1, rec.metrics)
 
-            result = fit(model, data, cfg, order=order, on_epoch=on_epoch)
+            try:
+                result = fit(model, data, cfg, order=order, on_epoch=on_epoch, optimizer=optimizer, start_epoch=start)
+            except DivergenceError as exc:
+                mlflow_io.set_tags({mlflow_io.TAG_DIVERGED: f"epoch {exc.epoch + 1}, step {exc.step + 1}"})
+                raise
             writer.finish(result.final_loss, data.y_train, data.sample_id)
 
-        per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in result.history])
+        per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in history])
         mlflow_io.log_metrics({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),
-                               "final_test_error": result.history[-1]["test_error"],
-                               "final_test_loss": result.history[-1]["test_loss"]}, step=cfg.epochs)
-        mlflow_io.log_figure(plots.error_curves(result.history), "figures/error_curves.png")
+                               "final_test_error": history[-1]["test_error"],
+                               "final_test_loss": history[-1]["test_loss"]}, step=cfg.epochs)
+        mlflow_io.log_figure(plots.error_curves(history), "figures/error_curves.png")
         mlflow_io.log_figure(plots.layer_importance(per_layer, model.layer_names, list(counts.values())),
                              "figures/layer_importance.png")
         mlflow_io.log_figure(plots.total_importance_histogram(tau), "figures/total_importance_hist.png")

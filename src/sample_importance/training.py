@@ -95,6 +95,8 @@ def fit(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     on_batch: Callable[[torch.nn.Module, torch.Tensor], None] | None = None,
     track: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 0,
 ) -> FitResult:
     """Train `model` in place with SGD for cfg.epochs epochs.
 
@@ -103,6 +105,11 @@ def fit(
         on_epoch: called with each finished epoch's record (host arrays, metrics).
         on_batch: called with (model, sample ids of the batch) before each step; for tests and probes.
         track: record per-sample importance (False only for benchmarking the untracked baseline).
+        optimizer: the optimizer to step (default: a fresh `make_optimizer`); pass one to resume.
+        start_epoch: epochs already done (resuming): training continues with epoch `start_epoch`.
+
+    Raises DivergenceError when a loss is NaN or infinite: on the CPU at that step, on a GPU at the
+    end of its epoch (checking every step would stall the GPU with host synchronisations).
     """
     n = data.n_train
     check_batching(cfg, n)
@@ -111,7 +118,8 @@ def fit(
     assert order.shape == (cfg.epochs, n), f"order must be (epochs, n) = {(cfg.epochs, n)}, got {order.shape}"
     device = resolve_device(cfg.device)
     model.to(device)
-    optimizer = make_optimizer(model, cfg)
+    if optimizer is None:
+        optimizer = make_optimizer(model, cfg)
     layers = len(model.layer_names)
 
     # The data and the presentation order live on the device; batches are gathered there.
@@ -122,7 +130,8 @@ def fit(
     order_dev = torch.as_tensor(np.array(order), device=device)  # (epochs, n)
 
     history = []
-    for epoch in range(cfg.epochs):
+    check_each_step = device.type == "cpu"  # free on the CPU; a GPU would wait for the host each step
+    for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         # Per-epoch buffers indexed by sample_id, filled on the device, copied to the host once.
         importance = torch.zeros(n, layers, device=device)
@@ -135,6 +144,8 @@ def fit(
             if on_batch is not None:
                 on_batch(model, ids)
             rec = sgd_step(model, optimizer, x_train[ids], y_train[ids], cfg.lr, track=track)
+            if check_each_step and not bool(torch.isfinite(rec.loss).all()):
+                _diverged(epoch, s // cfg.batch_size, rec.loss)
             if track:
                 importance[ids] = rec.importance
             loss[ids] = rec.loss
@@ -169,11 +180,14 @@ def fit(
 
 def _check_finite(record: EpochRecord, batch_size: int) -> None:
     """Raise DivergenceError naming the first step whose loss was NaN or infinite."""
-    bad = ~np.isfinite(record.loss[record.batch_order])  # in presentation order
+    in_order = record.loss[record.batch_order]  # presentation order
+    bad = ~np.isfinite(in_order)
     if bad.any():
-        step = int(np.argmax(bad)) // batch_size
-        raise DivergenceError(
-            record.epoch, step,
-            f"Training diverged: the loss became {record.loss[record.batch_order][np.argmax(bad)]} at epoch "
-            f"{record.epoch + 1}, step {step + 1}; lower lr (now too large for this model and data).",
-        )
+        first = int(np.argmax(bad))
+        _diverged(record.epoch, first // batch_size, in_order[first:first + 1])
+
+
+def _diverged(epoch: int, step: int, losses) -> None:
+    value = [v for v in np.asarray(losses, dtype=np.float64).ravel().tolist() if not np.isfinite(v)][0]
+    raise DivergenceError(epoch, step, f"Training diverged: the loss became {value} at epoch {epoch + 1}, step "
+                                       f"{step + 1}; lower lr (it is too large for this model and data).")
