@@ -30,18 +30,20 @@ def _train(store, *args, mlflow_run=False):
         cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local", *params]
     else:
         cmd = [sys.executable, str(REPO / "entry_points" / "train.py"), *args]
-    return subprocess.Popen(cmd, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A session of its own, so that a kill reaches `mlflow run` and the training process it started.
+    return subprocess.Popen(cmd, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _kill_during_epoch(proc, epoch: int) -> str:
-    """SIGKILL the process while it trains the epoch after `epoch` (its progress line is out)."""
+    """SIGKILL the process group while it trains the epoch after `epoch` (its progress line is out)."""
     lines = []
     deadline = time.time() + 300
     for line in proc.stdout:
         lines.append(line)
         if line.startswith(f"epoch {epoch:3d}/"):
             time.sleep(0.05)  # into the next epoch
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             break
         assert time.time() < deadline
     proc.wait()
@@ -100,9 +102,7 @@ def test_kill_9_mid_epoch_then_rerun_resumes_the_same_run_bit_identically(tmp_pa
 
 def test_mlflow_run_again_resumes_and_points_to_the_resumed_run(tmp_path):
     first = _train(tmp_path, *ARGS, mlflow_run=True)
-    _kill_during_epoch(first, 3)
-    # `mlflow run` itself was killed: its child process goes on alone; stop it too.
-    subprocess.run(["pkill", "-9", "-f", "entry_points/train.py .*--width 128 "], check=False)
+    _kill_during_epoch(first, 3)  # kills `mlflow run` and its training process
     time.sleep(0.5)
     again = _train(tmp_path, *ARGS, mlflow_run=True)
     out = again.communicate(timeout=600)[0]

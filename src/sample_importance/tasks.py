@@ -22,7 +22,9 @@ from .training import DivergenceError, EpochRecord, FitResult, check_batching, f
 
 def train_run_name(cfg: TrainConfig) -> str:
     ordering = getattr(cfg, "ordering", "shuffle")
-    return f"train {cfg.dataset} seed={cfg.seed}" + ("" if ordering == "shuffle" else f" {ordering}")
+    if ordering == "shuffle":
+        return f"train {cfg.dataset} seed={cfg.seed}"
+    return f"ordering {ordering} seed={cfg.seed}"  # a variant of the batch-ordering experiment
 
 
 def presentation_order(cfg: TrainRunConfig, data: Dataset) -> np.ndarray | None:
