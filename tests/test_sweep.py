@@ -13,8 +13,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, all_runs
-from sample_importance.config import SweepConfig
-from sample_importance.sweep import open_study
 
 TINY = ["--subset", "150", "--epochs", "3", "--width", "8", "--batch_size", "50"]
 
@@ -61,9 +59,11 @@ def test_pruned_trial_is_pruned_in_both_stores(tracking):
     import sweep
 
     # The median pruner prunes after two trials when a trial's curve is worse than the median.
-    sweep.main(TINY + ["--n_trials", "6", "--lr_min", "0.001", "--lr_max", "1.0", "--seeds", "1"])
-    study = optuna.load_study(study_name="sweep-digits", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tracking / "optuna-journal.log"))))
+    # (A database storage here, with heartbeats, where the other tests use the journal file.)
+    storage = f"sqlite:///{tracking}/optuna.db"
+    sweep.main(TINY + ["--n_trials", "6", "--lr_min", "0.001", "--lr_max", "1.0", "--seeds", "1",
+                       "--storage", storage, "--heartbeat", "1"])
+    study = optuna.load_study(study_name="sweep-digits", storage=storage)
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert pruned, [t.state for t in study.trials]
     client = MlflowClient()

@@ -128,10 +128,6 @@ class AnalysisConfig(TrainConfig):
                "runs": self.run_ids() or self.train_config().fingerprint()}
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def check(self) -> "AnalysisConfig":
-        super().check()
-        return self
-
 
 @dataclass(frozen=True)
 class StabilityConfig(AnalysisConfig):

@@ -23,7 +23,7 @@ from .config import SWEEP_METRICS, ConfigError, SweepConfig
 from .errors import Stopped
 from .tasks import run_train
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots
 
 ATTR_PARENT = "mlflow_parent_run_id"
 ATTR_RUN = "mlflow_run_id"
@@ -55,7 +55,7 @@ def _storage(cfg: SweepConfig):
         raise ConfigError(f"storage {url!r} is neither a journal file (*.log) nor a database URL "
                           "(e.g. postgresql://user:pass@host/db, sqlite:///optuna.db).")
     return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
-                                      failed_trial_callback=_mark_failed)
+                                      heartbeat_stale_trial_callback=_mark_failed)
 
 
 def _mark_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
