@@ -72,6 +72,23 @@ def test_pruned_trial_is_pruned_in_both_stores(tracking):
         assert run.info.status == "KILLED" and run.data.tags["sample_importance.trial_state"] == "PRUNED"
 
 
+def test_a_diverging_trial_fails_and_the_study_goes_on(tracking):
+    import sweep
+
+    # Logistic regression whose weight-decay step overshoots at these learning rates (see
+    # test_resilience): every trial diverges; each is FAIL in Optuna and FAILED in MLflow.
+    args = ["--subset", "300", "--batch_size", "50", "--epochs", "8", "--depth", "0", "--weight_decay", "0.1",
+            "--lr_min", "1000", "--lr_max", "2000", "--seeds", "1", "--reference_lr", "0.1", "--n_trials", "2"]
+    sweep.main(args)
+    study = optuna.load_study(study_name="sweep-digits", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tracking / "optuna-journal.log"))))
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
+    client = MlflowClient()
+    for t in study.trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and "diverged" in run.data.tags["sample_importance.failure"]
+
+
 BAD = [
     (["--lr_min", "0.5", "--lr_max", "0.1"], "lr_min (0.5) must be smaller than lr_max (0.1)"),
     (["--lr_min", "0", "--lr_max", "0.1"], "must be positive"),

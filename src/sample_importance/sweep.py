@@ -22,6 +22,7 @@ from . import mlflow_io, plots
 from .config import SWEEP_METRICS, ConfigError, SweepConfig
 from .errors import Stopped
 from .tasks import run_train
+from .training import DivergenceError
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots
 
@@ -114,8 +115,9 @@ def run_sweep(cfg: SweepConfig) -> str:
         def objective(trial: optuna.Trial) -> float:
             return _trial(cfg, trial, parent, seeds, reference)
 
+        # A learning rate that diverges is a finding, not a crash: that trial FAILs and the study goes on.
         study.optimize(objective, n_trials=cfg.n_trials or None, timeout=cfg.timeout or None,
-                       catch=(), gc_after_trial=True)
+                       catch=(DivergenceError,), gc_after_trial=True)
         _log_study(study, parent, cfg)
         return parent
 
