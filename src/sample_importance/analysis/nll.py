@@ -28,4 +28,4 @@ def nll_claim(spearman: np.ndarray) -> Claim:
     slope = trend(spearman)
     return Claim(4, "The correlation between a sample's NLL and its importance rises over training",
                  f"Spearman at epoch 1 {spearman[0]:.3f}, at the last epoch {spearman[-1]:.3f}; "
-                 f"slope {slope:+.4f} per epoch", bool(slope > 0), "figures/nll_correlation.png")
+                 f"slope {slope:+.2e} per epoch", bool(slope > 0), "figures/nll_correlation.png")
