@@ -363,10 +363,6 @@ def active_run_id() -> str:
     return mlflow.active_run().info.run_id
 
 
-def run_tags(run_id: str) -> dict[str, str]:
-    return get_run(run_id).data.tags
-
-
 def log_to(run_id: str, metrics: dict[str, float] | None = None, figures: dict | None = None,
            dicts: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
     """Log to a run that need not be active (the sweep's parent, from any worker)."""
