@@ -113,7 +113,7 @@ def _register(cfg: OrderingConfig, runs: pd.DataFrame, reference: str) -> None:
     versions = []
     for r in runs.itertuples():
         versions.append(mlflow_io.register_version(
-            name, r.run_id, {"method": r.method, "seed": r.seed, "final_test_error": r.final_test_error,
+            name, r.run_id, {"method": r.method, "seed": r.seed, "final_test_error": f"{r.final_test_error:.6g}",
                              "reference_run_id": reference},
             description=f"Models of the batch-ordering experiment on {cfg.dataset}; aliases name each method's "
                         "best version, `champion` the best overall."))
