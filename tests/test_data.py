@@ -37,6 +37,12 @@ def test_unknown_dataset():
 def test_missing_torchvision_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="cifar10 was not found .* cifar-10-batches-py"):
         load_dataset("cifar10", tmp_path / "nothing-here")
+    assert not (tmp_path / "nothing-here").exists()  # the failed download left nothing behind
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("a user's file")
+    with pytest.raises(DataError, match="mnist was not found"):
+        load_dataset("mnist", tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs: apt-get install dataset-fashion-mnist "

@@ -90,6 +90,8 @@ def _torchvision(name: str, data_dir: Path) -> Dataset:
     if name == "fashion-mnist":
         _stage_debian_fashion_mnist(data_dir)
     splits = {}
+    existed = data_dir.exists()
+    before = set(data_dir.iterdir()) if existed else set()
     for train in (True, False):
         try:
             try:  # read what is already there, without touching the network
@@ -97,6 +99,7 @@ def _torchvision(name: str, data_dir: Path) -> Dataset:
             except RuntimeError:
                 ds = cls(root=str(data_dir), train=train, download=True)
         except Exception as exc:  # no local copy and the download failed (no network, bad folder, ...)
+            _remove_new(data_dir, existed, before)  # a failed download leaves no half-made folders behind
             raise DataError(
                 f"Dataset {name} was not found in data_dir={data_dir} and could not be downloaded "
                 f"({type(exc).__name__}): {_HOW_TO_GET[name]}."
@@ -113,6 +116,18 @@ def _torchvision(name: str, data_dir: Path) -> Dataset:
     shape = tuple(xtr.shape[1:])
     flat = lambda a: (a.reshape(len(a), -1) / np.float32(255.0)).astype(np.float32)  # noqa: E731
     return Dataset(name, flat(xtr), ytr, flat(xte), yte, shape)
+
+
+def _remove_new(data_dir: Path, existed: bool, before: set[Path]) -> None:
+    """Delete what a failed download created: data_dir itself if it was new, else its new entries."""
+    if not existed:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        return
+    for entry in set(data_dir.iterdir()) - before:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _stage_debian_fashion_mnist(data_dir: Path) -> None:
