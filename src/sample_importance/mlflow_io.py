@@ -75,10 +75,11 @@ class RunLookupError(UserError):
 
 @contextlib.contextmanager
 def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None,
-              description: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, continue) a run, nested under the active run if there is one;
-    any exception marks it FAILED and records why in a tag, so no run is ever left RUNNING and the
-    UI says what went wrong."""
+              description: str | None = None, run_id: str | None = None,
+              config: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or, under `mlflow run`, continue) a run, nested under the active run if there is one,
+    and log `config` as its parameters and `config.json`. Any exception marks it FAILED and records
+    why in a tag, so no run is ever left RUNNING and the UI says what went wrong."""
     reap_orphans()
     cli_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created for this process
     if run_id and cli_run and cli_run != run_id:
@@ -94,6 +95,9 @@ def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = Non
         if description:
             mlflow.set_tag("mlflow.note.content", description)
         try:
+            if config is not None:
+                log_params_once(config)
+                mlflow.log_dict(config, "config.json")
             yield run
         except BaseException as exc:
             # Stopped on purpose (pruned): KILLED, not to be resumed. Ctrl-C: KILLED, resumable.
@@ -112,10 +116,6 @@ def log_params_once(params: dict) -> None:
     fresh = {k: v for k, v in params.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
-
-
-def log_config(config: dict, name: str = "config.json") -> None:
-    mlflow.log_dict(config, name)
 
 
 def log_metrics(metrics: dict[str, float], step: int) -> None:

@@ -29,9 +29,8 @@ def run_ordering(cfg: OrderingConfig, project_dir: str | Path) -> str:
     methods, seeds = cfg.method_list(), list(range(cfg.seed, cfg.seed + cfg.num_seeds))
     with mlflow_io.start_run(f"ordering {cfg.dataset}", "ordering", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()},
                              description=f"Batch constructions {', '.join(methods)} on {cfg.dataset} over seeds "
-                                         f"{seeds[0]}..{seeds[-1]} (paper section 3.6, figs. 7 and 8).") as run:
-        mlflow_io.log_params_once(cfg.to_dict())
-        mlflow_io.log_config(cfg.to_dict())
+                                         f"{seeds[0]}..{seeds[-1]} (paper section 3.6, figs. 7 and 8).",
+                             config=cfg.to_dict()) as run:
         # Everything that can be wrong is checked before the first model trains.
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
         check_batching(cfg, data.n_train)

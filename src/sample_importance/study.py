@@ -44,18 +44,13 @@ def _train_runs(cfg: AnalysisConfig, project_dir: str | Path, seeds: list[int]) 
 def _start(cfg: AnalysisConfig, entry_point: str, description: str):
     cfg.check()
     return mlflow_io.start_run(f"{entry_point} {cfg.dataset}", entry_point,
-                               tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()}, description=description)
-
-
-def _log_common(cfg) -> None:
-    mlflow_io.log_params_once(cfg.to_dict())
-    mlflow_io.log_config(cfg.to_dict())
+                               tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()}, description=description,
+                               config=cfg.to_dict())
 
 
 def run_stability(cfg: StabilityConfig, project_dir: str | Path) -> str:
     """Fig. 1: Spearman rank correlation of alpha across initialisations, every `every` epochs."""
     with _start(cfg, "stability", "Is sample importance stable across initialisations? (paper fig. 1)") as run:
-        _log_common(cfg)
         runs = _train_runs(cfg, project_dir, list(range(cfg.seed, cfg.seed + cfg.num_seeds)))
         seeds = [str(d.metadata["seed"]) for d in runs.values()]
         labels = seeds if len(set(seeds)) == len(seeds) else list(runs)  # run ids when seeds repeat
@@ -73,7 +68,6 @@ def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
     """Figs. 2, 3, 10: importance by epoch, layer, class, parameter and group of samples."""
     with _start(cfg, "decompose", "Which samples, classes and layers carry the importance, and when? "
                                   "(paper figs. 2, 3, 10)") as run:
-        _log_common(cfg)
         d = _one_run(cfg, project_dir)
         names, counts = d.layer_names, list(d.metadata["parameter_counts"].values())
         totals = decomposition.layer_totals(d.importance)  # (E, L)
@@ -111,7 +105,6 @@ def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
 def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
     """Fig. 4: correlation between in-epoch NLL and importance, and its trend over training."""
     with _start(cfg, "nll", "Is a sample's importance related to its loss? (paper fig. 4)") as run:
-        _log_common(cfg)
         d = _one_run(cfg, project_dir)
         alpha = d.alpha
         spear, pear = nll.nll_importance_correlation(np.asarray(d.loss), alpha)
@@ -131,7 +124,6 @@ def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
 def run_cluster(cfg: ClusterConfig, project_dir: str | Path) -> str:
     """Figs. 5, 6: k-means on the epoch x layer importance profiles of one class's samples."""
     with _start(cfg, "cluster", f"Clusters of class {cfg.label} by importance profile (paper figs. 5, 6)") as run:
-        _log_common(cfg)
         d = _one_run(cfg, project_dir)
         members = np.flatnonzero(d.label == cfg.label)
         k = min(cfg.num_clusters, len(members))
@@ -195,8 +187,8 @@ def run_main(cfg: StudyConfig, project_dir: str | Path) -> str:
     cfg.check()
     with mlflow_io.start_run(f"main {cfg.dataset}", "main",
                              description=f"The sample-importance study on {cfg.dataset}: training, stability, "
-                                         "decomposition, NLL correlation, clustering; see report.html.") as run:
-        _log_common(cfg)
+                                         "decomposition, NLL correlation, clustering; see report.html.",
+                             config=cfg.to_dict()) as run:
         tcfg = cfg.train_config()
         runs = {}
         runs["train"], reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))

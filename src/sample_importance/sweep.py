@@ -100,9 +100,8 @@ def run_sweep(cfg: SweepConfig) -> str:
     seeds = cfg.seed_list()
     with mlflow_io.start_run(f"sweep {cfg.name()}", "sweep", tags={"sample_importance.study": cfg.name()},
                              description=f"Optuna study {cfg.name()}: lr in [{cfg.lr_min}, {cfg.lr_max}] "
-                                         f"(log-uniform), seeds {seeds}, minimising {cfg.metric}.") as run:
-        mlflow_io.log_params_once(cfg.to_dict())
-        mlflow_io.log_config(cfg.to_dict())
+                                         f"(log-uniform), seeds {seeds}, minimising {cfg.metric}.",
+                             config=cfg.to_dict()) as run:
         parent = _claim_parent(study, run.info.run_id)
         if parent != run.info.run_id:
             mlflow_io.set_tags({"sample_importance.sweep_parent_run_id": parent})

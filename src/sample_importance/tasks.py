@@ -60,10 +60,8 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
         train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), "ordering": cfg.ordering},
         description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking"
                     + ("" if cfg.ordering == "shuffle" else f", batches built by {cfg.ordering}") + ".",
-        run_id=resume,
+        run_id=resume, config=cfg.to_dict(),
     ) as run:
-        mlflow_io.log_params_once(cfg.to_dict())
-        mlflow_io.log_config(cfg.to_dict())
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
         check_batching(cfg, data.n_train)
         order = presentation_order(cfg, data)
