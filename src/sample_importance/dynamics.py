@@ -12,6 +12,7 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
     param_projection.npy float32 (E+1, k) fixed random projection of the flattened parameters at init and
                      after each epoch (models.ParameterProjection), for comparing parameter trajectories
     init_state.pt    state dict of the initial parameters (with batch_order.npy, enough to replay the run)
+    final_state.pt   state dict of the final parameters (what `influence` differentiates)
     metadata.json    schema version, run settings, layer names and sizes, phi convention, progress
 
 The per-epoch arrays are memory-mapped `<name>.partial.npy` files filled one epoch at a time and
@@ -37,6 +38,7 @@ SCHEMA_VERSION = 1
 DIRNAME = "dynamics"
 METADATA = "metadata.json"
 INIT_STATE = "init_state.pt"
+FINAL_STATE = "final_state.pt"
 CHECKPOINT = "checkpoint.pt"  # model, optimizer and progress after the last finished epoch (until complete)
 # file stem -> dtype
 PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32, "correct": np.bool_,
@@ -133,8 +135,9 @@ class DynamicsWriter:
         self.metadata["epochs_completed"] = epoch + 1
         _write_json_atomic(self.folder / METADATA, self.metadata)
 
-    def finish(self, final_loss: np.ndarray, label: np.ndarray, sample_id: np.ndarray) -> None:
+    def finish(self, final_loss: np.ndarray, label: np.ndarray, sample_id: np.ndarray, final_state: dict) -> None:
         assert self.metadata["epochs_completed"] == self.epochs, "finish() before every epoch was written"
+        save_atomic(final_state, self.folder / FINAL_STATE)
         for name, arr in (("final_loss", final_loss), ("label", label), ("sample_id", sample_id)):
             arr = np.asarray(arr, dtype=PER_SAMPLE[name])
             assert arr.shape == (self.n,), f"{name} must have shape ({self.n},), got {arr.shape}"

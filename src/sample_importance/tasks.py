@@ -114,7 +114,7 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
             except DivergenceError as exc:
                 mlflow_io.set_tags({mlflow_io.TAG_DIVERGED: f"epoch {exc.epoch + 1}, step {exc.step + 1}"})
                 raise
-            writer.finish(result.final_loss, data.y_train, data.sample_id)
+            writer.finish(result.final_loss, data.y_train, data.sample_id, model.state_dict())
 
         per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in history])
         mlflow_io.log_metrics({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),

@@ -34,14 +34,16 @@ class StepRecord:
 
 
 def sgd_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
-             track: bool = True) -> StepRecord:
+             track: bool = True, weight: torch.Tensor | None = None) -> StepRecord:
     """One SGD step on the mean cross-entropy of the batch (x, y), recording beta when `track`.
 
-    The optimizer adds weight decay to the gradients it is given; beta excludes it, as defined.
+    `weight` (B,) multiplies each sample's loss in that mean (the sample weights v_i of paper
+    section 4; None = all 1). The optimizer adds weight decay to the gradients it is given; beta
+    excludes it, as defined.
     """
     logits, taps = model.forward_tapped(x)  # logits (B, C); taps: per layer (a (B, in), z (B, out))
     loss_i = F.cross_entropy(logits, y, reduction="none")  # (B,)
-    loss = loss_i.mean()
+    loss = (loss_i if weight is None else loss_i * weight).mean()
     params = [p for p in model.parameters()]
     if track:
         zs = [z for _, z in taps]

@@ -97,6 +97,7 @@ def fit(
     track: bool = True,
     optimizer: torch.optim.Optimizer | None = None,
     start_epoch: int = 0,
+    sample_weight: np.ndarray | None = None,
 ) -> FitResult:
     """Train `model` in place with SGD for cfg.epochs epochs.
 
@@ -107,6 +108,10 @@ def fit(
         track: record per-sample importance (False only for benchmarking the untracked baseline).
         optimizer: the optimizer to step (default: a fresh `make_optimizer`); pass one to resume.
         start_epoch: epochs already done (resuming): training continues with epoch `start_epoch`.
+        sample_weight: (n,) weight v_i of each sample's loss in its batch mean (default all 1); the
+            counterfactual retraining of the influence validation changes one of them.
+
+    Computes in the model's floating-point type (a float64 model trains in float64).
 
     Raises DivergenceError when a loss is NaN or infinite: on the CPU at that step, on a GPU at the
     end of its epoch (checking every step would stall the GPU with host synchronisations).
@@ -122,10 +127,12 @@ def fit(
         optimizer = make_optimizer(model, cfg)
     layers = len(model.layer_names)
 
+    dtype = next(model.parameters()).dtype
     # The data and the presentation order live on the device; batches are gathered there.
-    x_train = torch.as_tensor(data.x_train, device=device)  # (n, d)
+    x_train = torch.as_tensor(data.x_train, device=device, dtype=dtype)  # (n, d)
     y_train = torch.as_tensor(data.y_train, device=device)  # (n,)
-    x_test = torch.as_tensor(data.x_test, device=device)
+    weight = None if sample_weight is None else torch.as_tensor(sample_weight, device=device, dtype=dtype)
+    x_test = torch.as_tensor(data.x_test, device=device, dtype=dtype)
     y_test = torch.as_tensor(data.y_test, device=device)
     order_dev = torch.as_tensor(np.array(order), device=device)  # (epochs, n)
 
@@ -134,16 +141,17 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         # Per-epoch buffers indexed by sample_id, filled on the device, copied to the host once.
-        importance = torch.zeros(n, layers, device=device)
-        loss = torch.zeros(n, device=device)
-        p_true = torch.zeros(n, device=device)
+        importance = torch.zeros(n, layers, device=device, dtype=dtype)
+        loss = torch.zeros(n, device=device, dtype=dtype)
+        p_true = torch.zeros(n, device=device, dtype=dtype)
         correct = torch.zeros(n, dtype=torch.bool, device=device)
         model.train()
         for s in range(0, n, cfg.batch_size):
             ids = order_dev[epoch, s:s + cfg.batch_size]  # (B,)
             if on_batch is not None:
                 on_batch(model, ids)
-            rec = sgd_step(model, optimizer, x_train[ids], y_train[ids], cfg.lr, track=track)
+            rec = sgd_step(model, optimizer, x_train[ids], y_train[ids], cfg.lr, track=track,
+                           weight=None if weight is None else weight[ids])
             if check_each_step and not bool(torch.isfinite(rec.loss).all()):
                 _diverged(epoch, s // cfg.batch_size, rec.loss)
             if track:
@@ -151,8 +159,8 @@ def fit(
             loss[ids] = rec.loss
             p_true[ids] = rec.p_true
             correct[ids] = rec.correct
-        record = EpochRecord(epoch, order[epoch], importance.cpu().numpy(), loss.cpu().numpy(),
-                             p_true.cpu().numpy(), correct.cpu().numpy())
+        record = EpochRecord(epoch, order[epoch], _host32(importance), _host32(loss), _host32(p_true),
+                             correct.cpu().numpy())
         seconds = time.perf_counter() - start
         _check_finite(record, cfg.batch_size)
 
@@ -176,6 +184,10 @@ def fit(
     model.eval()
     final_loss, _ = evaluate(model, x_train, y_train)
     return FitResult(model, final_loss.cpu().numpy().astype(np.float32), history)
+
+
+def _host32(t: torch.Tensor) -> np.ndarray:
+    return t.cpu().numpy().astype(np.float32, copy=False)
 
 
 def _check_finite(record: EpochRecord, batch_size: int) -> None:

@@ -1,0 +1,142 @@
+"""Influence functions against slow, obviously-correct references on tiny networks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_dataset
+from sample_importance.analysis import influence as inf
+from sample_importance.config import TrainConfig
+from sample_importance.models import build_model
+from sample_importance.training import fit, shuffled_orders
+
+WD = 1e-2
+
+
+def setup(depth=1, width=5, n=30, seed=0, chunk=7):
+    data = tiny_dataset(n=n, d=6, classes=3, m=8, seed=seed)
+    model = build_model(6, 3, depth, width, seed).double()
+    flat = inf.Flat(model)
+    x = torch.as_tensor(data.x_train, dtype=torch.float64)
+    y = torch.as_tensor(data.y_train)
+    obj = inf.Objective(flat, x, y, WD, chunk=chunk)  # chunks of 7: the sums over chunks are exercised
+    theta = flat.of_model()
+    return data, model, flat, obj, theta
+
+
+def explicit_objective(flat, x, y, theta):
+    """J(theta) written out plainly: the mean loss plus wd/2 ||theta||^2."""
+    return F.cross_entropy(flat.logits(theta, x), y) + 0.5 * WD * theta.square().sum()
+
+
+def explicit_hessian(flat, x, y, theta):
+    return torch.autograd.functional.hessian(lambda th: explicit_objective(flat, x, y, th), theta)
+
+
+def test_hvp_and_hessian_match_explicit_hessian():
+    _, _, flat, obj, theta = setup()
+    H = explicit_hessian(flat, obj.x, obj.y, theta)
+    v = torch.randn(flat.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(obj.hvp(theta, v), H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(obj.hessian(theta, columns=16), H, rtol=1e-10, atol=1e-12)
+    blocks = flat.blocks(["L1", "Out"])
+    assert blocks["L1"] == slice(0, 6 * 5 + 5) and blocks["Out"].stop == flat.size
+    b = blocks["Out"]
+    torch.testing.assert_close(obj.hessian(theta, b), H[b, b], rtol=1e-10, atol=1e-12)
+    g = torch.autograd.grad(explicit_objective(flat, obj.x, obj.y, theta.requires_grad_()), theta)[0]
+    torch.testing.assert_close(obj.gradient(theta.detach()), g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [None, "L1"])
+def test_cg_and_lissa_agree_with_direct(block):
+    _, _, flat, obj, theta = setup(chunk=100)
+    sl = None if block is None else flat.blocks(["L1", "Out"])[block]
+    size = flat.size if sl is None else sl.stop - sl.start
+    b = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    damping = 0.5  # the Hessian at the initialisation has eigenvalues down to -0.39
+    H = explicit_hessian(flat, obj.x, obj.y, theta)
+    H = H if sl is None else H[sl, sl]
+    assert torch.linalg.eigvalsh(H)[0] + damping > 0.05
+    exact = torch.linalg.solve(H + damping * torch.eye(size, dtype=torch.float64), b)
+    direct = inf.solve("direct", obj, theta, b, damping, sl)
+    cgs = inf.solve("cg", obj, theta, b, damping, sl, cg_tol=1e-12)
+    lissa = inf.solve("lissa", obj, theta, b, damping, sl, lissa_depth=800)
+    torch.testing.assert_close(direct.x, exact, rtol=1e-9, atol=1e-10)
+    for sol, tol in ((cgs, 1e-8), (lissa, 1e-6)):
+        err = float((sol.x - exact).norm() / exact.norm())
+        assert err < tol, err
+        assert sol.residual < tol
+    assert cgs.info["cg_exit"] == 0
+
+
+def test_bad_solver_and_damping_are_refused():
+    _, _, flat, obj, theta = setup()
+    b = torch.ones(flat.size, dtype=torch.float64)
+    with pytest.raises(inf.InfluenceError, match="Unknown solver"):
+        inf.solve("newton", obj, theta, b, 0.1)
+    with pytest.raises(inf.InfluenceError, match="damping must be positive"):
+        inf.solve("cg", obj, theta, b, 0.0)
+    with pytest.raises(inf.InfluenceError, match="max_direct"):
+        inf.solve("direct", obj, theta, b, 0.1, max_direct=10)
+    with pytest.raises(inf.InfluenceError, match="LiSSA series diverged"):  # H + 0.01 I is indefinite here
+        inf.solve("lissa", obj, theta, b, 0.01, lissa_depth=3000)
+
+
+def test_sample_dot_products_match_per_sample_gradients():
+    _, _, flat, obj, theta = setup(depth=2)
+    s = torch.randn(flat.size, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    rows = []
+    for i in range(obj.n):  # one sample at a time, plain autograd
+        th = theta.clone().requires_grad_()
+        loss = F.cross_entropy(flat.logits(th, obj.x[i:i + 1]), obj.y[i:i + 1])
+        rows.append(torch.autograd.grad(loss, th)[0])
+    G = torch.stack(rows)
+    torch.testing.assert_close(obj.sample_dots(theta, s), G @ s, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(inf.fixed_point_influence(obj, theta, s), -(G @ s) / obj.n, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(obj.sample_grads(theta, torch.arange(obj.n)), G, rtol=1e-10, atol=1e-12)
+    damping = 1.0  # positive definite at this initialisation
+    A = explicit_hessian(flat, obj.x, obj.y, theta) + damping * torch.eye(flat.size, dtype=torch.float64)
+    expected = -torch.einsum("ip,ip->i", G, torch.linalg.solve(A, G.T).T) / obj.n
+    torch.testing.assert_close(inf.self_influence(obj, theta, damping, chunk=4), expected, rtol=1e-8, atol=1e-12)
+
+
+def test_polish_reduces_the_gradient():
+    _, _, flat, obj, theta = setup(depth=0)
+    polished, before, after = inf.polish(obj, theta, steps=200)
+    assert after < 1e-6 * before
+    assert after == pytest.approx(float(obj.gradient(polished).norm()))
+
+
+def replay_fit(data, cfg, init_state, order, weight=None):
+    model = build_model(6, 3, cfg.depth, cfg.width, cfg.seed).double()
+    model.load_state_dict({k: v.double() for k, v in init_state.items()})
+    fit(model, data, cfg, order=order, sample_weight=weight)
+    return inf.Flat(model).of_model()
+
+
+def test_unrolled_influence_matches_finite_differences_of_replayed_training():
+    data, model, flat, obj, theta0 = setup(depth=1, width=5, n=30)
+    cfg = TrainConfig(depth=1, width=5, lr=0.3, batch_size=8, epochs=3, weight_decay=WD, seed=0, device="cpu")
+    order = shuffled_orders(data.n_train, cfg.epochs, cfg.seed)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    xt = torch.as_tensor(data.x_test, dtype=torch.float64)
+    yt = torch.as_tensor(data.y_test)
+    target = inf.make_target("test_loss", flat, xt, yt)
+    unrolled, final = inf.unrolled_influence(flat, theta0, obj.x, obj.y, order, cfg.batch_size, cfg.lr, WD,
+                                             target.fn)
+    # The functional replay is the training loop's trajectory.
+    torch.testing.assert_close(final, replay_fit(data, cfg, init, order), rtol=1e-12, atol=1e-13)
+    eps = 1e-4
+    for i in (0, 7, 29):
+        w = np.ones(data.n_train)
+        w[i] = 1 + eps
+        up = float(target.fn(replay_fit(data, cfg, init, order, w)))
+        w[i] = 1 - eps
+        down = float(target.fn(replay_fit(data, cfg, init, order, w)))
+        fd = (up - down) / (2 * eps)
+        assert abs(float(unrolled[i]) - fd) <= 1e-3 * abs(fd), (i, float(unrolled[i]), fd)
+    with pytest.raises(inf.InfluenceError, match="max_memory_gb"):
+        inf.unrolled_influence(flat, theta0, obj.x, obj.y, order, cfg.batch_size, cfg.lr, WD, target.fn,
+                               max_bytes=1000)
