@@ -260,6 +260,91 @@ class SweepConfig(TrainConfig):
         return self
 
 
+INFLUENCE_MODES = ("influence", "validate", "breakdown")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(p) for p in _ids(text)]
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of numbers, got {text!r}.") from None
+
+
+@dataclass(frozen=True)
+class InfluenceConfig(AnalysisConfig):
+    """`influence`: the effect of each training sample's weight on targets of the trained model
+    (paper section 4), fixed-point and unrolled, optionally validated against retraining."""
+
+    mode: str = "influence"  # influence | validate (also retrain to check) | breakdown (linear response vs change, lr, epochs)
+    targets: str = "test_loss,class_prob"  # comma-separated: test_loss | class_prob | self
+    test_ids: str = ""  # comma-separated test-sample indices of the target set; empty = draw num_test
+    num_test: int = 100  # test samples drawn (with seed) when test_ids is empty
+    test_class: int = -1  # draw the target set from this class only; -1 = any class
+    target_class: int = 0  # c of the class_prob target (sum of predicted p(c) over the set)
+    solver: str = "cg"  # direct | cg | lissa
+    damping: float = 0.001  # lambda in (H + lambda I)^-1
+    max_direct: int = 5000  # largest parameter count the direct solver (explicit Hessian) accepts
+    cg_tol: float = 1e-6  # relative residual at which cg stops
+    cg_maxiter: int = 500  # cg iterations at most
+    lissa_depth: int = 1000  # terms of the LiSSA series
+    lissa_scale: float = 0.0  # LiSSA scale (above the top eigenvalue); 0 = estimated by power iteration
+    lissa_batch: int = 0  # samples per LiSSA Hessian estimate; 0 = all (deterministic)
+    polish_steps: int = 0  # full-batch L-BFGS iterations moving the final parameters towards a fixed point first
+    per_layer: int = 1  # 1 = also influence with H restricted to each layer's block
+    unrolled: int = -1  # exact influence through the SGD trajectory: 1 = yes, 0 = no, -1 = when it fits max_memory_gb
+    max_memory_gb: float = 4.0  # memory the unrolled influence may use
+    num_validate: int = 10  # validate/breakdown: this many most influential samples and as many random ones
+    small_change: float = 1e-6  # validate: the small weight change 1 -> 1 - small_change replayed in float64
+    loo_steps: int = 500  # validate: L-BFGS iterations of each warm-started leave-one-out retraining
+    breakdown_lrs: str = "0.01,0.1"  # breakdown: learning rates compared
+    breakdown_epochs: str = "5,30"  # breakdown: training lengths compared
+    breakdown_changes: str = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1"  # breakdown: weight changes (1 = removal)
+
+    def target_list(self) -> list[str]:
+        return _ids(self.targets)
+
+    def test_id_list(self) -> list[int]:
+        try:
+            return [int(p) for p in _ids(self.test_ids)]
+        except ValueError:
+            raise ConfigError(f"test_ids must be comma-separated integers, got {self.test_ids!r}.") from None
+
+    def check(self) -> "InfluenceConfig":
+        super().check()
+        if self.mode not in INFLUENCE_MODES:
+            raise ConfigError(f"Unknown mode {self.mode!r}: choose one of {', '.join(INFLUENCE_MODES)}.")
+        bad = [t for t in self.target_list() if t not in ("test_loss", "class_prob", "self")]
+        if bad or not self.target_list():
+            raise ConfigError(f"Unknown target(s) {', '.join(bad) or '(none given)'}: choose from test_loss, "
+                              "class_prob, self.")
+        if self.solver not in ("direct", "cg", "lissa"):
+            raise ConfigError(f"Unknown solver {self.solver!r}: choose direct, cg or lissa.")
+        if not self.damping > 0:
+            raise ConfigError(f"damping must be positive (it keeps H + damping I invertible), got {self.damping}.")
+        if len(self.run_ids()) > 1:
+            raise ConfigError("influence reads one train run: pass a single id in train_run_ids.")
+        if any(i < 0 for i in self.test_id_list()):
+            raise ConfigError("test_ids must be indices into the test set (0 or more).")
+        if self.num_test < 1 or self.num_validate < 1:
+            raise ConfigError("num_test and num_validate must be at least 1.")
+        if not 0 < self.small_change < 1:
+            raise ConfigError(f"small_change must be between 0 and 1, got {self.small_change}.")
+        if self.polish_steps < 0 or self.loo_steps < 1 or self.max_memory_gb <= 0:
+            raise ConfigError("polish_steps must be >= 0, loo_steps >= 1 and max_memory_gb > 0.")
+        if self.unrolled not in (-1, 0, 1) or self.per_layer not in (0, 1):
+            raise ConfigError("unrolled must be -1, 0 or 1 and per_layer 0 or 1.")
+        if self.mode == "validate" and "self" in self.target_list() and len(self.target_list()) == 1:
+            raise ConfigError("validate compares the change of a test target: add test_loss or class_prob to targets.")
+        changes = _floats(self.breakdown_changes, "breakdown_changes")
+        if any(not 0 < c <= 1 for c in changes):
+            raise ConfigError("breakdown_changes must lie in (0, 1] (1 = removal).")
+        if any(v <= 0 for v in _floats(self.breakdown_lrs, "breakdown_lrs")):
+            raise ConfigError("breakdown_lrs must be positive.")
+        if any(v < 1 or v != int(v) for v in _floats(self.breakdown_epochs, "breakdown_epochs")):
+            raise ConfigError("breakdown_epochs must be positive integers.")
+        return self
+
+
 # Help texts mirror the comments above; kept as data so the entry points can show them.
 _FIELD_HELP = {
     "dataset": "digits | fashion-mnist | mnist | cifar10",
@@ -295,4 +380,28 @@ _FIELD_HELP = {
     "pruner": "median | none",
     "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
     "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
+    "mode": "influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)",
+    "targets": "comma-separated targets T: test_loss | class_prob | self",
+    "test_ids": "comma-separated test-sample indices of the target set; empty = draw num_test",
+    "num_test": "test samples drawn (with seed) when test_ids is empty",
+    "test_class": "draw the target set from this class only; -1 = any class",
+    "target_class": "class c of the class_prob target (sum of predicted p(c) over the set)",
+    "solver": "direct (explicit Hessian) | cg (scipy) | lissa",
+    "damping": "lambda added to the Hessian: (H + lambda I)^-1",
+    "max_direct": "largest parameter count the direct solver accepts",
+    "cg_tol": "relative residual at which cg stops",
+    "cg_maxiter": "cg iterations at most",
+    "lissa_depth": "terms of the LiSSA series",
+    "lissa_scale": "LiSSA scale, above the top eigenvalue; 0 = estimated by power iteration",
+    "lissa_batch": "samples per LiSSA Hessian estimate; 0 = all (deterministic)",
+    "polish_steps": "full-batch L-BFGS iterations towards a fixed point before the influence",
+    "per_layer": "1 = also influence with the Hessian restricted to each layer's block",
+    "unrolled": "exact influence through the SGD trajectory: 1 = yes, 0 = no, -1 = when it fits max_memory_gb",
+    "max_memory_gb": "memory the unrolled influence may use",
+    "num_validate": "validate/breakdown: this many most influential samples and as many random ones",
+    "small_change": "validate: weight change 1 -> 1 - small_change replayed in float64",
+    "loo_steps": "validate: L-BFGS iterations of each warm-started leave-one-out retraining",
+    "breakdown_lrs": "breakdown: comma-separated learning rates",
+    "breakdown_epochs": "breakdown: comma-separated training lengths in epochs",
+    "breakdown_changes": "breakdown: comma-separated weight changes (1 = removal)",
 }

@@ -222,3 +222,63 @@ def stability_vs_lr(lrs: list[float], rho_seeds: list[float], rho_reference: lis
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def _montage_axis(ax, img: np.ndarray, title: str) -> None:
+    ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize="x-small")
+
+
+def influence_images(helpful: np.ndarray, harmful: np.ndarray, helpful_values: np.ndarray,
+                     harmful_values: np.ndarray, target: str) -> plt.Figure:
+    """The training images whose up-weighting lowers the target most (helpful, top row) and raises
+    it most (harmful, bottom row), each titled with its influence dT/dv_i.
+
+    Args:
+        helpful, harmful: (k, H, W) or (k, H, W, 3) images; *_values: (k,) influence."""
+    k = max(len(helpful), len(harmful))
+    fig, axes = plt.subplots(2, k, figsize=(1.4 * k, 3.4), squeeze=False)
+    for row, (imgs, vals, kind) in enumerate(((helpful, helpful_values, "helpful"),
+                                              (harmful, harmful_values, "harmful"))):
+        for j in range(k):
+            if j < len(imgs):
+                _montage_axis(axes[row, j], imgs[j], f"{kind}\n{vals[j]:+.2e}")
+            else:
+                axes[row, j].set_axis_off()
+    fig.suptitle(f"Most influential training samples on {target}  (dT/dv_i)", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def scatter_panels(panels: list[dict]) -> plt.Figure:
+    """A row of scatter plots, each {x, y, xlabel, ylabel, title}, with the diagonal y = x."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        x, y = np.asarray(p["x"], np.float64), np.asarray(p["y"], np.float64)
+        ax.scatter(x, y, s=12)
+        if len(x) and p.get("diagonal", True):
+            lo, hi = np.nanmin([x.min(), y.min()]), np.nanmax([x.max(), y.max()])
+            ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+        ax.set(xlabel=p["xlabel"], ylabel=p["ylabel"])
+        ax.set_title(p["title"], fontsize="small")
+        ax.ticklabel_format(style="sci", scilimits=(-2, 3))
+    fig.tight_layout()
+    return fig
+
+
+def breakdown_curves(table) -> plt.Figure:
+    """Pearson correlation of predicted (unrolled) and replayed change of the target against the
+    size of the weight change, one line per (learning rate, epochs)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (lr, epochs), g in table.groupby(["lr", "epochs"]):
+        g = g.sort_values("change")
+        for ax, key in zip(axes, ("pearson", "sign_agreement")):
+            ax.plot(g["change"], g[key], marker="o", label=f"lr {lr:g}, {epochs} epochs")
+    axes[0].set(xscale="log", xlabel="weight change  1 - v_i  (1 = removal)", ylabel="Pearson (predicted, replayed)",
+                title="Where linear response breaks down", ylim=(-0.1, 1.02))
+    axes[1].set(xscale="log", xlabel="weight change  1 - v_i", ylabel="sign agreement", ylim=(0, 1.02),
+                title="Sign of the change")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,336 @@
+"""The `influence` entry point (paper section 4): the influence of every training sample's weight on
+targets of a trained model, fixed-point (eq. 4/5) and unrolled through the recorded SGD run; in
+`validate` mode checked against actual retraining, in `breakdown` mode mapped over the size of the
+weight change, the learning rate and the training length.
+
+Sign convention: influence = dT/dv_i at v = 1; removing sample i (v_i: 1 -> 0) changes T by about
+-influence. Negative influence on a loss target = helpful (up-weighting the sample lowers the loss).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.func import grad
+
+from . import dynamics as dyn
+from . import mlflow_io, plots
+from .analysis import influence as inf
+from .config import ConfigError, InfluenceConfig, TrainConfig, _floats
+from .data import Dataset, load_dataset
+from .models import build_model
+from .study import _images, _train_runs
+from .training import fit, resolve_device, shuffled_orders
+
+
+@dataclass
+class Trained:
+    """A finished train run, ready to differentiate: float64 model at its final parameters."""
+
+    run_id: str
+    dynamics: dyn.Dynamics
+    config: TrainConfig
+    data: Dataset
+    model: torch.nn.Module
+    init_state: dict
+    device: torch.device
+
+
+def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Trained:
+    """The run's configuration, data, initial and final parameters (dynamics/init_state.pt, final_state.pt)."""
+    paths = {name: d.folder / name for name in (dyn.INIT_STATE, dyn.FINAL_STATE)}
+    missing = [name for name, p in paths.items() if not p.is_file()]
+    if missing:
+        raise inf.InfluenceError(f"Run {run_id} has no trained model ({dyn.DIRNAME}/{missing[0]} is missing): pass the "
+                                 "id of a train run finished by this version of sample-importance.")
+    meta = d.metadata
+    cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": device})
+    data = load_dataset(cfg.dataset, data_dir, cfg.subset)
+    dev = resolve_device(device)
+    model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
+    model.load_state_dict(torch.load(paths[dyn.FINAL_STATE], weights_only=True))
+    return Trained(run_id, d, cfg, data, model.double().to(dev), torch.load(paths[dyn.INIT_STATE], weights_only=True),
+                   dev)
+
+
+def target_set(data: Dataset, cfg: InfluenceConfig) -> np.ndarray:
+    """Indices of the test samples the targets are measured on."""
+    m = len(data.y_test)
+    ids = cfg.test_id_list()
+    if ids:
+        bad = [i for i in ids if i >= m]
+        if bad:
+            raise ConfigError(f"test id {bad[0]} is out of range: the test set of {data.name} has {m} samples "
+                              f"(0..{m - 1}).")
+        return np.array(sorted(set(ids)))
+    if cfg.test_class >= data.num_classes:
+        raise ConfigError(f"test_class={cfg.test_class} is not a class of {data.name} (0..{data.num_classes - 1}).")
+    pool = np.arange(m) if cfg.test_class < 0 else np.flatnonzero(data.y_test == cfg.test_class)
+    rng = np.random.default_rng([cfg.seed, 7])
+    return np.sort(rng.choice(pool, size=min(cfg.num_test, len(pool)), replace=False))
+
+
+def replay(trained_cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray,
+           weight: np.ndarray | None = None) -> torch.Tensor:
+    """Retrain in float64 through the training loop from `init_state` in `order`, with sample
+    weights `weight` (the counterfactual runs); the final flat parameters."""
+    model = build_model(data.x_train.shape[1], data.num_classes, trained_cfg.depth, trained_cfg.width,
+                        trained_cfg.seed).double()
+    model.load_state_dict({k: v.double() for k, v in init_state.items()})
+    fit(model, data, trained_cfg, order=order, sample_weight=weight)
+    return inf.Flat(model).of_model()
+
+
+def _chosen(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k samples of largest |value| and k others drawn at random (seeded)."""
+    top = np.argsort(-np.abs(values), kind="stable")[:k]
+    rest = np.setdiff1d(np.arange(len(values)), top)
+    rnd = np.random.default_rng([seed, 11]).choice(rest, size=min(k, len(rest)), replace=False)
+    return top, np.sort(rnd)
+
+
+def run_influence(cfg: InfluenceConfig, project_dir: str | Path) -> str:
+    cfg.check()
+    with mlflow_io.start_run(f"influence {cfg.dataset}" + ("" if cfg.mode == "influence" else f" {cfg.mode}"),
+                             "influence", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()},
+                             description="Influence of each training sample on the trained model (paper section 4)"
+                                         f"; mode {cfg.mode}.", config=cfg.to_dict()) as run:
+        if cfg.mode == "breakdown":
+            _breakdown(cfg)
+            return run.info.run_id
+        run_id, d = next(iter(_train_runs(cfg, project_dir, [cfg.seed]).items()))
+        trained = load_trained(run_id, d, cfg.data_dir, cfg.device)
+        data, dev = trained.data, trained.device
+        test = target_set(data, cfg)
+        flat = inf.Flat(trained.model)
+        x = torch.as_tensor(data.x_train, dtype=torch.float64, device=dev)
+        y = torch.as_tensor(data.y_train, device=dev)
+        xt = torch.as_tensor(data.x_test[test], dtype=torch.float64, device=dev)
+        yt = torch.as_tensor(data.y_test[test], device=dev)
+        obj = inf.Objective(flat, x, y, trained.config.weight_decay)
+        if not 0 <= cfg.target_class < data.num_classes:
+            raise ConfigError(f"target_class={cfg.target_class} is not a class of {data.name} "
+                              f"(0..{data.num_classes - 1}).")
+        targets = [inf.make_target(t, flat, xt, yt, cfg.target_class) for t in cfg.target_list()]
+
+        theta, before, after = inf.polish(obj, flat.of_model(), cfg.polish_steps)
+        print(f"gradient norm of the training objective: {before:.3e} at the end of SGD"
+              + (f", {after:.3e} after {cfg.polish_steps} L-BFGS steps" if cfg.polish_steps else ""), flush=True)
+        mlflow_io.log_metrics({"grad_norm_sgd": before, "grad_norm_polished": after}, step=0)
+        mlflow_io.set_tags({"sample_importance.train_run_id": run_id})
+
+        table = pd.DataFrame({"sample_id": d.sample_id, "label": d.label, "total_importance": d.total_importance,
+                              "final_nll": d.final_loss})
+        solves, metrics = [], {}
+        blocks = flat.blocks(d.layer_names)
+        opts = dict(max_direct=cfg.max_direct, cg_tol=cfg.cg_tol, cg_maxiter=cfg.cg_maxiter,
+                    lissa_depth=cfg.lissa_depth, lissa_scale=cfg.lissa_scale, lissa_batch=cfg.lissa_batch,
+                    seed=cfg.seed)
+        for target in targets:
+            if target.fn is None:
+                start = time.perf_counter()
+                table["influence_self"] = inf.self_influence(obj, theta, cfg.damping, cfg.max_direct).cpu().numpy()
+                solves.append({"target": "self", "block": "all", "solver": "direct (Cholesky)",
+                               "seconds": time.perf_counter() - start})
+                continue
+            b = grad(target.fn)(theta)
+            sol = inf.solve(cfg.solver, obj, theta, b, cfg.damping, **opts)
+            solves.append({"target": target.name, "block": "all", "solver": cfg.solver, "residual": sol.residual,
+                           "matvecs": sol.matvecs, "seconds": sol.seconds, **sol.info})
+            print(f"{target.name}: {cfg.solver} solve, relative residual {sol.residual:.2e}, {sol.matvecs} "
+                  f"Hessian-vector products, {sol.seconds:.1f} s", flush=True)
+            table[f"influence_{target.name}"] = inf.fixed_point_influence(obj, theta, sol.x).cpu().numpy()
+            if cfg.per_layer:
+                for layer, sl in blocks.items():
+                    sol_l = inf.solve(cfg.solver, obj, theta, b[sl], cfg.damping, sl, **opts)
+                    s = torch.zeros_like(b)
+                    s[sl] = sol_l.x
+                    table[f"influence_{target.name}_{layer}"] = inf.fixed_point_influence(obj, theta, s).cpu().numpy()
+                    solves.append({"target": target.name, "block": layer, "solver": cfg.solver,
+                                   "residual": sol_l.residual, "matvecs": sol_l.matvecs, "seconds": sol_l.seconds,
+                                   **sol_l.info})
+            if _unrolled_wanted(cfg, flat, d):
+                start = time.perf_counter()
+                init = inf.Flat(_model_at(trained, trained.init_state)).of_model()
+                unrolled, _ = inf.unrolled_influence(
+                    flat, init, x, y, np.asarray(d.batch_order), trained.config.batch_size, trained.config.lr,
+                    trained.config.weight_decay, target.fn, max_bytes=cfg.max_memory_gb * 1e9,
+                    progress=lambda m: print(m, flush=True))
+                table[f"unrolled_{target.name}"] = unrolled.cpu().numpy()
+                solves.append({"target": target.name, "block": "unrolled", "solver": "reverse-mode replay",
+                               "seconds": time.perf_counter() - start})
+        _log_influence(cfg, trained, table, targets, test, solves, metrics)
+        if cfg.mode == "validate":
+            _validate(cfg, trained, obj, theta, next(t for t in targets if t.fn is not None), table)
+        return run.info.run_id
+
+
+def _model_at(trained: Trained, state: dict) -> torch.nn.Module:
+    model = build_model(trained.data.x_train.shape[1], trained.data.num_classes, trained.config.depth,
+                        trained.config.width, trained.config.seed)
+    model.load_state_dict(state)
+    return model.double().to(trained.device)
+
+
+def _unrolled_wanted(cfg: InfluenceConfig, flat: inf.Flat, d: dyn.Dynamics) -> bool:
+    if cfg.unrolled == 0:
+        return False
+    steps = d.batch_order.shape[0] * -(-d.metadata["n"] // d.metadata["batch_size"])
+    need = inf.unrolled_memory_bytes(flat.size, steps)
+    if cfg.unrolled == -1 and need > cfg.max_memory_gb * 1e9:
+        print(f"skipping the unrolled influence: it needs about {need / 1e9:.1f} GB, more than max_memory_gb="
+              f"{cfg.max_memory_gb:g} (unrolled=1 insists and says so)", flush=True)
+        return False
+    return True
+
+
+def _log_influence(cfg: InfluenceConfig, trained: Trained, table: pd.DataFrame, targets: list[inf.Target],
+                   test: np.ndarray, solves: list[dict], metrics: dict) -> None:
+    """influence.csv, solver table, correlations with importance and NLL, the figures."""
+    from scipy.stats import spearmanr
+
+    mlflow_io.log_table(table, "influence.csv")
+    mlflow_io.log_table(pd.DataFrame(solves), "solves.csv")
+    mlflow_io.log_dict({"test_ids": test.tolist(), "targets": {t.name: t.description for t in targets},
+                        "train_run_id": trained.run_id,
+                        "sign": "influence = dT/dv_i at v = 1; removing sample i changes T by about -influence"},
+                       "targets.json")
+    shape = trained.dynamics.metadata["image_shape"]
+    for t in targets:
+        col = table[f"influence_{t.name}"].to_numpy()
+        metrics[f"spearman_tau_{t.name}"] = float(spearmanr(np.abs(col), table["total_importance"]).statistic)
+        metrics[f"spearman_nll_{t.name}"] = float(spearmanr(np.abs(col), table["final_nll"]).statistic)
+        order = np.argsort(col)
+        helpful, harmful = order[:8], order[::-1][:8]
+        mlflow_io.log_figure(plots.influence_images(_images(trained.data.x_train[helpful], shape),
+                                                    _images(trained.data.x_train[harmful], shape),
+                                                    col[helpful], col[harmful], t.name),
+                             f"figures/top_{t.name}.png")
+        panels = [{"x": table["total_importance"], "y": np.abs(col), "xlabel": r"total importance $\tau_i$",
+                   "ylabel": "|influence|", "title": f"{t.name}: |influence| vs importance", "diagonal": False},
+                  {"x": table["final_nll"], "y": np.abs(col), "xlabel": "final NLL", "ylabel": "|influence|",
+                   "title": f"{t.name}: |influence| vs final NLL", "diagonal": False}]
+        if f"unrolled_{t.name}" in table:
+            unrolled = table[f"unrolled_{t.name}"].to_numpy()
+            metrics[f"pearson_fixed_unrolled_{t.name}"] = float(np.corrcoef(col, unrolled)[0, 1])
+            panels.append({"x": col, "y": unrolled, "xlabel": "fixed-point influence (eq. 5)",
+                           "ylabel": "unrolled influence", "title": f"{t.name}: fixed point vs trajectory"})
+        fig = plots.scatter_panels(panels)
+        for ax in fig.axes[:2]:
+            ax.set(xscale="log", yscale="log")
+        mlflow_io.log_figure(fig, f"figures/influence_{t.name}.png")
+    for row in solves:
+        key = f"{row['target']}_{row['block']}"
+        metrics[f"seconds_{key}"] = row["seconds"]
+        if "residual" in row:
+            metrics[f"residual_{key}"] = row["residual"]
+    mlflow_io.log_metrics(metrics, step=0)
+
+
+def _validate(cfg: InfluenceConfig, trained: Trained, obj: inf.Objective, theta: torch.Tensor,
+              target: inf.Target, table: pd.DataFrame) -> None:
+    """Predicted against actual changes of T for the most influential and random samples:
+    replayed SGD with v_i = 1 - small_change and with v_i = 0 (float64, same init and order), and
+    warm-started leave-one-out L-BFGS from theta* (both the base and the run without i continue
+    for loo_steps iterations, so the difference is the sample's, not the optimiser's)."""
+    fixed = table[f"influence_{target.name}"].to_numpy()
+    unrolled = table.get(f"unrolled_{target.name}")
+    top, rnd = _chosen(fixed, cfg.num_validate, cfg.seed)
+    chosen = np.concatenate([top, rnd])
+    n = len(fixed)
+    order = np.asarray(trained.dynamics.batch_order)
+    tcfg = trained.config
+    data = trained.data
+    t0 = float(target.fn(replay(tcfg, data, trained.init_state, order)))
+    base, _, base_grad = inf.polish(obj, theta, cfg.loo_steps)
+    t_base = float(target.fn(base))
+    print(f"validating on {len(chosen)} samples: 2 replays and 1 leave-one-out each "
+          f"(base gradient norm after {cfg.loo_steps} L-BFGS steps: {base_grad:.2e})", flush=True)
+    rows = []
+    for k, i in enumerate(chosen):
+        w = np.ones(n)
+        w[i] = 1.0 - cfg.small_change
+        small = float(target.fn(replay(tcfg, data, trained.init_state, order, w))) - t0
+        w[i] = 0.0
+        removal = float(target.fn(replay(tcfg, data, trained.init_state, order, w))) - t0
+        wt = torch.ones(n, dtype=torch.float64, device=theta.device)
+        wt[i] = 0.0
+        loo_theta, _, loo_grad = inf.polish(obj, base, cfg.loo_steps, weight=wt)
+        rows.append({"sample_id": int(i), "group": "top" if k < len(top) else "random",
+                     "influence_fixed": fixed[i], "influence_unrolled": np.nan if unrolled is None else unrolled[i],
+                     "actual_small": small, "actual_removal": removal,
+                     "actual_loo": float(target.fn(loo_theta)) - t_base, "loo_grad_norm": loo_grad})
+        print(f"  sample {i}: predicted removal {-fixed[i]:+.3e} (fixed point), actual: replay {removal:+.3e}, "
+              f"leave-one-out {rows[-1]['actual_loo']:+.3e}", flush=True)
+    val = pd.DataFrame(rows)
+    mlflow_io.log_table(val, "validation.csv")
+    results = []
+    for method in ("fixed", "unrolled"):
+        if val[f"influence_{method}"].isna().any():
+            continue
+        panels = []
+        for counterfactual, dv in (("small", -cfg.small_change), ("removal", -1.0), ("loo", -1.0)):
+            predicted = dv * val[f"influence_{method}"].to_numpy()
+            actual = val[f"actual_{counterfactual}"].to_numpy()
+            stats = inf.agreement(predicted, actual)
+            results.append({"method": method, "counterfactual": counterfactual, **stats})
+            mlflow_io.log_metrics({f"{method}_vs_{counterfactual}_{k}": v for k, v in stats.items() if k != "n"},
+                                  step=0)
+            panels.append({"x": predicted, "y": actual, "xlabel": f"predicted ({method})",
+                           "ylabel": f"actual ({counterfactual})",
+                           "title": f"{method} vs {counterfactual}: Pearson {stats['pearson']:.3f}"})
+        mlflow_io.log_figure(plots.scatter_panels(panels), f"figures/validation_{method}.png")
+    mlflow_io.log_table(pd.DataFrame(results), "validation_summary.csv")
+    for r in results:
+        print(f"{r['method']:>8} vs {r['counterfactual']:<7}: Pearson {r['pearson']:.3f}  Spearman "
+              f"{r['spearman']:.3f}  sign agreement {r['sign_agreement']:.2f}", flush=True)
+
+
+def _breakdown(cfg: InfluenceConfig) -> None:
+    """For each (lr, epochs): train from the seed's initialisation in float64, take the unrolled
+    influence on the test-loss target, replay with v_i = 1 - change for the chosen samples and
+    correlate the predicted change (-change x influence) with the replayed one."""
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+    dev = resolve_device(cfg.device)
+    test = target_set(data, cfg)
+    xt = torch.as_tensor(data.x_test[test], dtype=torch.float64, device=dev)
+    yt = torch.as_tensor(data.y_test[test], device=dev)
+    x = torch.as_tensor(data.x_train, dtype=torch.float64, device=dev)
+    y = torch.as_tensor(data.y_train, device=dev)
+    changes = _floats(cfg.breakdown_changes, "breakdown_changes")
+    rows, samples = [], []
+    for lr in _floats(cfg.breakdown_lrs, "breakdown_lrs"):
+        for epochs in [int(e) for e in _floats(cfg.breakdown_epochs, "breakdown_epochs")]:
+            tcfg = dataclasses.replace(cfg.train_config(), lr=lr, epochs=epochs)
+            model = build_model(data.x_train.shape[1], data.num_classes, tcfg.depth, tcfg.width, tcfg.seed).double()
+            init = {k: v.clone() for k, v in model.state_dict().items()}
+            flat = inf.Flat(model.to(dev))
+            target = inf.make_target("test_loss", flat, xt, yt)
+            order = shuffled_orders(data.n_train, epochs, tcfg.seed)
+            influence, final = inf.unrolled_influence(flat, flat.of_model(), x, y, order, tcfg.batch_size, lr,
+                                                      tcfg.weight_decay, target.fn, max_bytes=cfg.max_memory_gb * 1e9)
+            influence = influence.cpu().numpy()
+            t0 = float(target.fn(replay(tcfg, data, init, order)))
+            chosen = np.concatenate(_chosen(influence, cfg.num_validate, cfg.seed))
+            for change in changes:
+                actual = []
+                for i in chosen:
+                    w = np.ones(data.n_train)
+                    w[i] = 1.0 - change
+                    actual.append(float(target.fn(replay(tcfg, data, init, order, w))) - t0)
+                predicted = -change * influence[chosen]
+                stats = inf.agreement(predicted, np.array(actual))
+                rows.append({"lr": lr, "epochs": epochs, "change": change, **stats})
+                samples += [{"lr": lr, "epochs": epochs, "change": change, "sample_id": int(i), "predicted": p,
+                             "actual": a} for i, p, a in zip(chosen, predicted, actual)]
+                print(f"lr {lr:g}, {epochs} epochs, change {change:g}: Pearson {stats['pearson']:.3f}, sign "
+                      f"agreement {stats['sign_agreement']:.2f}", flush=True)
+    table = pd.DataFrame(rows)
+    mlflow_io.log_table(table, "breakdown.csv")
+    mlflow_io.log_table(pd.DataFrame(samples), "breakdown_samples.csv")
+    mlflow_io.log_figure(plots.breakdown_curves(table), "figures/breakdown.png")
