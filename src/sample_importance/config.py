@@ -28,6 +28,7 @@ class TrainConfig:
     dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10
     data_dir: str = DEFAULT_DATA_DIR  # where torchvision datasets are read (and downloaded to)
     subset: int = 0  # keep the first n training samples; 0 = all
+    model: str = "mlp"  # mlp (depth x width ReLU layers) | cnn (two conv + pool layers, then linear)
     depth: int = 3  # hidden layers; 0 = logistic regression
     width: int = 512  # units per hidden layer
     lr: float = 0.1  # SGD step size eta (paper: 0.1)
@@ -41,6 +42,8 @@ class TrainConfig:
         """Raise ConfigError for a value no data can make valid; return self."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"Unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}.")
+        if self.model not in ("mlp", "cnn"):
+            raise ConfigError(f"Unknown model {self.model!r}: choose mlp or cnn.")
         if self.device not in DEVICES:
             raise ConfigError(f"Unknown device {self.device!r}: choose one of {', '.join(DEVICES)}.")
         if not self.lr > 0:
@@ -70,6 +73,8 @@ class TrainConfig:
         d = self.to_dict()
         d.pop("data_dir")
         d.pop("device")
+        if d["model"] == "mlp":
+            d.pop("model")  # runs from before the CNN existed keep their fingerprints
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
@@ -102,7 +107,8 @@ class TrainRunConfig(TrainConfig):
         # The default order adds nothing, so a plain shuffled run has the fingerprint of its TrainConfig.
         if self.ordering == "shuffle" and not self.reference_run_id:
             return self.train_config().fingerprint()
-        d = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "device", "resume_run_id")}
+        d = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "device", "resume_run_id")
+             and not (k == "model" and v == "mlp")}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -350,6 +356,7 @@ _FIELD_HELP = {
     "dataset": "digits | fashion-mnist | mnist | cifar10",
     "data_dir": "folder where torchvision datasets are read (and downloaded to)",
     "subset": "keep the first n training samples; 0 = all",
+    "model": "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear)",
     "depth": "hidden layers; 0 = logistic regression",
     "width": "units per hidden layer",
     "lr": "SGD step size (paper: 0.1)",

@@ -23,7 +23,7 @@ from . import mlflow_io, plots
 from .analysis import influence as inf
 from .config import ConfigError, InfluenceConfig, TrainConfig, _floats
 from .data import Dataset, load_dataset
-from .models import build_model
+from .models import model_for
 from .study import _images, _train_runs
 from .training import fit, resolve_device, shuffled_orders
 
@@ -52,7 +52,7 @@ def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Tr
     cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": device})
     data = load_dataset(cfg.dataset, data_dir, cfg.subset)
     dev = resolve_device(device)
-    model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
+    model = model_for(cfg, data)
     model.load_state_dict(torch.load(paths[dyn.FINAL_STATE], weights_only=True))
     return Trained(run_id, d, cfg, data, model.double().to(dev), torch.load(paths[dyn.INIT_STATE], weights_only=True),
                    dev)
@@ -79,8 +79,7 @@ def replay(trained_cfg: TrainConfig, data: Dataset, init_state: dict, order: np.
            weight: np.ndarray | None = None) -> torch.Tensor:
     """Retrain in float64 through the training loop from `init_state` in `order`, with sample
     weights `weight` (the counterfactual runs); the final flat parameters."""
-    model = build_model(data.x_train.shape[1], data.num_classes, trained_cfg.depth, trained_cfg.width,
-                        trained_cfg.seed).double()
+    model = model_for(trained_cfg, data).double()
     model.load_state_dict({k: v.double() for k, v in init_state.items()})
     fit(model, data, trained_cfg, order=order, sample_weight=weight)
     return inf.Flat(model).of_model()
@@ -171,8 +170,7 @@ def run_influence(cfg: InfluenceConfig, project_dir: str | Path) -> str:
 
 
 def _model_at(trained: Trained, state: dict) -> torch.nn.Module:
-    model = build_model(trained.data.x_train.shape[1], trained.data.num_classes, trained.config.depth,
-                        trained.config.width, trained.config.seed)
+    model = model_for(trained.config, trained.data)
     model.load_state_dict(state)
     return model.double().to(trained.device)
 
@@ -307,7 +305,7 @@ def _breakdown(cfg: InfluenceConfig) -> None:
     for lr in _floats(cfg.breakdown_lrs, "breakdown_lrs"):
         for epochs in [int(e) for e in _floats(cfg.breakdown_epochs, "breakdown_epochs")]:
             tcfg = dataclasses.replace(cfg.train_config(), lr=lr, epochs=epochs)
-            model = build_model(data.x_train.shape[1], data.num_classes, tcfg.depth, tcfg.width, tcfg.seed).double()
+            model = model_for(tcfg, data).double()
             init = {k: v.clone() for k, v in model.state_dict().items()}
             flat = inf.Flat(model.to(dev))
             target = inf.make_target("test_loss", flat, xt, yt)

@@ -1,12 +1,16 @@
-"""The paper's multilayer perceptron: `depth` hidden ReLU layers of `width` units and a linear output.
+"""The models: the paper's multilayer perceptron and a small convolutional network.
 
-Layers are named L1..L{depth} and Out, as in the paper. `forward_tapped` also returns, for every
-layer, its input and its pre-activation output: what the importance recorder needs.
+MLP: `depth` hidden ReLU layers of `width` units and a linear output; layers L1..L{depth}, Out, as in
+the paper. CNN: two 3x3 convolutions (16 and 32 channels, padding 1), each followed by ReLU and 2x2
+max-pooling, then a linear classifier; layers C1, C2, Out. Both keep their weighted layers in
+`self.layers` (in order) and have `forward_tapped`, which also returns every layer's input and
+pre-activation output: what the importance recorder needs. Both take flat samples (B, C*H*W).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,11 +47,56 @@ class MLP(nn.Module):
         return h, taps
 
 
-def build_model(in_features: int, num_classes: int, depth: int, width: int, seed: int) -> MLP:
-    """An initialised MLP; the same seed gives the same initial parameters on every device."""
-    model = MLP(in_features, num_classes, depth, width)
+class CNN(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int = 10, channels: tuple[int, ...] = (16, 32)):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, h, w = self.image_shape
+        layers = {}
+        for k, out in enumerate(channels):
+            layers[f"C{k + 1}"] = nn.Conv2d(c, out, kernel_size=3, padding=1)
+            c, h, w = out, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"images of shape {image_shape} are too small for {len(channels)} poolings")
+        layers["Out"] = nn.Linear(c * h * w, num_classes)
+        self.layers = nn.ModuleDict(layers)
+
+    layer_names = MLP.layer_names
+    reset_parameters = MLP.reset_parameters
+    forward = MLP.forward
+
+    def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits (B, classes) and, per layer, (input, pre-activation): (B, C, H, W) for convolutions."""
+        taps = []
+        h = x.reshape(len(x), *self.image_shape)
+        for name, layer in self.layers.items():
+            if name == "Out":
+                h = h.flatten(1)
+            z = layer(h)
+            taps.append((h, z))
+            h = z if name == "Out" else F.max_pool2d(torch.relu(z), 2)
+        return h, taps
+
+
+MODELS = ("mlp", "cnn")
+
+
+def build_model(in_features: int, num_classes: int, depth: int, width: int, seed: int, kind: str = "mlp",
+                image_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """An initialised model (Glorot-uniform weights, zero biases); the same seed gives the same
+    initial parameters on every device. `kind` = mlp (depth, width) or cnn (image_shape)."""
+    if kind == "cnn":
+        model = CNN(tuple(image_shape), num_classes)
+    else:
+        model = MLP(in_features, num_classes, depth, width)
     model.reset_parameters(torch.Generator().manual_seed(seed))
     return model
+
+
+def model_for(cfg, data) -> nn.Module:
+    """The initialised model a training configuration (TrainConfig) asks for on `data` (Dataset)."""
+    return build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed, cfg.model,
+                       data.image_shape)
 
 
 def parameter_counts(model: MLP) -> dict[str, int]:

@@ -15,7 +15,7 @@ from . import mlflow_io, plots
 from .analysis import ordering
 from .config import ConfigError, TrainConfig, TrainRunConfig
 from .data import Dataset, load_dataset
-from .models import ParameterProjection, build_model, parameter_counts
+from .models import ParameterProjection, model_for, parameter_counts
 from .tracking import PHI_CONVENTION
 from .training import DivergenceError, EpochRecord, FitResult, check_batching, fit, make_optimizer
 
@@ -23,7 +23,8 @@ from .training import DivergenceError, EpochRecord, FitResult, check_batching, f
 def train_run_name(cfg: TrainConfig) -> str:
     ordering = getattr(cfg, "ordering", "shuffle")
     if ordering == "shuffle":
-        return f"train {cfg.dataset} seed={cfg.seed}"
+        model = "" if cfg.model == "mlp" else f" {cfg.model}"
+        return f"train {cfg.dataset}{model} seed={cfg.seed}"
     return f"ordering {ordering} seed={cfg.seed}"  # a variant of the batch-ordering experiment
 
 
@@ -65,13 +66,13 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
         check_batching(cfg, data.n_train)
         order = presentation_order(cfg, data)
-        model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
+        model = model_for(cfg, data)
         optimizer = make_optimizer(model, cfg)
         counts = parameter_counts(model)
         project = ParameterProjection(model)
         metadata = {
             "dataset": cfg.dataset, "subset": cfg.subset, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay, "seed": cfg.seed, "depth": cfg.depth, "width": cfg.width,
+            "weight_decay": cfg.weight_decay, "seed": cfg.seed, "model": cfg.model, "depth": cfg.depth, "width": cfg.width,
             "ordering": cfg.ordering, "reference_run_id": cfg.reference_run_id,
             "layer_names": model.layer_names, "parameter_counts": counts, "phi_convention": PHI_CONVENTION,
             "image_shape": list(data.image_shape), "num_classes": data.num_classes,
@@ -136,7 +137,7 @@ def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") ->
     cfg = TrainRunConfig(**{**d.metadata["config"], "device": device})
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
-    model = build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed)
+    model = model_for(cfg, data)
     model.load_state_dict(torch.load(d.folder / dyn.INIT_STATE, weights_only=True))
     return fit(model, data, cfg, order=np.asarray(d.batch_order))
 

@@ -11,6 +11,12 @@ dL_i/dW = d_i a_i^T and dL_i/db = d_i with d_i = dL_i/dz_i, hence
     ||g_i restricted to the layer||^2 = ||d_i||^2 (||a_i||^2 + 1).
 Backpropagating the *mean* loss gives dz_i = d_i / B, so beta_{i,d} = eta^2 ||dz_i||^2 (||a_i||^2 + 1):
 two row norms per layer, no per-sample gradient is ever materialised.
+
+For a convolution, dL_i/dW = sum_p d_{i,p} u_{i,p}^T over output positions p, with u_{i,p} the
+unfolded input patch (torch unfold) and d_{i,p} the output gradient there; dL_i/db = sum_p d_{i,p}.
+Its squared norm is computed from the two factors D_i (O, P) and U_i (CKK, P) either as
+||D_i U_i^T||^2 (an O x CKK product per sample) or as <D_i^T D_i, U_i^T U_i> (two P x P Gram
+matrices), whichever costs fewer operations, as per-sample-gradient-norm libraries do.
 """
 from __future__ import annotations
 
@@ -18,9 +24,27 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # The scaling convention recorded in metadata.json, so a reader knows what the numbers mean.
 PHI_CONVENTION = "phi_i = -(lr / B) * grad of sample i's own loss; B = samples in the batch; weight decay excluded"
+
+
+def sample_sq_grad_norms(layer: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """||dL_i/d(weight, bias)||^2 of every sample (B,), times B^2 when dz is the gradient of the batch
+    mean; from the layer's input a and the gradient dz of its pre-activation output."""
+    if isinstance(layer, nn.Linear):
+        return dz.square().sum(1) * (a.square().sum(1) + 1.0)
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1:
+        U = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        D = dz.flatten(2)  # (B, O, P); U: (B, C*k*k, P)
+        O, P, K = D.shape[1], D.shape[2], U.shape[1]
+        if P * P * (O + K) < P * O * K:
+            weight = (torch.bmm(D.transpose(1, 2), D) * torch.bmm(U.transpose(1, 2), U)).sum((1, 2))
+        else:
+            weight = torch.bmm(D, U.transpose(1, 2)).square().sum((1, 2))
+        return weight + D.sum(2).square().sum(1)
+    raise TypeError(f"no per-sample gradient norm for {type(layer).__name__}")
 
 
 @dataclass
@@ -51,8 +75,8 @@ def sgd_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.
         param_grads, dzs = grads[: len(params)], grads[len(params):]
         with torch.no_grad():
             importance = torch.stack(
-                [dz.square().sum(1) * (a.square().sum(1) + 1.0) for (a, _), dz in zip(taps, dzs)], dim=1
-            ) * (lr * lr)  # (B, layers)
+                [sample_sq_grad_norms(layer, a, dz) for layer, (a, _), dz in zip(model.layers.values(), taps, dzs)],
+                dim=1) * (lr * lr)  # (B, layers)
     else:
         param_grads = torch.autograd.grad(loss, params)
         importance = None

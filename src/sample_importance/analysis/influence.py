@@ -328,6 +328,7 @@ def unrolled_influence(flat: Flat, theta0: torch.Tensor, x: torch.Tensor, y: tor
     O(sqrt(T) P). Returns (influence (n,), theta^T)."""
     n = len(y)
     w_all = torch.ones(n, dtype=theta0.dtype, device=theta0.device) if weight is None else weight
+    order = np.array(order)  # a writable copy (the recorded order may be a read-only memory map)
     batches = [torch.as_tensor(order[e, s:s + batch_size], device=theta0.device)
                for e in range(order.shape[0]) for s in range(0, n, batch_size)]
     T = len(batches)

@@ -1,0 +1,112 @@
+"""The `influence` entry point end to end on a small digits run, and its refusals."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, all_runs
+from sample_importance.errors import UserError
+
+TRAIN = ["--subset", "60", "--depth", "1", "--width", "8", "--batch_size", "20", "--epochs", "3", "--lr", "0.2",
+         "--weight_decay", "1e-3", "--device", "cpu", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A temporary tracking store holding one small train run."""
+    import train as train_entry
+
+    tmp = tmp_path_factory.mktemp("influence")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield tmp, train_entry.main(TRAIN)
+        mlflow.set_tracking_uri(None)
+
+
+def table(run_id: str, name: str) -> pd.DataFrame:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name)
+    return pd.read_csv(path)
+
+
+def test_validate_mode_logs_influence_and_checks_it_against_retraining(store):
+    import influence as entry
+
+    _, train_id = store
+    run_id = entry.main(["--train_run_ids", train_id, "--mode", "validate", "--targets", "test_loss,class_prob,self",
+                         "--num_test", "20", "--num_validate", "3", "--solver", "direct", "--damping", "0.05",
+                         "--polish_steps", "30", "--loo_steps", "30", "--device", "cpu"])
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["sample_importance.train_run_id"] == train_id
+    inf = table(run_id, "influence.csv")
+    assert inf["sample_id"].tolist() == list(range(60))
+    for col in ("influence_test_loss", "influence_test_loss_L1", "influence_test_loss_Out", "unrolled_test_loss",
+                "influence_class_prob", "unrolled_class_prob", "influence_self", "total_importance", "final_nll"):
+        assert col in inf and np.isfinite(inf[col]).all(), col
+    assert (inf["influence_self"] < 0).all()  # up-weighting a sample lowers its own loss (H + lambda I > 0)
+    summary = table(run_id, "validation_summary.csv").set_index(["method", "counterfactual"])
+    assert len(summary) == 6
+    # The unrolled derivative predicts the replayed small change: end-to-end check of the derivative.
+    assert summary.loc[("unrolled", "small"), "pearson"] > 0.999
+    assert summary.loc[("unrolled", "small"), "sign_agreement"] == 1.0
+    val = table(run_id, "validation.csv")
+    assert len(val) == 6 and set(val["group"]) == {"top", "random"}
+    np.testing.assert_allclose(val["actual_small"] / -1e-6, val["influence_unrolled"], rtol=1e-3,
+                               atol=1e-3 * np.abs(val["influence_unrolled"]).max())
+    artifacts = {f.path for f in MlflowClient().list_artifacts(run_id, "figures")}
+    assert {"figures/top_test_loss.png", "figures/influence_test_loss.png", "figures/validation_fixed.png",
+            "figures/validation_unrolled.png"} <= artifacts
+
+
+def test_breakdown_mode_maps_linear_response(store):
+    import influence as entry
+
+    run_id = entry.main(TRAIN[:10] + ["--device", "cpu", "--mode", "breakdown", "--breakdown_lrs", "0.2",
+                                      "--breakdown_epochs", "2", "--breakdown_changes", "1e-6,1",
+                                      "--num_validate", "3", "--num_test", "20"])
+    bd = table(run_id, "breakdown.csv")
+    assert len(bd) == 2 and list(bd["change"]) == [1e-6, 1.0]
+    assert bd.loc[bd["change"] == 1e-6, "pearson"].item() > 0.999
+    assert len(table(run_id, "breakdown_samples.csv")) == 2 * 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--solver", "newton"], "Unknown solver 'newton'"),
+    (["--damping", "0"], "damping must be positive"),
+    (["--damping", "-1"], "damping must be positive"),
+    (["--test_ids", "3,100000"], "test id 100000 is out of range"),
+    (["--targets", "loss"], "Unknown target"),
+])
+def test_bad_input_is_refused(store, args, message):
+    import influence as entry
+
+    _, train_id = store
+    before = {r.info.run_id for r in all_runs(None)}
+    with pytest.raises(UserError, match=message):
+        entry.main(["--train_run_ids", train_id, "--device", "cpu"] + args)
+    new = [r for r in all_runs(None) if r.info.run_id not in before]
+    assert all(r.info.status == "FAILED" for r in new)  # nothing left RUNNING
+
+
+def test_a_run_without_a_model_is_refused_with_exit_status_2(store):
+    tmp, train_id = store
+    other = MlflowClient().create_run(MlflowClient().get_run(train_id).info.experiment_id).info.run_id
+    MlflowClient().set_terminated(other)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    proc = subprocess.run([sys.executable, str(REPO / "entry_points" / "influence.py"), "--train_run_ids", other,
+                           "--device", "cpu"], capture_output=True, text=True, cwd=tmp, env=env)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "not a finished `train` run" in lines[0], proc.stderr
+    assert all(r.info.status != "RUNNING" for r in all_runs(None))
