@@ -36,6 +36,7 @@ class TrainConfig:
     epochs: int = 50  # passes over the training set (paper: 50)
     weight_decay: float = 1e-5  # L2 coefficient: the update adds weight_decay * theta to the gradient
     seed: int = 0  # fixes the initialisation and the per-epoch shuffle
+    label_noise: float = 0.0  # fraction of training labels flipped to another class (drawn with seed)
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda
 
     def check(self) -> "TrainConfig":
@@ -58,6 +59,8 @@ class TrainConfig:
             raise ConfigError(f"depth must be >= 0 and width >= 1, got depth={self.depth}, width={self.width}.")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if not 0 <= self.label_noise < 1:
+            raise ConfigError(f"label_noise must be a fraction in [0, 1), got {self.label_noise}.")
         return self
 
     def to_dict(self) -> dict:
@@ -74,7 +77,9 @@ class TrainConfig:
         d.pop("data_dir")
         d.pop("device")
         if d["model"] == "mlp":
-            d.pop("model")  # runs from before the CNN existed keep their fingerprints
+            d.pop("model")  # runs from before these options existed keep their fingerprints
+        if d["label_noise"] == 0:
+            d.pop("label_noise")
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
@@ -108,7 +113,7 @@ class TrainRunConfig(TrainConfig):
         if self.ordering == "shuffle" and not self.reference_run_id:
             return self.train_config().fingerprint()
         d = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "device", "resume_run_id")
-             and not (k == "model" and v == "mlp")}
+             and not (k == "model" and v == "mlp") and not (k == "label_noise" and v == 0)}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -364,6 +369,7 @@ _FIELD_HELP = {
     "epochs": "passes over the training set (paper: 50)",
     "weight_decay": "L2 coefficient added to the gradient as weight_decay * theta",
     "seed": "fixes the initialisation and the per-epoch shuffle",
+    "label_noise": "fraction of training labels flipped to another class, drawn with seed (label-noise experiment)",
     "device": "auto (CUDA if available) | cpu | cuda",
     "train_run_ids": "comma-separated train run ids to analyse; empty = find or launch runs matching the training parameters",
     "num_seeds": "seeds (seed, seed+1, ...) trained when train_run_ids is empty",

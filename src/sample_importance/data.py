@@ -61,6 +61,26 @@ def load_dataset(name: str, data_dir: str | Path, subset: int = 0) -> Dataset:
     return data
 
 
+def with_label_noise(data: Dataset, fraction: float, seed: int) -> Dataset:
+    """A copy of `data` whose training labels are flipped, for round(fraction * n) samples drawn with
+    `seed`, each to a different class drawn uniformly (the label-noise experiment)."""
+    if fraction <= 0:
+        return data
+    rng = np.random.default_rng([seed, 13])
+    n = data.n_train
+    flipped = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    y = data.y_train.copy()
+    y[flipped] = (y[flipped] + rng.integers(1, data.num_classes, size=len(flipped))) % data.num_classes
+    return Dataset(data.name, data.x_train, y, data.x_test, data.y_test, data.image_shape, data.num_classes)
+
+
+def training_data(cfg) -> Dataset:
+    """The data a training configuration (TrainConfig) trains on: the dataset, its subset, and the
+    configured label noise."""
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+    return with_label_noise(data, cfg.label_noise, cfg.seed)
+
+
 def _digits() -> Dataset:
     """scikit-learn's bundled 8x8 digits: first 1,500 train, remaining 297 test, pixels / 16."""
     from sklearn.datasets import load_digits

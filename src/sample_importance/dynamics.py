@@ -5,6 +5,7 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
     loss.npy         float32 (E, n)     in-batch NLL of each sample (before its step's update)
     p_true.npy       float32 (E, n)     in-batch probability of the true label
     correct.npy      bool    (E, n)     in-batch correctness
+    error_l2.npy     float32 (E, n)     in-batch ||softmax - onehot(label)||_2 (EL2N's summand)
     batch_order.npy  int64   (E, n)     sample ids in presentation order; consecutive batch_size chunks = batches
     final_loss.npy   float32 (n,)       NLL under the final parameters
     label.npy        int64   (n,)       training labels
@@ -34,7 +35,7 @@ import numpy as np
 
 from .errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: error_l2.npy and final_state.pt
 DIRNAME = "dynamics"
 METADATA = "metadata.json"
 INIT_STATE = "init_state.pt"
@@ -42,7 +43,7 @@ FINAL_STATE = "final_state.pt"
 CHECKPOINT = "checkpoint.pt"  # model, optimizer and progress after the last finished epoch (until complete)
 # file stem -> dtype
 PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32, "correct": np.bool_,
-             "batch_order": np.int64}
+             "error_l2": np.float32, "batch_order": np.int64}
 PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
 PROJECTION = "param_projection"
 
@@ -163,6 +164,7 @@ class Dynamics:
     loss: np.ndarray  # (E, n) float32
     p_true: np.ndarray  # (E, n) float32
     correct: np.ndarray  # (E, n) bool
+    error_l2: np.ndarray  # (E, n) float32
     batch_order: np.ndarray  # (E, n) int64
     param_projection: np.ndarray  # (E+1, k) float32: projected parameters at init and after each epoch
     final_loss: np.ndarray | None  # (n,) float32; None for an incomplete run

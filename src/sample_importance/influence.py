@@ -22,7 +22,7 @@ from . import dynamics as dyn
 from . import mlflow_io, plots
 from .analysis import influence as inf
 from .config import ConfigError, InfluenceConfig, TrainConfig, _floats
-from .data import Dataset, load_dataset
+from .data import Dataset, training_data
 from .models import model_for
 from .study import _images, _train_runs
 from .training import fit, resolve_device, shuffled_orders
@@ -50,7 +50,7 @@ def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Tr
                                  "id of a train run finished by this version of sample-importance.")
     meta = d.metadata
     cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": device})
-    data = load_dataset(cfg.dataset, data_dir, cfg.subset)
+    data = training_data(cfg)
     dev = resolve_device(device)
     model = model_for(cfg, data)
     model.load_state_dict(torch.load(paths[dyn.FINAL_STATE], weights_only=True))
@@ -293,7 +293,7 @@ def _breakdown(cfg: InfluenceConfig) -> None:
     """For each (lr, epochs): train from the seed's initialisation in float64, take the unrolled
     influence on the test-loss target, replay with v_i = 1 - change for the chosen samples and
     correlate the predicted change (-change x influence) with the replayed one."""
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+    data = training_data(cfg)
     dev = resolve_device(cfg.device)
     test = target_set(data, cfg)
     xt = torch.as_tensor(data.x_test[test], dtype=torch.float64, device=dev)

@@ -11,7 +11,7 @@ import pandas as pd
 from . import mlflow_io, plots
 from .analysis import ordering
 from .config import ConfigError, OrderingConfig, TrainRunConfig
-from .data import load_dataset
+from .data import training_data
 from .dynamics import check_matches
 from .tasks import run_train, train_run_name
 from .training import check_batching
@@ -32,7 +32,7 @@ def run_ordering(cfg: OrderingConfig, project_dir: str | Path) -> str:
                                          f"{seeds[0]}..{seeds[-1]} (paper section 3.6, figs. 7 and 8).",
                              config=cfg.to_dict()) as run:
         # Everything that can be wrong is checked before the first model trains.
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+        data = training_data(cfg)
         check_batching(cfg, data.n_train)
         if data.n_train % cfg.batch_size:
             raise ConfigError(f"The ordering experiment splits the {data.n_train} training samples into equal "

@@ -14,7 +14,7 @@ from . import dynamics as dyn
 from . import mlflow_io, plots
 from .analysis import ordering
 from .config import ConfigError, TrainConfig, TrainRunConfig
-from .data import Dataset, load_dataset
+from .data import Dataset, training_data
 from .models import ParameterProjection, model_for, parameter_counts
 from .tracking import PHI_CONVENTION
 from .training import DivergenceError, EpochRecord, FitResult, check_batching, fit, make_optimizer
@@ -63,7 +63,7 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
                     + ("" if cfg.ordering == "shuffle" else f", batches built by {cfg.ordering}") + ".",
         run_id=resume, config=cfg.to_dict(),
     ) as run:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+        data = training_data(cfg)
         check_batching(cfg, data.n_train)
         order = presentation_order(cfg, data)
         model = model_for(cfg, data)
@@ -136,7 +136,7 @@ def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") ->
     On the same device and software this reproduces the recorded run bit for bit."""
     cfg = TrainRunConfig(**{**d.metadata["config"], "device": device})
     if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+        data = training_data(cfg)
     model = model_for(cfg, data)
     model.load_state_dict(torch.load(d.folder / dyn.INIT_STATE, weights_only=True))
     return fit(model, data, cfg, order=np.asarray(d.batch_order))

@@ -54,6 +54,7 @@ class StepRecord:
     loss: torch.Tensor  # (B,) NLL of each sample before the step
     p_true: torch.Tensor  # (B,) probability of the true label
     correct: torch.Tensor  # (B,) bool, argmax == label
+    error_l2: torch.Tensor  # (B,) ||softmax - onehot(label)||_2, the EL2N score's summand
     importance: torch.Tensor | None  # (B, layers) beta; None when not tracked
 
 
@@ -87,4 +88,7 @@ def sgd_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.
         loss_i = loss_i.detach()
         p_true = torch.exp(-loss_i)  # softmax probability of the true label
         correct = logits.detach().argmax(1) == y
-    return StepRecord(loss_i, p_true, correct, importance)
+        probs = torch.softmax(logits.detach(), 1)
+        # ||p - e_y||^2 = ||p||^2 - 2 p_y + 1
+        error_l2 = (probs.square().sum(1) - 2 * p_true + 1).clamp_min(0).sqrt()
+    return StepRecord(loss=loss_i, p_true=p_true, correct=correct, error_l2=error_l2, importance=importance)

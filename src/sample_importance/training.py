@@ -37,6 +37,7 @@ class EpochRecord:
     loss: np.ndarray  # (n,) float32: in-batch NLL (before that step's update)
     p_true: np.ndarray  # (n,) float32: in-batch probability of the true label
     correct: np.ndarray  # (n,) bool: in-batch correctness
+    error_l2: np.ndarray  # (n,) float32: in-batch ||softmax - onehot||_2
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -145,6 +146,7 @@ def fit(
         loss = torch.zeros(n, device=device, dtype=dtype)
         p_true = torch.zeros(n, device=device, dtype=dtype)
         correct = torch.zeros(n, dtype=torch.bool, device=device)
+        error_l2 = torch.zeros(n, device=device, dtype=dtype)
         model.train()
         for s in range(0, n, cfg.batch_size):
             ids = order_dev[epoch, s:s + cfg.batch_size]  # (B,)
@@ -159,8 +161,9 @@ def fit(
             loss[ids] = rec.loss
             p_true[ids] = rec.p_true
             correct[ids] = rec.correct
+            error_l2[ids] = rec.error_l2
         record = EpochRecord(epoch, order[epoch], _host32(importance), _host32(loss), _host32(p_true),
-                             correct.cpu().numpy())
+                             correct.cpu().numpy(), _host32(error_l2))
         seconds = time.perf_counter() - start
         _check_finite(record, cfg.batch_size)
 

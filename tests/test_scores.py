@@ -1,0 +1,68 @@
+"""Difficulty scores on small hand-made dynamics with known answers."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sample_importance.analysis import scores as S
+
+
+def test_forgetting_events_count_correct_to_wrong_transitions():
+    correct = np.array([[1, 0, 1, 1, 0],
+                        [0, 0, 1, 0, 1],
+                        [1, 0, 1, 1, 0],
+                        [0, 0, 1, 0, 1]], dtype=bool)  # (E=4, n=5)
+    np.testing.assert_array_equal(S.forgetting_events(correct), [2, 0, 0, 2, 1])
+    np.testing.assert_array_equal(S.never_learned(correct), [False, True, False, False, False])
+    np.testing.assert_array_equal(S.forgetting_score(correct), [2, 4, 0, 2, 1])  # never learned ranks first
+    np.testing.assert_allclose(S.correctness(correct), [0.5, 0, 1, 0.5, 0.5])
+
+
+def test_confidence_variability_and_learnability():
+    p = np.array([[0.2, 0.9], [0.4, 0.9], [0.6, 0.9]], dtype=np.float32)
+    np.testing.assert_allclose(S.confidence(p), [0.4, 0.9], rtol=1e-6)
+    np.testing.assert_allclose(S.variability(p), [np.sqrt(0.08 / 3), 0.0], atol=1e-7)
+    L = S.learnability([p, np.array([[0.0, 0.5], [0.0, 0.5], [0.0, 0.5]])])  # second seed: 0.0 and 0.5
+    np.testing.assert_allclose(L, [0.2, 0.7], rtol=1e-6)
+    np.testing.assert_array_equal(S.learnability_rank(np.array([0.3, 0.9, 0.3, 0.1])), [2.5, 1, 2.5, 4])
+
+
+def test_grand_recovers_the_gradient_norm_from_importance_with_a_ragged_batch():
+    # 5 samples, batch 2: batches [3, 0], [4, 1], [2] (the last of size 1); ||g_i|| = i + 1.
+    order = np.array([[3, 0, 4, 1, 2]])
+    lr, norms = 0.5, np.arange(1.0, 6.0)
+    sizes = np.array([2, 2, 1, 2, 2])  # batch size of sample i
+    beta = (lr / sizes) ** 2 * norms ** 2
+    importance = np.stack([0.25 * beta, 0.75 * beta], axis=1)[None].astype(np.float32)  # split over 2 layers
+    np.testing.assert_array_equal(S.batch_sizes(order[0], 2), sizes)
+    np.testing.assert_allclose(S.grand(importance, order, 1, 2, lr), norms, rtol=1e-6)
+
+
+def test_recorded_error_l2_is_the_distance_of_softmax_to_the_label():
+    from sample_importance.models import build_model
+    from sample_importance.tracking import sgd_step
+
+    model = build_model(6, 4, 1, 8, 0)
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(9) % 4
+    expected = (torch.softmax(model(x), 1) - F.one_hot(y, 4)).norm(dim=1)
+    rec = sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 0.1)
+    torch.testing.assert_close(rec.error_l2, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_detection_auroc_and_precision():
+    flipped = np.array([1, 1, 0, 0, 0, 0], dtype=bool)
+    table = pd.DataFrame({"final_nll": [5.0, 4.0, 1.0, 0.5, 0.2, 0.1],   # perfect
+                          "confidence": [0.1, 0.9, 0.2, 0.8, 0.7, 0.6],  # low = suspicious: one of two found
+                          "grand": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]})      # exactly wrong
+    out = S.detection(table, flipped, ["final_nll", "confidence", "grand"]).set_index("score")
+    assert out.loc["final_nll", "auroc"] == 1.0 and out.loc["final_nll", "precision_at_k"] == 1.0
+    assert out.loc["confidence", "auroc"] == pytest.approx(4 / 8)  # 0.1 beats all 4 clean samples, 0.9 none
+    assert out.loc["confidence", "precision_at_k"] == 0.5
+    assert out.loc["grand", "auroc"] == 0.0
+    rho = S.rank_correlations(table, ["final_nll", "grand"])
+    assert rho.loc["final_nll", "final_nll"] == pytest.approx(1.0)
+    assert rho.loc["final_nll", "grand"] < 0
