@@ -118,7 +118,9 @@ def score_table(d, early_epoch: int) -> pd.DataFrame:
 def rank_correlations(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """Spearman rank correlation between every pair of scores."""
     rho = spearmanr(table[columns].to_numpy()).statistic
-    return pd.DataFrame(np.atleast_2d(rho), index=columns, columns=columns)
+    if np.ndim(rho) == 0:  # two columns: scipy returns the one coefficient
+        rho = np.array([[1.0, rho], [rho, 1.0]])
+    return pd.DataFrame(rho, index=columns, columns=columns)
 
 
 def detection(table: pd.DataFrame, flipped: np.ndarray, columns: list[str]) -> pd.DataFrame:
