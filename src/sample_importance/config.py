@@ -271,6 +271,65 @@ class SweepConfig(TrainConfig):
         return self
 
 
+@dataclass(frozen=True)
+class ScoresConfig(AnalysisConfig):
+    """`scores`: every per-sample difficulty score of one train run, side by side."""
+
+    early_epoch: int = 2  # 1-based epoch at which EL2N and GraNd are read (Paul et al.: early in training)
+
+    def check(self) -> "ScoresConfig":
+        super().check()
+        if not 1 <= self.early_epoch <= self.epochs:
+            raise ConfigError(f"early_epoch must be between 1 and epochs={self.epochs}, got {self.early_epoch}.")
+        if len(self.run_ids()) > 1:
+            raise ConfigError("scores reads one train run: pass a single id in train_run_ids.")
+        return self
+
+
+def parse_architecture(spec: str) -> dict:
+    """'mlp:3x512' -> mlp with depth 3, width 512; 'logreg' -> mlp depth 0; 'cnn' -> the CNN."""
+    spec = spec.strip()
+    if spec == "cnn":
+        return {"model": "cnn"}
+    if spec == "logreg":
+        return {"model": "mlp", "depth": 0}
+    if spec.startswith("mlp:"):
+        try:
+            depth, width = (int(v) for v in spec[4:].split("x"))
+        except ValueError:
+            pass
+        else:
+            if depth >= 0 and width >= 1:
+                return {"model": "mlp", "depth": depth, "width": width}
+    raise ConfigError(f"Unknown architecture {spec!r}: write mlp:<depth>x<width> (e.g. mlp:3x512), logreg or cnn.")
+
+
+def architecture_name(model: str, depth: int, width: int) -> str:
+    """The inverse of parse_architecture, from a run's settings."""
+    if model == "cnn":
+        return "cnn"
+    return "logreg" if depth == 0 else f"mlp:{depth}x{width}"
+
+
+@dataclass(frozen=True)
+class LearnabilityConfig(AnalysisConfig):
+    """`learnability`: sample-wise learnability across architectures (Lee et al. 2019)."""
+
+    architectures: str = "mlp:3x512,mlp:1x128,logreg,cnn"  # comma-separated: mlp:<depth>x<width> | logreg | cnn
+    num_seeds: int = 3  # initialisations per architecture (the expectation of eq. 1)
+
+    def architecture_list(self) -> list[dict]:
+        return [parse_architecture(a) for a in _ids(self.architectures)]
+
+    def check(self) -> "LearnabilityConfig":
+        super().check()
+        if not self.run_ids() and len(self.architecture_list()) < 2:
+            raise ConfigError("learnability compares architectures: give at least two in architectures.")
+        if self.num_seeds < 1:
+            raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
+        return self
+
+
 INFLUENCE_MODES = ("influence", "validate", "breakdown")
 
 
@@ -393,6 +452,8 @@ _FIELD_HELP = {
     "pruner": "median | none",
     "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
     "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
+    "early_epoch": "1-based epoch at which EL2N and GraNd are read (early in training)",
+    "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn",
     "mode": "influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)",
     "targets": "comma-separated targets T: test_loss | class_prob | self",
     "test_ids": "comma-separated test-sample indices of the target set; empty = draw num_test",

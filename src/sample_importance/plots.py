@@ -282,3 +282,62 @@ def breakdown_curves(table) -> plt.Figure:
     axes[0].legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def correlation_matrix(matrix, title: str) -> plt.Figure:
+    """A labelled heat map of a square correlation table (pandas DataFrame)."""
+    names = list(matrix.columns)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.55 * len(names)))
+    im = ax.imshow(matrix.to_numpy(), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize="small")
+    ax.set_yticks(range(len(names)), list(matrix.index), fontsize="small")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{matrix.iat[i, j]:.2f}", ha="center", va="center", fontsize="x-small")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def data_map(confidence: np.ndarray, variability: np.ndarray, correctness: np.ndarray,
+             flipped: np.ndarray | None = None) -> plt.Figure:
+    """Dataset cartography (Swayamdipta et al. 2020, fig. 1): confidence against variability, coloured
+    by correctness; flipped labels, when known, circled."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    sc = ax.scatter(variability, confidence, c=correctness, s=6, cmap="viridis", vmin=0, vmax=1)
+    if flipped is not None and flipped.any():
+        ax.scatter(variability[flipped], confidence[flipped], s=22, facecolors="none", edgecolors="red", lw=0.6,
+                   label="flipped label")
+        ax.legend(fontsize="small", loc="lower right")
+    fig.colorbar(sc, ax=ax, label="correctness")
+    ax.set(xlabel="variability", ylabel="confidence", title="Data map")
+    fig.tight_layout()
+    return fig
+
+
+def learnability_pair(la: np.ndarray, lb: np.ndarray, ra: np.ndarray, rb: np.ndarray, a: str, b: str) -> plt.Figure:
+    """2-D histograms of learnability and of learnability rank for two models (Lee et al. fig. 1a, b)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, x, y, what in ((axes[0], la, lb, "learnability"), (axes[1], ra, rb, "rank (1 = easiest)")):
+        h = ax.hist2d(x, y, bins=40, cmin=1, cmap="viridis", norm=matplotlib.colors.LogNorm())
+        fig.colorbar(h[3], ax=ax, label="samples")
+        ax.set(xlabel=f"{what}: {a}", ylabel=f"{what}: {b}")
+    fig.tight_layout()
+    return fig
+
+
+def extreme_images(images: list[np.ndarray], titles: list[list[str]], rows: list[str]) -> plt.Figure:
+    """Rows of images (the easiest and hardest samples), each titled (e.g. with its rank per model)."""
+    k = max(len(r) for r in images)
+    fig, axes = plt.subplots(len(images), k, figsize=(1.5 * k, 2.0 * len(images)), squeeze=False)
+    for r, (imgs, tits) in enumerate(zip(images, titles)):
+        for j in range(k):
+            if j < len(imgs):
+                _montage_axis(axes[r, j], imgs[j], tits[j])
+            else:
+                axes[r, j].set_axis_off()
+        axes[r, 0].text(-0.3, 0.5, rows[r], transform=axes[r, 0].transAxes, rotation=90, va="center",
+                        ha="right", fontsize="small")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,115 @@
+"""The `scores` and `learnability` entry points: every per-sample difficulty score of a run side by
+side (with label-noise detection when the run flipped labels), and sample-wise learnability compared
+across architectures (Lee et al. 2019)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import mlflow_io, plots
+from .analysis import scores as S
+from .config import ConfigError, LearnabilityConfig, ScoresConfig, architecture_name
+from .data import load_dataset
+from .dynamics import Dynamics, check_aligned
+from .study import TAG_TRAIN_RUNS, _images, _one_run, _start
+from .tasks import train_run_name
+
+SCORE_COLUMNS = ["total_importance", "final_nll", "confidence", "variability", "correctness", "forgetting", "el2n",
+                 "grand"]
+
+
+def flipped_labels(d: Dynamics, data_dir: str) -> np.ndarray:
+    """Which training labels of the run differ from the dataset's (the run's label noise)."""
+    clean = load_dataset(d.metadata["dataset"], data_dir, d.metadata["subset"]).y_train
+    return np.asarray(d.label) != clean
+
+
+def run_scores(cfg: ScoresConfig, project_dir: str | Path) -> str:
+    with _start(cfg, "scores", "Every per-sample difficulty score of one run, side by side") as run:
+        d = _one_run(cfg, project_dir)
+        table = S.score_table(d, cfg.early_epoch)
+        noise = float(d.metadata["config"].get("label_noise", 0.0))
+        flipped = flipped_labels(d, cfg.data_dir) if noise > 0 else None
+        if flipped is not None:
+            table["flipped"] = flipped
+        mlflow_io.log_table(table, "scores.csv")
+        rho = S.rank_correlations(table, SCORE_COLUMNS + [c for c in table if c.startswith("importance_")])
+        mlflow_io.log_table(rho.reset_index(names="score"), "rank_correlations.csv")
+        mlflow_io.log_figure(plots.correlation_matrix(rho, "Spearman rank correlation between scores"),
+                             "figures/rank_correlations.png")
+        mlflow_io.log_figure(plots.data_map(table["confidence"].to_numpy(), table["variability"].to_numpy(),
+                                            table["correctness"].to_numpy(), flipped), "figures/data_map.png")
+        if flipped is not None:
+            found = S.detection(table, flipped, SCORE_COLUMNS)
+            mlflow_io.log_table(found, "label_noise_detection.csv")
+            mlflow_io.log_metrics({f"auroc_{r.score}": r.auroc for r in found.itertuples()}
+                                  | {f"precision_at_k_{r.score}": r.precision_at_k for r in found.itertuples()}, step=0)
+            for r in found.itertuples():
+                print(f"label noise {noise:g}: {r.score:<16} AUROC {r.auroc:.3f}  precision@{r.k} "
+                      f"{r.precision_at_k:.3f}", flush=True)
+        return run.info.run_id
+
+
+def _architecture(d: Dynamics) -> str:
+    c = d.metadata["config"]
+    return architecture_name(c.get("model", "mlp"), c["depth"], c["width"])
+
+
+def run_learnability(cfg: LearnabilityConfig, project_dir: str | Path) -> str:
+    """Train (or read) num_seeds runs of each architecture, then Table 1 and fig. 1 of Lee et al."""
+    with _start(cfg, "learnability", "Sample-wise learnability across architectures (Lee et al. 2019)") as run:
+        ids = cfg.run_ids()
+        if not ids:
+            for arch in cfg.architecture_list():
+                for seed in range(cfg.seed, cfg.seed + cfg.num_seeds):
+                    tcfg = dataclasses.replace(cfg.train_config(), seed=seed, **arch)
+                    run_id, reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
+                    print(f"{'reusing' if reused else 'trained'} {architecture_name(tcfg.model, tcfg.depth, tcfg.width)}"
+                          f" seed {seed}: {run_id}", flush=True)
+                    ids.append(run_id)
+        mlflow_io.set_tags({TAG_TRAIN_RUNS: ",".join(ids)})
+        runs = {run_id: mlflow_io.load_dynamics(run_id) for run_id in ids}
+        check_aligned(runs)  # same dataset, samples and epochs, or a clear refusal
+        groups: dict[str, list[Dynamics]] = {}
+        for d in runs.values():
+            groups.setdefault(_architecture(d), []).append(d)
+        if len(groups) < 2:
+            raise ConfigError(f"All runs are of one architecture ({next(iter(groups))}): learnability compares at "
+                              "least two; pass runs of different architectures.")
+        first = next(iter(runs.values()))
+        L = {arch: S.learnability([np.asarray(d.p_true) for d in ds]) for arch, ds in groups.items()}
+        R = {arch: S.learnability_rank(v) for arch, v in L.items()}
+        table = pd.DataFrame({"sample_id": first.sample_id, "label": first.label,
+                              **{f"learnability_{a}": v for a, v in L.items()},
+                              **{f"rank_{a}": v for a, v in R.items()}})
+        mlflow_io.log_table(table, "learnability.csv")
+        pairs = []
+        for a, b in itertools.combinations(L, 2):
+            pairs.append({"model_a": a, "model_b": b, "pearson_learnability": float(np.corrcoef(L[a], L[b])[0, 1]),
+                          "spearman_rank": float(np.corrcoef(R[a], R[b])[0, 1]),  # Pearson of ranks = Spearman
+                          "seeds_a": len(groups[a]), "seeds_b": len(groups[b])})
+        pairs = pd.DataFrame(pairs)
+        mlflow_io.log_table(pairs, "table1.csv")
+        for p in pairs.itertuples():
+            print(f"{p.model_a:>10} vs {p.model_b:<10}: Pearson of learnability {p.pearson_learnability:.3f}, "
+                  f"Spearman of ranks {p.spearman_rank:.3f}", flush=True)
+            mlflow_io.log_metrics({f"pearson_{p.model_a}_vs_{p.model_b}": p.pearson_learnability,
+                                   f"spearman_{p.model_a}_vs_{p.model_b}": p.spearman_rank}, step=0)
+        archs = list(L)
+        for a, b in itertools.combinations(archs, 2):
+            mlflow_io.log_figure(plots.learnability_pair(L[a], L[b], R[a], R[b], a, b),
+                                 f"figures/pair_{a}_vs_{b}.png".replace(":", "-"))
+        mean_rank = np.mean([R[a] for a in archs], axis=0)
+        data = load_dataset(first.metadata["dataset"], cfg.data_dir, first.metadata["subset"])
+        shape = first.metadata["image_shape"]
+        rows, images, titles = [], [], []
+        for kind, chosen in (("easiest", np.argsort(mean_rank)[:8]), ("hardest", np.argsort(-mean_rank)[:8])):
+            rows.append(kind)
+            images.append(_images(data.x_train[chosen], shape))
+            titles.append(["\n".join(f"{a}: {R[a][i]:.0f}" for a in archs) for i in chosen])
+        mlflow_io.log_figure(plots.extreme_images(images, titles, rows), "figures/easiest_hardest.png")
+        return run.info.run_id

@@ -1,0 +1,54 @@
+"""The `scores` and `learnability` entry points on small digits runs."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sample_importance.errors import UserError
+
+BASE = ["--subset", "100", "--epochs", "4", "--batch_size", "20", "--device", "cpu"]
+
+
+def table(run_id: str, name: str) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name))
+
+
+def test_scores_with_label_noise(tracking):
+    import scores
+    import train
+
+    noisy = train.main(BASE + ["--width", "32", "--label_noise", "0.2", "--lr", "0.3"])
+    run_id = scores.main(["--train_run_ids", noisy, "--early_epoch", "2"] + BASE)
+    s = table(run_id, "scores.csv")
+    assert s["sample_id"].tolist() == list(range(100)) and s["flipped"].sum() == 20
+    for col in ("total_importance", "final_nll", "confidence", "variability", "forgetting", "el2n", "grand",
+                "importance_L1", "importance_Out"):
+        assert np.isfinite(s[col]).all(), col
+    found = table(run_id, "label_noise_detection.csv").set_index("score")
+    assert found["k"].eq(20).all() and found["auroc"].between(0, 1).all()
+    assert found.loc["final_nll", "auroc"] > 0.6  # flipped labels keep a high loss, even after 4 epochs
+    rho = table(run_id, "rank_correlations.csv").set_index("score")
+    assert rho.loc["confidence", "confidence"] == pytest.approx(1.0)
+    figures = {f.path for f in MlflowClient().list_artifacts(run_id, "figures")}
+    assert {"figures/data_map.png", "figures/rank_correlations.png"} <= figures
+
+
+def test_learnability_table_and_mismatch_refusal(tracking):
+    import learnability
+    import train
+
+    ids = [train.main(BASE + arch + ["--seed", str(seed)]) for arch in (["--width", "16", "--depth", "1"],
+                                                                          ["--model", "cnn"]) for seed in (0, 1)]
+    run_id = learnability.main(["--train_run_ids", ",".join(ids)] + BASE)
+    pairs = table(run_id, "table1.csv")
+    assert pairs[["model_a", "model_b"]].values.tolist() == [["mlp:1x16", "cnn"]]
+    assert pairs["seeds_a"].item() == 2 and pairs["seeds_b"].item() == 2
+    learn = table(run_id, "learnability.csv")
+    assert sorted(learn["rank_cnn"]) == pytest.approx(sorted(np.arange(1, 101)), abs=0.5)  # ranks 1..n (ties averaged)
+    assert -1 <= pairs["pearson_learnability"].item() <= 1
+    other = train.main(["--subset", "80", "--epochs", "4", "--batch_size", "20", "--device", "cpu", "--depth", "0"])
+    with pytest.raises(UserError, match="cannot be compared"):
+        learnability.main(["--train_run_ids", f"{ids[0]},{other}"] + BASE)
