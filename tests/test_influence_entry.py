@@ -1,7 +1,6 @@
 """The `influence` entry point end to end on a small digits run, and its refusals."""
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
