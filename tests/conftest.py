@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,6 +25,23 @@ def tracking(tmp_path, monkeypatch):
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def module_store(tmp_path_factory, name: str, train_args: list[str]):
+    """For a module-scoped fixture: a private tracking store holding one `train` run made with
+    `train_args`; yields (store folder, run id)."""
+    import mlflow
+    import train as train_entry
+
+    tmp = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield tmp, train_entry.main(train_args)
+        mlflow.set_tracking_uri(None)
 
 
 def tiny_dataset(n: int = 42, d: int = 12, classes: int = 4, m: int = 10, seed: int = 0):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_runs
+from conftest import REPO, all_runs, module_store
 from sample_importance.errors import UserError
 
 TRAIN = ["--subset", "60", "--depth", "1", "--width", "8", "--batch_size", "20", "--epochs", "3", "--lr", "0.2",
@@ -21,16 +21,8 @@ TRAIN = ["--subset", "60", "--depth", "1", "--width", "8", "--batch_size", "20",
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A temporary tracking store holding one small train run."""
-    import train as train_entry
-
-    tmp = tmp_path_factory.mktemp("influence")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        yield tmp, train_entry.main(TRAIN)
-        mlflow.set_tracking_uri(None)
+    with module_store(tmp_path_factory, "influence", TRAIN) as (tmp, run_id):
+        yield tmp, run_id
 
 
 def table(run_id: str, name: str) -> pd.DataFrame:

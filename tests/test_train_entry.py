@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_runs
+from conftest import REPO, all_runs, module_store
 from sample_importance import load_dynamics
 from sample_importance.config import TrainRunConfig
 from sample_importance.data import load_dataset
@@ -25,17 +25,8 @@ METRICS = ["train_loss", "train_error", "test_loss", "test_error", "importance_t
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short `train` run on digits, shared by the tests of this module."""
-    import train as train_entry
-
-    tmp = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        run_id = train_entry.main(ARGS)
+    with module_store(tmp_path_factory, "store", ARGS) as (_, run_id):
         yield run_id
-        mlflow.set_tracking_uri(None)
 
 
 def test_run_has_params_metrics_and_every_artifact(trained):
