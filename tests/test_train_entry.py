@@ -63,7 +63,9 @@ def test_run_has_params_metrics_and_every_artifact(trained):
     np.testing.assert_array_equal(d.label, data.y_train)
     np.testing.assert_array_equal(d.sample_id, np.arange(n))
     meta = d.metadata
-    assert meta["complete"] and meta["epochs_completed"] == 3 and meta["schema_version"] == 1
+    assert meta["complete"] and meta["epochs_completed"] == 3 and meta["schema_version"] == 2
+    assert ((d.error_l2 >= 0) & (d.error_l2 <= np.sqrt(2))).all()
+    assert (d.folder / "final_state.pt").is_file() and (d.folder / "init_state.pt").is_file()
     assert meta["parameter_counts"] == {"L1": 65 * 32, "L2": 33 * 32, "L3": 33 * 32, "Out": 33 * 10}
     assert meta["lr"] == 0.1 and meta["batch_size"] == 25 and meta["seed"] == 4 and "phi_convention" in meta
 
