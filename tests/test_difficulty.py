@@ -48,7 +48,17 @@ def test_learnability_table_and_mismatch_refusal(tracking):
     assert pairs["seeds_a"].item() == 2 and pairs["seeds_b"].item() == 2
     learn = table(run_id, "learnability.csv")
     assert sorted(learn["rank_cnn"]) == pytest.approx(sorted(np.arange(1, 101)), abs=0.5)  # ranks 1..n (ties averaged)
-    assert -1 <= pairs["pearson_learnability"].item() <= 1
+    # Recomputed from the runs' own arrays: mean over seeds of the mean over epochs of p(true label).
+    from scipy.stats import spearmanr
+
+    from sample_importance import load_dynamics
+
+    mlp = np.mean([np.asarray(load_dynamics(i).p_true, np.float64).mean(0) for i in ids[:2]], axis=0)
+    cnn = np.mean([np.asarray(load_dynamics(i).p_true, np.float64).mean(0) for i in ids[2:]], axis=0)
+    np.testing.assert_allclose(learn["learnability_mlp:1x16"], mlp, rtol=1e-6)
+    np.testing.assert_allclose(learn["learnability_cnn"], cnn, rtol=1e-6)
+    assert pairs["pearson_learnability"].item() == pytest.approx(np.corrcoef(mlp, cnn)[0, 1], abs=1e-6)
+    assert pairs["spearman_rank"].item() == pytest.approx(spearmanr(mlp, cnn).statistic, abs=1e-6)
     other = train.main(["--subset", "80", "--epochs", "4", "--batch_size", "20", "--device", "cpu", "--depth", "0"])
     with pytest.raises(UserError, match="cannot be compared"):
         learnability.main(["--train_run_ids", f"{ids[0]},{other}"] + BASE)

@@ -333,7 +333,7 @@ class LearnabilityConfig(AnalysisConfig):
 INFLUENCE_MODES = ("influence", "validate", "breakdown")
 
 
-def _floats(text: str, name: str) -> list[float]:
+def parse_floats(text: str, name: str) -> list[float]:
     try:
         return [float(p) for p in _ids(text)]
     except ValueError:
@@ -405,12 +405,12 @@ class InfluenceConfig(AnalysisConfig):
             raise ConfigError("unrolled must be -1, 0 or 1 and per_layer 0 or 1.")
         if self.mode == "validate" and "self" in self.target_list() and len(self.target_list()) == 1:
             raise ConfigError("validate compares the change of a test target: add test_loss or class_prob to targets.")
-        changes = _floats(self.breakdown_changes, "breakdown_changes")
+        changes = parse_floats(self.breakdown_changes, "breakdown_changes")
         if any(not 0 < c <= 1 for c in changes):
             raise ConfigError("breakdown_changes must lie in (0, 1] (1 = removal).")
-        if any(v <= 0 for v in _floats(self.breakdown_lrs, "breakdown_lrs")):
+        if any(v <= 0 for v in parse_floats(self.breakdown_lrs, "breakdown_lrs")):
             raise ConfigError("breakdown_lrs must be positive.")
-        if any(v < 1 or v != int(v) for v in _floats(self.breakdown_epochs, "breakdown_epochs")):
+        if any(v < 1 or v != int(v) for v in parse_floats(self.breakdown_epochs, "breakdown_epochs")):
             raise ConfigError("breakdown_epochs must be positive integers.")
         return self
 

@@ -3,7 +3,6 @@ side (with label-noise detection when the run flipped labels), and sample-wise l
 across architectures (Lee et al. 2019)."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from pathlib import Path
 
@@ -14,9 +13,8 @@ from . import mlflow_io, plots
 from .analysis import scores as S
 from .config import ConfigError, LearnabilityConfig, ScoresConfig, architecture_name
 from .data import load_dataset
-from .dynamics import Dynamics, check_aligned
-from .study import TAG_TRAIN_RUNS, _images, _one_run, _start
-from .tasks import train_run_name
+from .dynamics import Dynamics
+from .study import as_images, one_run, start_analysis, train_runs
 
 SCORE_COLUMNS = ["total_importance", "final_nll", "confidence", "variability", "correctness", "forgetting", "el2n",
                  "grand"]
@@ -29,8 +27,8 @@ def flipped_labels(d: Dynamics, data_dir: str) -> np.ndarray:
 
 
 def run_scores(cfg: ScoresConfig, project_dir: str | Path) -> str:
-    with _start(cfg, "scores", "Every per-sample difficulty score of one run, side by side") as run:
-        d = _one_run(cfg, project_dir)
+    with start_analysis(cfg, "scores", "Every per-sample difficulty score of one run, side by side") as run:
+        d = one_run(cfg, project_dir)
         table = S.score_table(d, cfg.early_epoch)
         noise = float(d.metadata["config"].get("label_noise", 0.0))
         flipped = flipped_labels(d, cfg.data_dir) if noise > 0 else None
@@ -61,19 +59,10 @@ def _architecture(d: Dynamics) -> str:
 
 def run_learnability(cfg: LearnabilityConfig, project_dir: str | Path) -> str:
     """Train (or read) num_seeds runs of each architecture, then Table 1 and fig. 1 of Lee et al."""
-    with _start(cfg, "learnability", "Sample-wise learnability across architectures (Lee et al. 2019)") as run:
-        ids = cfg.run_ids()
-        if not ids:
-            for arch in cfg.architecture_list():
-                for seed in range(cfg.seed, cfg.seed + cfg.num_seeds):
-                    tcfg = dataclasses.replace(cfg.train_config(), seed=seed, **arch)
-                    run_id, reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
-                    print(f"{'reusing' if reused else 'trained'} {architecture_name(tcfg.model, tcfg.depth, tcfg.width)}"
-                          f" seed {seed}: {run_id}", flush=True)
-                    ids.append(run_id)
-        mlflow_io.set_tags({TAG_TRAIN_RUNS: ",".join(ids)})
-        runs = {run_id: mlflow_io.load_dynamics(run_id) for run_id in ids}
-        check_aligned(runs)  # same dataset, samples and epochs, or a clear refusal
+    with start_analysis(cfg, "learnability", "Sample-wise learnability across architectures (Lee et al. 2019)") as run:
+        # Refuses runs on different samples (dataset, subset, sample ids, epochs).
+        runs = train_runs(cfg, project_dir, list(range(cfg.seed, cfg.seed + cfg.num_seeds)),
+                          cfg.architecture_list())
         groups: dict[str, list[Dynamics]] = {}
         for d in runs.values():
             groups.setdefault(_architecture(d), []).append(d)
@@ -109,7 +98,7 @@ def run_learnability(cfg: LearnabilityConfig, project_dir: str | Path) -> str:
         rows, images, titles = [], [], []
         for kind, chosen in (("easiest", np.argsort(mean_rank)[:8]), ("hardest", np.argsort(-mean_rank)[:8])):
             rows.append(kind)
-            images.append(_images(data.x_train[chosen], shape))
+            images.append(as_images(data.x_train[chosen], shape))
             titles.append(["\n".join(f"{a}: {R[a][i]:.0f}" for a in archs) for i in chosen])
         mlflow_io.log_figure(plots.extreme_images(images, titles, rows), "figures/easiest_hardest.png")
         return run.info.run_id

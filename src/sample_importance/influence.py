@@ -21,11 +21,12 @@ from torch.func import grad
 from . import dynamics as dyn
 from . import mlflow_io, plots
 from .analysis import influence as inf
-from .config import ConfigError, InfluenceConfig, TrainConfig, _floats
+from .config import ConfigError, InfluenceConfig, TrainConfig, parse_floats
 from .data import Dataset, training_data
 from .models import model_for
-from .study import _images, _train_runs
-from .training import fit, resolve_device, shuffled_orders
+from .study import as_images, train_runs
+from .tasks import retrain
+from .training import resolve_device, shuffled_orders
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Trained:
     data: Dataset
     model: torch.nn.Module
     init_state: dict
+    init_theta: torch.Tensor  # the initial parameters, flat, float64 (where the unrolled influence starts)
     device: torch.device
 
 
@@ -52,10 +54,12 @@ def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Tr
     cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": device})
     data = training_data(cfg)
     dev = resolve_device(device)
-    model = model_for(cfg, data)
+    model = model_for(cfg, data).double().to(dev)
+    init_state = torch.load(paths[dyn.INIT_STATE], weights_only=True)
+    model.load_state_dict(init_state)
+    init_theta = inf.Flat(model).of_model()
     model.load_state_dict(torch.load(paths[dyn.FINAL_STATE], weights_only=True))
-    return Trained(run_id, d, cfg, data, model.double().to(dev), torch.load(paths[dyn.INIT_STATE], weights_only=True),
-                   dev)
+    return Trained(run_id, d, cfg, data, model, init_state, init_theta, dev)
 
 
 def target_set(data: Dataset, cfg: InfluenceConfig) -> np.ndarray:
@@ -77,12 +81,10 @@ def target_set(data: Dataset, cfg: InfluenceConfig) -> np.ndarray:
 
 def replay(trained_cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray,
            weight: np.ndarray | None = None) -> torch.Tensor:
-    """Retrain in float64 through the training loop from `init_state` in `order`, with sample
-    weights `weight` (the counterfactual runs); the final flat parameters."""
-    model = model_for(trained_cfg, data).double()
-    model.load_state_dict({k: v.double() for k, v in init_state.items()})
-    fit(model, data, trained_cfg, order=order, sample_weight=weight)
-    return inf.Flat(model).of_model()
+    """A counterfactual run: retrained in float64 without tracking, from `init_state` in `order`
+    with sample weights `weight`; its final flat parameters."""
+    result = retrain(trained_cfg, data, init_state, order, weight, dtype=torch.float64, track=False)
+    return inf.Flat(result.model).of_model()
 
 
 def _chosen(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +104,7 @@ def run_influence(cfg: InfluenceConfig, project_dir: str | Path) -> str:
         if cfg.mode == "breakdown":
             _breakdown(cfg)
             return run.info.run_id
-        run_id, d = next(iter(_train_runs(cfg, project_dir, [cfg.seed]).items()))
+        run_id, d = next(iter(train_runs(cfg, project_dir, [cfg.seed]).items()))
         trained = load_trained(run_id, d, cfg.data_dir, cfg.device)
         data, dev = trained.data, trained.device
         test = target_set(data, cfg)
@@ -125,7 +127,7 @@ def run_influence(cfg: InfluenceConfig, project_dir: str | Path) -> str:
 
         table = pd.DataFrame({"sample_id": d.sample_id, "label": d.label, "total_importance": d.total_importance,
                               "final_nll": d.final_loss})
-        solves, metrics = [], {}
+        solves = []
         blocks = flat.blocks(d.layer_names)
         opts = dict(max_direct=cfg.max_direct, cg_tol=cfg.cg_tol, cg_maxiter=cfg.cg_maxiter,
                     lissa_depth=cfg.lissa_depth, lissa_scale=cfg.lissa_scale, lissa_batch=cfg.lissa_batch,
@@ -153,33 +155,28 @@ def run_influence(cfg: InfluenceConfig, project_dir: str | Path) -> str:
                     solves.append({"target": target.name, "block": layer, "solver": cfg.solver,
                                    "residual": sol_l.residual, "matvecs": sol_l.matvecs, "seconds": sol_l.seconds,
                                    **sol_l.info})
-            if _unrolled_wanted(cfg, flat, d):
-                start = time.perf_counter()
-                init = inf.Flat(_model_at(trained, trained.init_state)).of_model()
-                unrolled, _ = inf.unrolled_influence(
-                    flat, init, x, y, np.asarray(d.batch_order), trained.config.batch_size, trained.config.lr,
-                    trained.config.weight_decay, target.fn, max_bytes=cfg.max_memory_gb * 1e9,
-                    progress=lambda m: print(m, flush=True))
-                table[f"unrolled_{target.name}"] = unrolled.cpu().numpy()
-                solves.append({"target": target.name, "block": "unrolled", "solver": "reverse-mode replay",
-                               "seconds": time.perf_counter() - start})
-        _log_influence(cfg, trained, table, targets, test, solves, metrics)
+        differentiable = [t for t in targets if t.fn is not None]
+        if differentiable and _unrolled_wanted(cfg, flat, d, len(differentiable)):
+            start = time.perf_counter()
+            unrolled, _ = inf.unrolled_influence(
+                flat, trained.init_theta, x, y, d.batch_order, trained.config.batch_size, trained.config.lr,
+                trained.config.weight_decay, [t.fn for t in differentiable], max_bytes=cfg.max_memory_gb * 1e9,
+                progress=lambda m: print(m, flush=True))
+            for t, row in zip(differentiable, unrolled.cpu().numpy()):
+                table[f"unrolled_{t.name}"] = row
+            solves.append({"target": "all", "block": "unrolled",
+                           "solver": "reverse-mode replay", "seconds": time.perf_counter() - start})
+        _log_influence(trained, table, targets, test, solves)
         if cfg.mode == "validate":
             _validate(cfg, trained, obj, theta, next(t for t in targets if t.fn is not None), table)
         return run.info.run_id
 
 
-def _model_at(trained: Trained, state: dict) -> torch.nn.Module:
-    model = model_for(trained.config, trained.data)
-    model.load_state_dict(state)
-    return model.double().to(trained.device)
-
-
-def _unrolled_wanted(cfg: InfluenceConfig, flat: inf.Flat, d: dyn.Dynamics) -> bool:
+def _unrolled_wanted(cfg: InfluenceConfig, flat: inf.Flat, d: dyn.Dynamics, targets: int) -> bool:
     if cfg.unrolled == 0:
         return False
     steps = d.batch_order.shape[0] * -(-d.metadata["n"] // d.metadata["batch_size"])
-    need = inf.unrolled_memory_bytes(flat.size, steps)
+    need = inf.unrolled_memory_bytes(flat.size, steps, targets=targets)
     if cfg.unrolled == -1 and need > cfg.max_memory_gb * 1e9:
         print(f"skipping the unrolled influence: it needs about {need / 1e9:.1f} GB, more than max_memory_gb="
               f"{cfg.max_memory_gb:g} (unrolled=1 insists and says so)", flush=True)
@@ -187,11 +184,12 @@ def _unrolled_wanted(cfg: InfluenceConfig, flat: inf.Flat, d: dyn.Dynamics) -> b
     return True
 
 
-def _log_influence(cfg: InfluenceConfig, trained: Trained, table: pd.DataFrame, targets: list[inf.Target],
-                   test: np.ndarray, solves: list[dict], metrics: dict) -> None:
+def _log_influence(trained: Trained, table: pd.DataFrame, targets: list[inf.Target],
+                   test: np.ndarray, solves: list[dict]) -> None:
     """influence.csv, solver table, correlations with importance and NLL, the figures."""
     from scipy.stats import spearmanr
 
+    metrics = {}
     mlflow_io.log_table(table, "influence.csv")
     mlflow_io.log_table(pd.DataFrame(solves), "solves.csv")
     mlflow_io.log_dict({"test_ids": test.tolist(), "targets": {t.name: t.description for t in targets},
@@ -205,8 +203,8 @@ def _log_influence(cfg: InfluenceConfig, trained: Trained, table: pd.DataFrame, 
         metrics[f"spearman_nll_{t.name}"] = float(spearmanr(np.abs(col), table["final_nll"]).statistic)
         order = np.argsort(col)
         helpful, harmful = order[:8], order[::-1][:8]
-        mlflow_io.log_figure(plots.influence_images(_images(trained.data.x_train[helpful], shape),
-                                                    _images(trained.data.x_train[harmful], shape),
+        mlflow_io.log_figure(plots.influence_images(as_images(trained.data.x_train[helpful], shape),
+                                                    as_images(trained.data.x_train[harmful], shape),
                                                     col[helpful], col[harmful], t.name),
                              f"figures/top_{t.name}.png")
         panels = [{"x": table["total_importance"], "y": np.abs(col), "xlabel": r"total importance $\tau_i$",
@@ -300,19 +298,21 @@ def _breakdown(cfg: InfluenceConfig) -> None:
     yt = torch.as_tensor(data.y_test[test], device=dev)
     x = torch.as_tensor(data.x_train, dtype=torch.float64, device=dev)
     y = torch.as_tensor(data.y_train, device=dev)
-    changes = _floats(cfg.breakdown_changes, "breakdown_changes")
+    changes = parse_floats(cfg.breakdown_changes, "breakdown_changes")
     rows, samples = [], []
-    for lr in _floats(cfg.breakdown_lrs, "breakdown_lrs"):
-        for epochs in [int(e) for e in _floats(cfg.breakdown_epochs, "breakdown_epochs")]:
+    for lr in parse_floats(cfg.breakdown_lrs, "breakdown_lrs"):
+        for epochs in [int(e) for e in parse_floats(cfg.breakdown_epochs, "breakdown_epochs")]:
             tcfg = dataclasses.replace(cfg.train_config(), lr=lr, epochs=epochs)
             model = model_for(tcfg, data).double()
             init = {k: v.clone() for k, v in model.state_dict().items()}
             flat = inf.Flat(model.to(dev))
             target = inf.make_target("test_loss", flat, xt, yt)
             order = shuffled_orders(data.n_train, epochs, tcfg.seed)
-            influence, final = inf.unrolled_influence(flat, flat.of_model(), x, y, order, tcfg.batch_size, lr,
-                                                      tcfg.weight_decay, target.fn, max_bytes=cfg.max_memory_gb * 1e9)
-            influence = influence.cpu().numpy()
+            influence, _ = inf.unrolled_influence(flat, flat.of_model(), x, y, order, tcfg.batch_size, lr,
+                                                  tcfg.weight_decay, [target.fn], max_bytes=cfg.max_memory_gb * 1e9)
+            influence = influence[0].cpu().numpy()
+            # The baseline goes through the same retraining code as the counterfactuals, so their
+            # difference is the weight change alone.
             t0 = float(target.fn(replay(tcfg, data, init, order)))
             chosen = np.concatenate(_chosen(influence, cfg.num_validate, cfg.seed))
             for change in changes:

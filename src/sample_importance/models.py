@@ -14,12 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class MLP(nn.Module):
-    def __init__(self, in_features: int, num_classes: int = 10, depth: int = 3, width: int = 512):
-        super().__init__()
-        sizes = [in_features] + [width] * depth + [num_classes]
-        names = [f"L{k + 1}" for k in range(depth)] + ["Out"]
-        self.layers = nn.ModuleDict({name: nn.Linear(a, b) for name, a, b in zip(names, sizes, sizes[1:])})
+class LayeredModel(nn.Module):
+    """What both models share: weighted layers in `self.layers` (in order), `forward_tapped`."""
+
+    layers: nn.ModuleDict
 
     @property
     def layer_names(self) -> list[str]:
@@ -36,6 +34,17 @@ class MLP(nn.Module):
         return self.forward_tapped(x)[0]
 
     def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        raise NotImplementedError
+
+
+class MLP(LayeredModel):
+    def __init__(self, in_features: int, num_classes: int = 10, depth: int = 3, width: int = 512):
+        super().__init__()
+        sizes = [in_features] + [width] * depth + [num_classes]
+        names = [f"L{k + 1}" for k in range(depth)] + ["Out"]
+        self.layers = nn.ModuleDict({name: nn.Linear(a, b) for name, a, b in zip(names, sizes, sizes[1:])})
+
+    def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Logits (B, classes) and, per layer, (input a (B, in), pre-activation z (B, out))."""
         taps = []
         h = x
@@ -47,7 +56,7 @@ class MLP(nn.Module):
         return h, taps
 
 
-class CNN(nn.Module):
+class CNN(LayeredModel):
     def __init__(self, image_shape: tuple[int, int, int], num_classes: int = 10, channels: tuple[int, ...] = (16, 32)):
         super().__init__()
         self.image_shape = tuple(image_shape)
@@ -60,10 +69,6 @@ class CNN(nn.Module):
             raise ValueError(f"images of shape {image_shape} are too small for {len(channels)} poolings")
         layers["Out"] = nn.Linear(c * h * w, num_classes)
         self.layers = nn.ModuleDict(layers)
-
-    layer_names = MLP.layer_names
-    reset_parameters = MLP.reset_parameters
-    forward = MLP.forward
 
     def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Logits (B, classes) and, per layer, (input, pre-activation): (B, C, H, W) for convolutions."""

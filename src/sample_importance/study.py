@@ -25,23 +25,26 @@ CLAIMS = "claims.json"
 TAG_TRAIN_RUNS = "sample_importance.train_run_ids"
 
 
-def _train_runs(cfg: AnalysisConfig, project_dir: str | Path, seeds: list[int]) -> dict[str, Dynamics]:
-    """The given train runs, or for each seed the finished run matching the training fields (launched
-    as a child run when there is none). Loaded, validated and checked to hold the same samples."""
+def train_runs(cfg: AnalysisConfig, project_dir: str | Path, seeds: list[int],
+               architectures: list[dict] | None = None) -> dict[str, Dynamics]:
+    """The given train runs, or for each architecture (training-field overrides, e.g. {"model":
+    "cnn"}; default: the configured one) and seed the finished run matching the training fields
+    (launched as a child run when there is none). Loaded, validated and checked to hold the same samples."""
     ids = cfg.run_ids()
     if not ids:
-        for seed in seeds:
-            tcfg = dataclasses.replace(cfg.train_config(), seed=seed)
-            run_id, reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
-            print(f"{'reusing' if reused else 'trained'} train run {run_id} (seed {seed})", flush=True)
-            ids.append(run_id)
+        for arch in architectures or [{}]:
+            for seed in seeds:
+                tcfg = dataclasses.replace(cfg.train_config(), seed=seed, **arch)
+                run_id, reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
+                print(f"{'reusing' if reused else 'trained'} train run {run_id} ({train_run_name(tcfg)})", flush=True)
+                ids.append(run_id)
     mlflow_io.set_tags({TAG_TRAIN_RUNS: ",".join(ids)})
     runs = {run_id: mlflow_io.load_dynamics(run_id) for run_id in ids}
     check_aligned(runs)
     return runs
 
 
-def _start(cfg: AnalysisConfig, entry_point: str, description: str):
+def start_analysis(cfg: AnalysisConfig, entry_point: str, description: str):
     cfg.check()
     return mlflow_io.start_run(f"{entry_point} {cfg.dataset}", entry_point,
                                tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()}, description=description,
@@ -50,8 +53,8 @@ def _start(cfg: AnalysisConfig, entry_point: str, description: str):
 
 def run_stability(cfg: StabilityConfig, project_dir: str | Path) -> str:
     """Fig. 1: Spearman rank correlation of alpha across initialisations, every `every` epochs."""
-    with _start(cfg, "stability", "Is sample importance stable across initialisations? (paper fig. 1)") as run:
-        runs = _train_runs(cfg, project_dir, list(range(cfg.seed, cfg.seed + cfg.num_seeds)))
+    with start_analysis(cfg, "stability", "Is sample importance stable across initialisations? (paper fig. 1)") as run:
+        runs = train_runs(cfg, project_dir, list(range(cfg.seed, cfg.seed + cfg.num_seeds)))
         seeds = [str(d.metadata["seed"]) for d in runs.values()]
         labels = seeds if len(set(seeds)) == len(seeds) else list(runs)  # run ids when seeds repeat
         table = stability.stability_table({lab: d.alpha for lab, d in zip(labels, runs.values())}, cfg.every)
@@ -66,9 +69,9 @@ def run_stability(cfg: StabilityConfig, project_dir: str | Path) -> str:
 
 def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
     """Figs. 2, 3, 10: importance by epoch, layer, class, parameter and group of samples."""
-    with _start(cfg, "decompose", "Which samples, classes and layers carry the importance, and when? "
+    with start_analysis(cfg, "decompose", "Which samples, classes and layers carry the importance, and when? "
                                   "(paper figs. 2, 3, 10)") as run:
-        d = _one_run(cfg, project_dir)
+        d = one_run(cfg, project_dir)
         names, counts = d.layer_names, list(d.metadata["parameter_counts"].values())
         totals = decomposition.layer_totals(d.importance)  # (E, L)
         per_param = decomposition.per_parameter(totals, counts)
@@ -104,8 +107,8 @@ def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
 
 def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
     """Fig. 4: correlation between in-epoch NLL and importance, and its trend over training."""
-    with _start(cfg, "nll", "Is a sample's importance related to its loss? (paper fig. 4)") as run:
-        d = _one_run(cfg, project_dir)
+    with start_analysis(cfg, "nll", "Is a sample's importance related to its loss? (paper fig. 4)") as run:
+        d = one_run(cfg, project_dir)
         alpha = d.alpha
         spear, pear = nll.nll_importance_correlation(np.asarray(d.loss), alpha)
         epochs = np.arange(1, len(spear) + 1)
@@ -123,8 +126,8 @@ def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
 
 def run_cluster(cfg: ClusterConfig, project_dir: str | Path) -> str:
     """Figs. 5, 6: k-means on the epoch x layer importance profiles of one class's samples."""
-    with _start(cfg, "cluster", f"Clusters of class {cfg.label} by importance profile (paper figs. 5, 6)") as run:
-        d = _one_run(cfg, project_dir)
+    with start_analysis(cfg, "cluster", f"Clusters of class {cfg.label} by importance profile (paper figs. 5, 6)") as run:
+        d = one_run(cfg, project_dir)
         members = np.flatnonzero(d.label == cfg.label)
         k = min(cfg.num_clusters, len(members))
         if k < 3:
@@ -154,7 +157,7 @@ def run_cluster(cfg: ClusterConfig, project_dir: str | Path) -> str:
         images = []
         for c in shown:
             ids = d.sample_id[members][summary.assignment == c][:16]
-            images.append(_images(data.x_train[ids], d.metadata["image_shape"]))
+            images.append(as_images(data.x_train[ids], d.metadata["image_shape"]))
         titles = [f"{kind} cluster: rank {c + 1} of {k}\n{summary.size[c]} samples, mean NLL "
                   f"{summary.difficulty[c]:.3g}" for kind, c in zip(("easy", "middle", "hard"), shown)]
         mlflow_io.log_figure(plots.clusters([summary.profile[c] for c in shown],
@@ -166,12 +169,12 @@ def run_cluster(cfg: ClusterConfig, project_dir: str | Path) -> str:
         return run.info.run_id
 
 
-def _one_run(cfg: AnalysisConfig, project_dir: str | Path) -> Dynamics:
-    runs = _train_runs(cfg, project_dir, [cfg.seed])
+def one_run(cfg: AnalysisConfig, project_dir: str | Path) -> Dynamics:
+    runs = train_runs(cfg, project_dir, [cfg.seed])
     return next(iter(runs.values()))
 
 
-def _images(x: np.ndarray, shape: list[int]) -> np.ndarray:
+def as_images(x: np.ndarray, shape: list[int]) -> np.ndarray:
     """Flat samples (k, C*H*W) -> images (k, H, W) for grey or (k, H, W, 3) for colour."""
     c, h, w = shape
     imgs = x.reshape(len(x), c, h, w)

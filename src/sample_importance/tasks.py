@@ -130,6 +130,17 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
         return run.info.run_id
 
 
+def retrain(cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray,
+            sample_weight: np.ndarray | None = None, dtype: torch.dtype = torch.float32,
+            track: bool = True) -> FitResult:
+    """Train again through the one loop from `init_state`, presenting samples in `order` (epochs, n),
+    optionally with sample weights and in another floating-point type (the counterfactual runs of
+    `influence` retrain in float64 without tracking)."""
+    model = model_for(cfg, data).to(dtype)
+    model.load_state_dict(init_state)  # copies, casting to the model's type
+    return fit(model, data, cfg, order=np.array(order), sample_weight=sample_weight, track=track)
+
+
 def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") -> FitResult:
     """Retrain a recorded run from its initial parameters and recorded presentation order.
 
@@ -137,9 +148,7 @@ def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") ->
     cfg = TrainRunConfig(**{**d.metadata["config"], "device": device})
     if data is None:
         data = training_data(cfg)
-    model = model_for(cfg, data)
-    model.load_state_dict(torch.load(d.folder / dyn.INIT_STATE, weights_only=True))
-    return fit(model, data, cfg, order=np.asarray(d.batch_order))
+    return retrain(cfg, data, torch.load(d.folder / dyn.INIT_STATE, weights_only=True), d.batch_order)
 
 
 def _progress_line(rec: EpochRecord, epochs: int) -> str:

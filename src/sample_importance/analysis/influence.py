@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator, cg
 from scipy.stats import pearsonr, spearmanr
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
 from ..errors import UserError
 
@@ -96,16 +96,19 @@ class Objective:
         losses = self.sample_losses(theta, x, y)
         return (losses if w is None else losses * w).sum() / self.n
 
-    def value(self, theta: torch.Tensor, weight: torch.Tensor | None = None) -> float:
-        with torch.no_grad():
-            total = sum(float(self._part(theta, x, y, w)) for x, y, w in self._chunks(weight))
-            return total + 0.5 * self.wd * float(theta.square().sum())
+    def value_and_gradient(self, theta: torch.Tensor, weight: torch.Tensor | None = None
+                           ) -> tuple[float, torch.Tensor]:
+        """J and its gradient from one pass over the data."""
+        g = self.wd * theta.detach().clone()
+        total = 0.5 * self.wd * float(theta.square().sum())
+        for x, y, w in self._chunks(weight):
+            gc, vc = grad_and_value(self._part)(theta, x, y, w)
+            g += gc
+            total += float(vc)
+        return total, g
 
     def gradient(self, theta: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.wd * theta.detach().clone()
-        for x, y, w in self._chunks(weight):
-            g += grad(self._part)(theta, x, y, w)
-        return g
+        return self.value_and_gradient(theta, weight)[1]
 
     def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """H v by forward-over-reverse differentiation (torch.func.jvp of torch.func.grad)."""
@@ -228,8 +231,7 @@ def solve(solver: str, objective: Objective, theta: torch.Tensor, b: torch.Tenso
         if scale <= 0:  # power iteration for the largest eigenvalue of H + damping I
             v = torch.randn(size, generator=gen, dtype=theta.dtype).to(theta.device)
             for _ in range(30):
-                w = matvec(v / v.norm())
-                v = w
+                v = matvec(v / v.norm())
             scale = 1.2 * float(v.norm())
             info["estimated_top_eigenvalue"] = scale / 1.2
         info["scale"] = scale
@@ -290,9 +292,8 @@ def polish(objective: Objective, theta: torch.Tensor, steps: int, weight: torch.
                                 line_search_fn="strong_wolfe")
 
         def closure():
-            opt.zero_grad()
-            param.grad = objective.gradient(param.detach(), weight)
-            return torch.tensor(objective.value(param.detach(), weight), dtype=torch.float64)
+            value, param.grad = objective.value_and_gradient(param.detach(), weight)
+            return torch.tensor(value, dtype=torch.float64)
 
         opt.step(closure)
     theta = param.detach()
@@ -308,31 +309,35 @@ def sgd_update(flat: Flat, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     return theta - lr * (grad(batch_loss)(theta) + weight_decay * theta)
 
 
-def unrolled_memory_bytes(num_params: int, steps: int, itemsize: int = 8) -> int:
-    """Parameter vectors held at once: one checkpoint per segment and one segment's states."""
+def unrolled_memory_bytes(num_params: int, steps: int, itemsize: int = 8, targets: int = 1) -> int:
+    """Parameter vectors held at once: one checkpoint per segment, one segment's states, and the
+    adjoint (and its step's intermediates) of every target."""
     seg = math.ceil(math.sqrt(steps))
-    return (math.ceil(steps / seg) + seg + 4) * num_params * itemsize
+    return (math.ceil(steps / seg) + seg + 4 * targets) * num_params * itemsize
 
 
 def unrolled_influence(flat: Flat, theta0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, order: np.ndarray,
-                       batch_size: int, lr: float, weight_decay: float, target: Callable[[torch.Tensor], torch.Tensor],
-                       weight: torch.Tensor | None = None, max_bytes: float = 4e9,
-                       progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """dT(theta^T)/dv_i for every training sample through the whole SGD trajectory that starts at
-    theta0 and presents the samples in `order` (epochs, n), batches of `batch_size`.
+                       batch_size: int, lr: float, weight_decay: float,
+                       targets: list[Callable[[torch.Tensor], torch.Tensor]], weight: torch.Tensor | None = None,
+                       max_bytes: float = 4e9, progress: Callable[[str], None] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """dT(theta^T)/dv_i, for every target T and every training sample, through the whole SGD
+    trajectory that starts at theta0 and presents the samples in `order` (epochs, n), batches of
+    `batch_size`. All targets share one forward pass and one backward pass (the vector-Jacobian
+    products are vmapped over the targets' adjoints).
 
     Reverse mode: lambda^T = grad T(theta^T); for each step t backwards, dT/dv_i += lambda^{t+1 T}
     d theta^{t+1}/d v_i (samples of batch t) and lambda^t = (d theta^{t+1}/d theta^t)^T lambda^{t+1}
     (= (I - lr (H_t + wd I)) lambda^{t+1}), both from one vector-Jacobian product of the step.
     States are recomputed segment by segment from sqrt(T) stored checkpoints, so memory is
-    O(sqrt(T) P). Returns (influence (n,), theta^T)."""
+    O(sqrt(T) P). Returns (influence (targets, n), theta^T)."""
     n = len(y)
     w_all = torch.ones(n, dtype=theta0.dtype, device=theta0.device) if weight is None else weight
     order = np.array(order)  # a writable copy (the recorded order may be a read-only memory map)
     batches = [torch.as_tensor(order[e, s:s + batch_size], device=theta0.device)
                for e in range(order.shape[0]) for s in range(0, n, batch_size)]
     T = len(batches)
-    need = unrolled_memory_bytes(flat.size, T, theta0.element_size())
+    need = unrolled_memory_bytes(flat.size, T, theta0.element_size(), len(targets))
     if need > max_bytes:
         raise InfluenceError(f"The unrolled influence of this run ({T} steps, {flat.size} parameters) needs about "
                              f"{need / 1e9:.1f} GB, more than max_memory_gb={max_bytes / 1e9:g}: use a smaller run "
@@ -350,8 +355,8 @@ def unrolled_influence(flat: Flat, theta0: torch.Tensor, x: torch.Tensor, y: tor
             checkpoints.append(theta)
         theta = step(theta, t).detach()
     final = theta
-    lam = grad(target)(final)
-    influence = torch.zeros(n, dtype=theta0.dtype, device=theta0.device)
+    lam = torch.stack([grad(target)(final) for target in targets])  # (targets, P)
+    influence = torch.zeros(len(targets), n, dtype=theta0.dtype, device=theta0.device)
     for k in range(len(checkpoints) - 1, -1, -1):
         first, last = k * seg, min((k + 1) * seg, T)
         states = [checkpoints[k]]
@@ -361,8 +366,8 @@ def unrolled_influence(flat: Flat, theta0: torch.Tensor, x: torch.Tensor, y: tor
             ids = batches[t]
             _, pullback = vjp(lambda th, w: sgd_update(flat, th, x[ids], y[ids], w, lr, weight_decay),
                               states[t - first], w_all[ids])
-            lam, dw = pullback(lam)
-            influence.index_add_(0, ids, dw)
+            lam, dw = vmap(pullback)(lam)
+            influence.index_add_(1, ids, dw)
         if progress is not None and k % max(1, len(checkpoints) // 10) == 0:
             progress(f"unrolled influence: {T - first} of {T} steps differentiated")
     return influence, final
