@@ -35,6 +35,23 @@ def test_scores_with_label_noise(tracking):
     figures = {f.path for f in MlflowClient().list_artifacts(run_id, "figures")}
     assert {"figures/data_map.png", "figures/rank_correlations.png"} <= figures
 
+    import prune
+
+    run_id = prune.main(["--train_run_ids", noisy, "--keep_fractions", "0.5", "--prune_scores", "final_nll,forgetting"]
+                        + BASE + ["--num_seeds", "2"])
+    p = table(run_id, "prune.csv")
+    assert len(p) == 2 * (1 + 1 + 2 * 2)  # seeds x (all, random, 2 scores x hardest/easiest)
+    assert set(p.loc[p.score != "all", "n_kept"]) == {50} and set(p.loc[p.score == "all", "n_kept"]) == {100}
+    nll = p[p.score == "final_nll"].set_index(["keep", "seed"])["flipped_kept"]
+    # The flipped labels keep the highest final loss: keeping the easiest half drops them.
+    assert (nll.loc["easiest"] < 0.1).all() and (nll.loc["hardest"] > 0.3).all()
+    # Untracked retraining on every sample with the run's seed repeats the tracked run exactly.
+    full = p[(p.score == "all") & (p.seed == 0)]["test_error"].item()
+    assert full == pytest.approx(mlflow.get_run(noisy).data.metrics["final_test_error"], abs=1e-12)
+    assert {"figures/pruning.png"} <= {f.path for f in MlflowClient().list_artifacts(run_id, "figures")}
+    with pytest.raises(UserError, match="fewer than the run's batch_size"):
+        prune.main(["--train_run_ids", noisy, "--keep_fractions", "0.1"] + BASE)
+
 
 def test_learnability_table_and_mismatch_refusal(tracking):
     import learnability

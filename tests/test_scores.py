@@ -43,14 +43,14 @@ def test_grand_recovers_the_gradient_norm_from_importance_with_a_ragged_batch():
 
 def test_recorded_error_l2_is_the_distance_of_softmax_to_the_label():
     from sample_importance.models import build_model
-    from sample_importance.tracking import sgd_step
+    from sample_importance.tracking import sample_statistics, sgd_step
 
     model = build_model(6, 4, 1, 8, 0)
     x = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
     y = torch.arange(9) % 4
     expected = (torch.softmax(model(x), 1) - F.one_hot(y, 4)).norm(dim=1)
     rec = sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 0.1)
-    torch.testing.assert_close(rec.error_l2, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sample_statistics(rec.logits, rec.loss, y)[2], expected.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_detection_auroc_and_precision():
@@ -66,3 +66,16 @@ def test_detection_auroc_and_precision():
     rho = S.rank_correlations(table, ["final_nll", "grand"])
     assert rho.loc["final_nll", "final_nll"] == pytest.approx(1.0)
     assert rho.loc["final_nll", "grand"] < 0
+
+
+def test_prune_keep_hardest_easiest_and_random():
+    values = np.array([0.5, 3.0, 1.0, 3.0, -2.0])
+    np.testing.assert_array_equal(S.prune_keep(values, 0.4, "hardest"), [1, 3])  # the two largest
+    np.testing.assert_array_equal(S.prune_keep(values, 0.4, "easiest"), [0, 4])
+    np.testing.assert_array_equal(S.prune_keep(values, 0.4, "hardest", harder_is_larger=False), [0, 4])
+    np.testing.assert_array_equal(S.prune_keep(values, 0.6, "hardest"), [1, 2, 3])
+    np.testing.assert_array_equal(S.prune_keep(values, 1.0, "easiest"), np.arange(5))
+    drawn = S.prune_keep(np.zeros(1000), 0.3, "random", seed=3)
+    assert len(drawn) == 300 == len(set(drawn.tolist()))
+    np.testing.assert_array_equal(drawn, S.prune_keep(np.zeros(1000), 0.3, "random", seed=3))
+    assert not np.array_equal(drawn, S.prune_keep(np.zeros(1000), 0.3, "random", seed=4))

@@ -18,7 +18,7 @@ from test_train_entry import _mlflow_run
 ENTRY_CONFIGS = {"main": C.StudyConfig, "train": C.TrainRunConfig, "stability": C.StabilityConfig,
                  "decompose": C.DecomposeConfig, "nll": C.NllConfig, "cluster": C.ClusterConfig,
                  "ordering": C.OrderingConfig, "sweep": C.SweepConfig, "influence": C.InfluenceConfig,
-                 "scores": C.ScoresConfig, "learnability": C.LearnabilityConfig}
+                 "scores": C.ScoresConfig, "prune": C.PruneConfig, "learnability": C.LearnabilityConfig}
 
 
 def test_mlproject_parameters_mirror_the_configs():

@@ -22,6 +22,7 @@ ENTRY_POINTS = {
     "cluster": (C.ClusterConfig, "k-means clusters of one class by importance profile (figs. 5, 6)"),
     "ordering": (C.OrderingConfig, "Batch constructions of section 3.6 over seeds, models in the registry (figs. 7, 8)"),
     "scores": (C.ScoresConfig, "Every per-sample difficulty score side by side; label-noise detection (AUROC)"),
+    "prune": (C.PruneConfig, "Data pruning: train on the samples each score keeps (hardest, easiest, random)"),
     "learnability": (C.LearnabilityConfig, "Sample-wise learnability across architectures (Lee et al. 2019)"),
     "influence": (C.InfluenceConfig, "Influence of each training sample (section 4): fixed point, unrolled, validated"),
     "sweep": (C.SweepConfig, "Optuna search over the learning rate, each trial over seeds; resumable, shared by workers"),

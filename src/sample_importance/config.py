@@ -16,6 +16,7 @@ from .errors import UserError
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
 DEVICES = ("auto", "cpu", "cuda")
+NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
 DEFAULT_DATA_DIR = str(Path.home() / ".cache" / "sample-importance")
 
 
@@ -38,6 +39,7 @@ class TrainConfig:
     seed: int = 0  # fixes the initialisation and the per-epoch shuffle
     label_noise: float = 0.0  # fraction of training labels flipped to another class (drawn with seed)
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda
+    parallel_models: int = 0  # models a multi-run stage trains in one loop: 0 = auto, 1 = each alone, k = k at once
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if not 0 <= self.label_noise < 1:
             raise ConfigError(f"label_noise must be a fraction in [0, 1), got {self.label_noise}.")
+        if self.parallel_models < 0:
+            raise ConfigError(f"parallel_models must be 0 (auto), 1 (each alone) or a count, got {self.parallel_models}.")
         return self
 
     def to_dict(self) -> dict:
@@ -72,10 +76,11 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the trained result (not where data is read from or
-        which device runs it), used to find an existing run with the same configuration."""
+        which device runs it, or with how many others), used to find an existing run with the same
+        configuration."""
         d = self.to_dict()
-        d.pop("data_dir")
-        d.pop("device")
+        for how in NOT_RESULT:
+            d.pop(how)
         if d["model"] == "mlp":
             d.pop("model")  # runs from before these options existed keep their fingerprints
         if d["label_noise"] == 0:
@@ -112,7 +117,7 @@ class TrainRunConfig(TrainConfig):
         # The default order adds nothing, so a plain shuffled run has the fingerprint of its TrainConfig.
         if self.ordering == "shuffle" and not self.reference_run_id:
             return self.train_config().fingerprint()
-        d = {k: v for k, v in self.to_dict().items() if k not in ("data_dir", "device", "resume_run_id")
+        d = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULT + ("resume_run_id",)
              and not (k == "model" and v == "mlp") and not (k == "label_noise" and v == 0)}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -286,6 +291,38 @@ class ScoresConfig(AnalysisConfig):
         return self
 
 
+PRUNE_KEEPS = ("hardest", "easiest")
+
+
+@dataclass(frozen=True)
+class PruneConfig(ScoresConfig):
+    """`prune`: train on the fraction of samples each score keeps; test error against the fraction."""
+
+    keep_fractions: str = "0.1,0.3,0.5,0.7,0.9"  # comma-separated fractions of the training set kept
+    prune_scores: str = "total_importance,el2n,grand,forgetting,final_nll,variability"  # scores that choose
+    num_seeds: int = 1  # seeds (seed, seed+1, ...) of each pruned training run
+
+    def fraction_list(self) -> list[float]:
+        return parse_floats(self.keep_fractions, "keep_fractions")
+
+    def score_list(self) -> list[str]:
+        return _ids(self.prune_scores)
+
+    def check(self) -> "PruneConfig":
+        super().check()
+        if not self.fraction_list() or any(not 0 < f <= 1 for f in self.fraction_list()):
+            raise ConfigError(f"keep_fractions must be fractions in (0, 1], got {self.keep_fractions!r}.")
+        from .analysis.scores import HARDER_IS_LARGER
+
+        unknown = [s for s in self.score_list() if s not in HARDER_IS_LARGER and not s.startswith("importance_")]
+        if not self.score_list() or unknown:
+            raise ConfigError(f"Unknown score(s) {', '.join(unknown) or '(none given)'} in prune_scores: choose "
+                              f"among {', '.join(HARDER_IS_LARGER)} or importance_<layer>.")
+        if self.num_seeds < 1:
+            raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
+        return self
+
+
 def parse_architecture(spec: str) -> dict:
     """'mlp:3x512' -> mlp with depth 3, width 512; 'logreg' -> mlp depth 0; 'cnn' -> the CNN."""
     spec = spec.strip()
@@ -430,6 +467,7 @@ _FIELD_HELP = {
     "seed": "fixes the initialisation and the per-epoch shuffle",
     "label_noise": "fraction of training labels flipped to another class, drawn with seed (label-noise experiment)",
     "device": "auto (CUDA if available) | cpu | cuda",
+    "parallel_models": "models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched",
     "train_run_ids": "comma-separated train run ids to analyse; empty = find or launch runs matching the training parameters",
     "num_seeds": "seeds (seed, seed+1, ...) trained when train_run_ids is empty",
     "every": "compare importance every this many epochs (paper: 5)",
@@ -453,6 +491,8 @@ _FIELD_HELP = {
     "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
     "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
     "early_epoch": "1-based epoch at which EL2N and GraNd are read (early in training)",
+    "keep_fractions": "prune: comma-separated fractions of the training set kept",
+    "prune_scores": "prune: comma-separated scores that choose the kept samples (columns of scores.csv)",
     "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn",
     "mode": "influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)",
     "targets": "comma-separated targets T: test_loss | class_prob | self",

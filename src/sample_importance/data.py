@@ -5,6 +5,7 @@ training split, so it is the same across runs, seeds and presentation orders.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import shutil
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ class Dataset:
     @property
     def sample_id(self) -> np.ndarray:
         return np.arange(self.n_train, dtype=np.int64)
+
+    def keep(self, ids: np.ndarray) -> "Dataset":
+        """The dataset with only the training samples `ids` (in that order); the test split unchanged."""
+        return dataclasses.replace(self, x_train=self.x_train[ids], y_train=self.y_train[ids])
 
 
 def load_dataset(name: str, data_dir: str | Path, subset: int = 0) -> Dataset:
@@ -134,8 +139,14 @@ def _torchvision(name: str, data_dir: Path) -> Dataset:
     (xtr, ytr), (xte, yte) = splits[True], splits[False]
     xtr, ytr = xtr[:PAPER_TRAIN_SIZE], ytr[:PAPER_TRAIN_SIZE]
     shape = tuple(xtr.shape[1:])
-    flat = lambda a: (a.reshape(len(a), -1) / np.float32(255.0)).astype(np.float32)  # noqa: E731
-    return Dataset(name, flat(xtr), ytr, flat(xte), yte, shape)
+    return Dataset(name, _unit_float(xtr), ytr, _unit_float(xte), yte, shape)
+
+
+def _unit_float(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, ...) -> float32 (N, pixels) in [0, 1], with one float copy (no temporaries)."""
+    x = images.reshape(len(images), -1).astype(np.float32)
+    x /= np.float32(255.0)
+    return x
 
 
 def _remove_new(data_dir: Path, existed: bool, before: set[Path]) -> None:

@@ -1,8 +1,9 @@
-"""The `scores` and `learnability` entry points: every per-sample difficulty score of a run side by
-side (with label-noise detection when the run flipped labels), and sample-wise learnability compared
-across architectures (Lee et al. 2019)."""
+"""The `scores`, `prune` and `learnability` entry points: every per-sample difficulty score of a run
+side by side (with label-noise detection when the run flipped labels), training on the samples each
+score keeps, and sample-wise learnability compared across architectures (Lee et al. 2019)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pandas as pd
 
 from . import mlflow_io, plots
 from .analysis import scores as S
-from .config import ConfigError, LearnabilityConfig, ScoresConfig, architecture_name
-from .data import load_dataset
+from .config import ConfigError, LearnabilityConfig, PruneConfig, ScoresConfig, TrainConfig, architecture_name
+from .data import load_dataset, training_data
 from .dynamics import Dynamics
+from .models import model_for
 from .study import as_images, one_run, start_analysis, train_runs
+from .training import fit
 
 SCORE_COLUMNS = ["total_importance", "final_nll", "confidence", "variability", "correctness", "forgetting", "el2n",
                  "grand"]
@@ -49,6 +52,52 @@ def run_scores(cfg: ScoresConfig, project_dir: str | Path) -> str:
             for r in found.itertuples():
                 print(f"label noise {noise:g}: {r.score:<16} AUROC {r.auroc:.3f}  precision@{r.k} "
                       f"{r.precision_at_k:.3f}", flush=True)
+        return run.info.run_id
+
+
+def run_prune(cfg: PruneConfig, project_dir: str | Path) -> str:
+    """Data pruning: for each score, fraction and seed, train a fresh model (untracked, same settings
+    as the scored run) on the hardest or the easiest samples, and on a random choice; test error
+    against the fraction kept."""
+    with start_analysis(cfg, "prune", "Data pruning: test error when training on the samples each score keeps") as run:
+        fractions = sorted(set(cfg.fraction_list()))
+        d = one_run(cfg, project_dir)
+        tcfg = TrainConfig(**{**d.metadata["config"], "device": cfg.device, "data_dir": cfg.data_dir})
+        data = training_data(tcfg)  # the scored run's samples, its label noise included
+        smallest = max(1, int(round(fractions[0] * data.n_train)))
+        if smallest < tcfg.batch_size:
+            raise ConfigError(f"keep_fractions={fractions[0]:g} keeps {smallest} samples, fewer than the run's "
+                              f"batch_size={tcfg.batch_size}: choose larger fractions.")
+        table = S.score_table(d, cfg.early_epoch)
+        missing = [s for s in cfg.score_list() if s not in table.columns]
+        if missing:
+            raise ConfigError(f"The run has no score {', '.join(missing)}: its layers are {', '.join(d.layer_names)}.")
+        plan = [("all", "all", 1.0)] + [("random", "random", f) for f in fractions if f < 1]
+        plan += [(score, keep, f) for score in cfg.score_list() for keep in ("hardest", "easiest")
+                 for f in fractions if f < 1]
+        seeds = list(range(tcfg.seed, tcfg.seed + cfg.num_seeds))
+        flipped = flipped_labels(d, cfg.data_dir) if tcfg.label_noise > 0 else None
+        rows = []
+        for i, (score, keep, fraction) in enumerate(plan):
+            for seed in seeds:
+                values = table[score].to_numpy() if score in table else np.zeros(data.n_train)
+                ids = S.prune_keep(values, fraction, keep, S.HARDER_IS_LARGER.get(score, True), seed)
+                scfg = dataclasses.replace(tcfg, seed=seed)
+                final = fit(model_for(scfg, data), data.keep(ids), scfg, track=False).history[-1]
+                rows.append({"score": score, "keep": keep, "fraction": fraction, "seed": seed, "n_kept": len(ids),
+                             "test_error": final["test_error"], "test_loss": final["test_loss"]}
+                            | ({} if flipped is None else {"flipped_kept": float(flipped[ids].mean())}))
+                print(f"prune {i + 1}/{len(plan)} {score:<16} keep {keep:<8} {fraction:4.0%} seed {seed}: "
+                      f"test error {final['test_error']:.4f}", flush=True)
+        result = pd.DataFrame(rows)
+        mlflow_io.log_table(result, "prune.csv")
+        summary = result.groupby(["score", "keep", "fraction"], as_index=False)["test_error"].agg(["mean", "std"])
+        mlflow_io.log_table(summary, "prune_summary.csv")
+        for r in summary.itertuples():
+            if r.score != "all":
+                mlflow_io.log_metrics({f"test_error_{r.score}_{r.keep}": r.mean}, step=int(round(r.fraction * 100)))
+        mlflow_io.log_metrics({"test_error_all": float(summary.loc[summary.score == "all", "mean"].item())}, step=100)
+        mlflow_io.log_figure(plots.pruning_curves(summary), "figures/pruning.png")
         return run.info.run_id
 
 

@@ -76,17 +76,18 @@ class RunLookupError(UserError):
 @contextlib.contextmanager
 def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None,
               description: str | None = None, run_id: str | None = None,
-              config: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+              config: dict | None = None, resume: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under `mlflow run`, continue) a run, nested under the active run if there is one,
-    and log `config` as its parameters and `config.json`. Any exception marks it FAILED and records
-    why in a tag, so no run is ever left RUNNING and the UI says what went wrong."""
+    and log `config` as its parameters and `config.json`. `run_id`: a run created beforehand (with
+    its parent tag), or with `resume` an interrupted run to continue. Any exception marks it FAILED
+    and records why in a tag, so no run is ever left RUNNING and the UI says what went wrong."""
     reap_orphans()
     cli_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created for this process
-    if run_id and cli_run and cli_run != run_id:
+    if resume and cli_run and cli_run != run_id:
         # Resuming another run: the one `mlflow run` made says where the work went.
         MlflowClient().set_tag(cli_run, TAG_RESUMED_IN, run_id)
         MlflowClient().set_tag(cli_run, "mlflow.note.content", f"Resumed the interrupted run {run_id}.")
-    if run_id:
+    if resume:
         with contextlib.suppress(MlflowException):
             MlflowClient().delete_tag(run_id, TAG_FAILURE)  # it failed because its process died; now it goes on
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:

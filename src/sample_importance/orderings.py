@@ -13,7 +13,8 @@ from .analysis import ordering
 from .config import ConfigError, OrderingConfig, TrainRunConfig
 from .data import training_data
 from .dynamics import check_matches
-from .tasks import run_train, train_run_name
+from .tasks import train_run_name
+from .together import train_many
 from .training import check_batching
 
 NEEDS_REFERENCE = ("nlo", "rnlo", "nlm", "sio", "rsio", "sim")
@@ -47,17 +48,11 @@ def run_ordering(cfg: OrderingConfig, project_dir: str | Path) -> str:
                 print(f"{'reusing' if reused else 'trained'} reference run {reference}", flush=True)
         mlflow_io.set_tags({"sample_importance.reference_run_id": reference})
 
-        rows = []
-        for seed in seeds:
-            for method in methods:
-                rcfg = TrainRunConfig(**dataclasses.replace(cfg.train_config(), seed=seed).to_dict(), ordering=method,
-                                      reference_run_id=reference if method in NEEDS_REFERENCE else "")
-                run_id = mlflow_io.find_finished_run("train", rcfg.fingerprint())
-                if run_id is None:
-                    print(f"--- {method}, seed {seed}", flush=True)
-                    run_id = run_train(rcfg, quiet=True)
-                rows.append({"method": method, "seed": seed, "run_id": run_id})
-        runs = pd.DataFrame(rows)
+        variants = [(method, seed) for seed in seeds for method in methods]
+        ids = train_many([TrainRunConfig(**dataclasses.replace(cfg.train_config(), seed=seed).to_dict(), ordering=method,
+                                         reference_run_id=reference if method in NEEDS_REFERENCE else "")
+                          for method, seed in variants], cfg.parallel_models)
+        runs = pd.DataFrame([{"method": m, "seed": s, "run_id": i} for (m, s), i in zip(variants, ids)])
         for name in ("train_error", "test_error"):
             runs[name] = [mlflow_io.metric_series(r, name) for r in runs["run_id"]]
         runs["final_test_error"] = [s[-1] for s in runs["test_error"]]

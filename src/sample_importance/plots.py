@@ -6,6 +6,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are logged, never shown
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 
 def error_curves(history: list[dict[str, float]]) -> plt.Figure:
@@ -339,5 +340,28 @@ def extreme_images(images: list[np.ndarray], titles: list[list[str]], rows: list
                 axes[r, j].set_axis_off()
         axes[r, 0].text(-0.3, 0.5, rows[r], transform=axes[r, 0].transAxes, rotation=90, va="center",
                         ha="right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def pruning_curves(summary) -> plt.Figure:
+    """Test error against the fraction of training samples kept, one panel per score: keeping the
+    hardest, the easiest, or a random choice (mean over seeds; the full training set at 1)."""
+    scores = [s for s in summary["score"].unique() if s not in ("all", "random")]
+    full = summary[summary.score == "all"]
+    random = summary[summary.score == "random"]
+    cols = min(3, len(scores))
+    rows = -(-len(scores) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, score in zip(axes.ravel(), scores):
+        for keep, style in (("hardest", "o-"), ("easiest", "s-"), ("random", "^--")):
+            g = random if keep == "random" else summary[(summary.score == score) & (summary.keep == keep)]
+            g = pd.concat([g, full]).sort_values("fraction")
+            ax.plot(g["fraction"], g["mean"], style, label=f"keep {keep}", markersize=4)
+        ax.set(title=score, xlabel="fraction of training samples kept", ylabel="test error")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(scores):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize="small")
     fig.tight_layout()
     return fig

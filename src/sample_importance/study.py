@@ -20,6 +20,7 @@ from .data import load_dataset
 from .dynamics import Dynamics, check_aligned
 from .report import render_report
 from .tasks import train_run_name
+from .together import train_many
 
 CLAIMS = "claims.json"
 TAG_TRAIN_RUNS = "sample_importance.train_run_ids"
@@ -29,15 +30,12 @@ def train_runs(cfg: AnalysisConfig, project_dir: str | Path, seeds: list[int],
                architectures: list[dict] | None = None) -> dict[str, Dynamics]:
     """The given train runs, or for each architecture (training-field overrides, e.g. {"model":
     "cnn"}; default: the configured one) and seed the finished run matching the training fields
-    (launched as a child run when there is none). Loaded, validated and checked to hold the same samples."""
+    (trained as child runs, together, when there is none). Loaded, validated and checked to hold
+    the same samples."""
     ids = cfg.run_ids()
     if not ids:
-        for arch in architectures or [{}]:
-            for seed in seeds:
-                tcfg = dataclasses.replace(cfg.train_config(), seed=seed, **arch)
-                run_id, reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
-                print(f"{'reusing' if reused else 'trained'} train run {run_id} ({train_run_name(tcfg)})", flush=True)
-                ids.append(run_id)
+        ids = train_many([dataclasses.replace(cfg.train_config(), seed=seed, **arch)
+                          for arch in architectures or [{}] for seed in seeds], cfg.parallel_models)
     mlflow_io.set_tags({TAG_TRAIN_RUNS: ",".join(ids)})
     runs = {run_id: mlflow_io.load_dynamics(run_id) for run_id in ids}
     check_aligned(runs)

@@ -22,6 +22,7 @@ from . import mlflow_io, plots
 from .config import SWEEP_METRICS, ConfigError, SweepConfig
 from .errors import Stopped
 from .tasks import run_train
+from .together import train_many
 from .training import DivergenceError
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots
@@ -153,18 +154,16 @@ def _trial(cfg: SweepConfig, trial: optuna.Trial, parent: str, seeds: list[int],
     try:
         with mlflow_io.start_run(f"trial {trial.number} lr={lr:.4g}", "trial", run_id=run_id):
             mlflow_io.log_params_once({"lr": lr, "seeds": ",".join(map(str, seeds)), "trial": trial.number})
-            values, taus = [], []
-            for k, seed in enumerate(seeds):
-                def report(epoch: int, metrics: dict[str, float], k=k, seed=seed) -> None:
-                    step = k * cfg.epochs + epoch  # seeds one after another on one axis
-                    trial.report(metrics[per_epoch], step)
-                    if trial.should_prune():
-                        raise Stopped(f"trial {trial.number} pruned at epoch {epoch} of seed {seed}")
+            def report(group: int, epoch: int, rows: list[dict[str, float]]) -> None:
+                # The mean over the seeds trained together; groups one after another on one axis.
+                trial.report(float(np.mean([r[per_epoch] for r in rows])), group * cfg.epochs + epoch + 1)
+                if trial.should_prune():
+                    raise Stopped(f"trial {trial.number} pruned at epoch {epoch + 1}")
 
-                tcfg = dataclasses.replace(cfg.train_config(), lr=lr, seed=seed)
-                train_id = run_train(tcfg, quiet=True, epoch_callback=report)
-                values.append(mlflow_io.metric_series(train_id, cfg.metric)[-1])
-                taus.append(mlflow_io.load_dynamics(train_id).total_importance)
+            ids = train_many([dataclasses.replace(cfg.train_config(), lr=lr, seed=seed) for seed in seeds],
+                             cfg.parallel_models, verbose=False, epoch_callback=report)
+            values = [mlflow_io.metric_series(i, cfg.metric)[-1] for i in ids]
+            taus = [mlflow_io.load_dynamics(i).total_importance for i in ids]
             value = float(np.mean(values))
             rho_seeds = tau_spearman(taus)
             rho_ref = float(spearmanr(taus[0], reference).statistic)

@@ -46,22 +46,26 @@ def presentation_order(cfg: TrainRunConfig, data: Dataset) -> np.ndarray | None:
 
 
 def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
-              epoch_callback: Callable[[int, dict[str, float]], None] | None = None) -> str:
+              epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+              run_id: str | None = None, fitter: Callable[..., FitResult] = fit) -> str:
     """Train one model with full tracking inside an MLflow run (nested when a run is active); return
     the run id. Writes `dynamics/` epoch by epoch, per-epoch metrics, the figures and the final model.
 
     Resumes, in the same run, an interrupted run with the same configuration (or cfg.resume_run_id)
     from its last finished epoch. `epoch_callback(epoch, metrics)` runs after each epoch is logged;
-    raising `errors.Stopped` in it ends training and the run as KILLED (how the sweep prunes a trial)."""
+    raising `errors.Stopped` in it ends training and the run as KILLED (how the sweep prunes a trial).
+    `run_id` (a run created for it, never resumed) and `fitter` (what trains: `fit`, or the handle
+    of a group training many models at once, see `together`) are for `train_many`."""
     if not isinstance(cfg, TrainRunConfig):
         cfg = TrainRunConfig(**cfg.train_config().to_dict())
     cfg.check()
-    resume = mlflow_io.resumable_run("train", cfg.fingerprint(), cfg.resume_run_id, dyn.DIRNAME, dyn.CHECKPOINT)
+    resume = None if run_id else mlflow_io.resumable_run("train", cfg.fingerprint(), cfg.resume_run_id,
+                                                        dyn.DIRNAME, dyn.CHECKPOINT)
     with mlflow_io.start_run(
         train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), "ordering": cfg.ordering},
         description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking"
                     + ("" if cfg.ordering == "shuffle" else f", batches built by {cfg.ordering}") + ".",
-        run_id=resume, config=cfg.to_dict(),
+        run_id=resume or run_id, resume=resume is not None, config=cfg.to_dict(),
     ) as run:
         data = training_data(cfg)
         check_batching(cfg, data.n_train)
@@ -111,7 +115,8 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
                     epoch_callback(rec.epoch + 1, rec.metrics)
 
             try:
-                result = fit(model, data, cfg, order=order, on_epoch=on_epoch, optimizer=optimizer, start_epoch=start)
+                result = fitter(model, data, cfg, order=order, on_epoch=on_epoch, optimizer=optimizer,
+                                start_epoch=start)
             except DivergenceError as exc:
                 mlflow_io.set_tags({mlflow_io.TAG_DIVERGED: f"epoch {exc.epoch + 1}, step {exc.step + 1}"})
                 raise

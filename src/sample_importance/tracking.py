@@ -52,10 +52,21 @@ class StepRecord:
     """Per-sample quantities of one SGD step, all from the step's own forward pass."""
 
     loss: torch.Tensor  # (B,) NLL of each sample before the step
-    p_true: torch.Tensor  # (B,) probability of the true label
-    correct: torch.Tensor  # (B,) bool, argmax == label
-    error_l2: torch.Tensor  # (B,) ||softmax - onehot(label)||_2, the EL2N score's summand
+    logits: torch.Tensor  # (B, classes), detached: `sample_statistics` turns them into the rest
     importance: torch.Tensor | None  # (B, layers) beta; None when not tracked
+
+
+@torch.no_grad()
+def sample_statistics(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probability of the true label, correctness and ||softmax - onehot(label)||_2 (EL2N's summand)
+    of each sample, from its logits and NLL (classes on the last axis, any leading shape). The
+    training loop applies it once per epoch to every step's recorded logits, not at every step."""
+    p_true = torch.exp(-loss)  # softmax probability of the true label
+    correct = logits.argmax(-1) == y
+    # ||p - e_y||^2 = ||p||^2 - 2 p_y + 1
+    error_l2 = (torch.softmax(logits, -1).square().sum(-1) - 2 * p_true + 1).clamp_min(0).sqrt()
+    return p_true, correct, error_l2
 
 
 def sgd_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
@@ -84,11 +95,77 @@ def sgd_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.
     for p, g in zip(params, param_grads):
         p.grad = g
     optimizer.step()
-    with torch.no_grad():
-        loss_i = loss_i.detach()
-        p_true = torch.exp(-loss_i)  # softmax probability of the true label
-        correct = logits.detach().argmax(1) == y
-        probs = torch.softmax(logits.detach(), 1)
-        # ||p - e_y||^2 = ||p||^2 - 2 p_y + 1
-        error_l2 = (probs.square().sum(1) - 2 * p_true + 1).clamp_min(0).sqrt()
-    return StepRecord(loss=loss_i, p_true=p_true, correct=correct, error_l2=error_l2, importance=importance)
+    return StepRecord(loss=loss_i.detach(), logits=logits.detach(), importance=importance)
+
+
+class StackedMLP:
+    """M multilayer perceptrons of one shape, trained at once: each layer's weights stacked to
+    (M, out, in), every product a batched one (`baddbmm`). Each model sees its own batch, labels,
+    learning rate and weight decay; the models never mix (the loss is a sum over models, so each
+    model's gradient is its own)."""
+
+    def __init__(self, models: list, lrs: list[float], weight_decays: list[float]):
+        self.models = models
+        self.names = models[0].layer_names
+        with torch.no_grad():
+            self.weights = [torch.stack([m.layers[n].weight for m in models]).requires_grad_() for n in self.names]
+            self.biases = [torch.stack([m.layers[n].bias for m in models]).requires_grad_() for n in self.names]
+        device, dtype = self.weights[0].device, self.weights[0].dtype
+        self.lr = torch.tensor(lrs, device=device, dtype=dtype)
+        self.wd = torch.tensor(weight_decays, device=device, dtype=dtype)
+        self.uniform = len(set(lrs)) == 1 and len(set(weight_decays)) == 1
+        self.lrs, self.weight_decays = lrs, weight_decays
+
+    @staticmethod
+    def stackable(models: list) -> bool:
+        """Whether `models` are MLPs (Linear layers only) of one shape on one device and type."""
+        from .models import MLP
+
+        if len(models) < 2 or not all(type(m) is MLP for m in models):
+            return False
+        shapes = {tuple((p.shape, p.device, p.dtype) for p in m.parameters()) for m in models}
+        return len(shapes) == 1
+
+    def write_back(self) -> None:
+        """Copy every model's current parameters into its nn.Module."""
+        with torch.no_grad():
+            for k, n in enumerate(self.names):
+                for i, m in enumerate(self.models):
+                    m.layers[n].weight.copy_(self.weights[k][i])
+                    m.layers[n].bias.copy_(self.biases[k][i])
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, track: bool = True,
+             weight: torch.Tensor | None = None) -> StepRecord:
+        """One SGD step of every model on its batch: x (M, B, d), y (M, B), weight (M, B) or None.
+        Returns a StepRecord of (M, B) losses, (M, B, classes) logits and (M, B, layers) importance."""
+        M, B = y.shape
+        h, taps = x, []
+        last = len(self.weights) - 1
+        for k, (W, b) in enumerate(zip(self.weights, self.biases)):
+            z = torch.baddbmm(b.unsqueeze(1), h, W.transpose(1, 2))  # (M, B, out)
+            taps.append((h, z))
+            h = torch.relu(z) if k < last else z
+        logits = h
+        loss_i = F.cross_entropy(logits.reshape(M * B, -1), y.reshape(-1), reduction="none").view(M, B)
+        loss = (loss_i if weight is None else loss_i * weight).mean(1).sum()  # each model's batch mean
+        params = self.weights + self.biases
+        if track:
+            grads = torch.autograd.grad(loss, params + [z for _, z in taps])
+            with torch.no_grad():
+                importance = torch.stack([dz.square().sum(2) * (a.square().sum(2) + 1.0)
+                                          for (a, _), dz in zip(taps, grads[len(params):])], dim=2)
+                importance *= self.lr.square().view(M, 1, 1)
+        else:
+            grads = torch.autograd.grad(loss, params)
+            importance = None
+        with torch.no_grad():
+            for p, g in zip(params, grads[: len(params)]):
+                # torch.optim.SGD: g + weight_decay * p, then p - lr * that
+                shape = (M,) + (1,) * (p.dim() - 1)
+                if self.uniform:
+                    if self.weight_decays[0]:
+                        g = g.add(p, alpha=self.weight_decays[0])
+                    p.add_(g, alpha=-self.lrs[0])
+                else:
+                    p.sub_((g + self.wd.view(shape) * p) * self.lr.view(shape))
+        return StepRecord(loss=loss_i.detach(), logits=logits.detach(), importance=importance)

@@ -16,7 +16,7 @@ import torch
 from .config import ConfigError, TrainConfig
 from .data import Dataset
 from .errors import UserError
-from .tracking import sgd_step
+from .tracking import StackedMLP, sample_statistics, sgd_step
 
 
 class DivergenceError(UserError):
@@ -100,7 +100,7 @@ def fit(
     start_epoch: int = 0,
     sample_weight: np.ndarray | None = None,
 ) -> FitResult:
-    """Train `model` in place with SGD for cfg.epochs epochs.
+    """Train `model` in place with SGD for cfg.epochs epochs (`fit_many` with one model).
 
     Args:
         order: (epochs, n) sample ids per epoch to present in this order; default: shuffled by cfg.seed.
@@ -114,79 +114,155 @@ def fit(
 
     Computes in the model's floating-point type (a float64 model trains in float64).
 
-    Raises DivergenceError when a loss is NaN or infinite: on the CPU at that step, on a GPU at the
-    end of its epoch (checking every step would stall the GPU with host synchronisations).
+    Raises DivergenceError, naming the first step whose loss was NaN or infinite, at the end of
+    that epoch (a check at every step would cost a host synchronisation per step).
     """
-    n = data.n_train
+    (result,) = fit_many([model], [data], [cfg], orders=[order],
+                         on_epoch=None if on_epoch is None else (lambda _, record: on_epoch(record)),
+                         on_batch=on_batch, track=track, optimizers=[optimizer], start_epoch=start_epoch,
+                         sample_weights=[sample_weight])
+    if isinstance(result, DivergenceError):
+        raise result
+    return result
+
+
+def fit_many(
+    models: list[torch.nn.Module],
+    datas: list[Dataset],
+    cfgs: list[TrainConfig],
+    *,
+    orders: list[np.ndarray | None] | None = None,
+    on_epoch: Callable[[int, EpochRecord], bool | None] | None = None,
+    on_batch: Callable[[torch.nn.Module, torch.Tensor], None] | None = None,
+    track: bool = True,
+    optimizers: list[torch.optim.Optimizer | None] | None = None,
+    start_epoch: int = 0,
+    sample_weights: list[np.ndarray | None] | None = None,
+    batched: bool | None = None,
+    on_epoch_end: Callable[[int, list[dict[str, float]]], None] | None = None,
+) -> list[FitResult | DivergenceError | None]:
+    """Train M models in place, each as `fit` would alone, in one loop over epochs and steps.
+
+    The models share the training inputs, epochs, batch size and device; each has its own labels
+    (datas[m].y_train: label noise), presentation order, learning rate, weight decay and sample
+    weights. `batched` (default: whenever the models are MLPs of one shape and no on_batch probe is
+    given) trains them as one stacked computation (`tracking.StackedMLP`); otherwise the loop steps
+    each model in turn. `on_epoch(m, record)` gets model m's finished epoch (its parameters are
+    current in models[m]); returning False stops training model m. `on_epoch_end(epoch, metrics)`
+    follows with the metrics of every model that finished the epoch.
+
+    Returns, per model, its FitResult, the DivergenceError that stopped it, or None if on_epoch
+    stopped it. A diverging model stops alone; the others go on.
+    """
+    M = len(models)
+    cfg = cfgs[0]
+    n = datas[0].n_train
+    for c, d in zip(cfgs, datas):
+        if (c.epochs, c.batch_size, c.device) != (cfg.epochs, cfg.batch_size, cfg.device) or \
+                d.x_train.shape != datas[0].x_train.shape:
+            raise ValueError("fit_many trains models on the same inputs, epochs, batch size and device")
     check_batching(cfg, n)
-    if order is None:
-        order = shuffled_orders(n, cfg.epochs, cfg.seed)
-    assert order.shape == (cfg.epochs, n), f"order must be (epochs, n) = {(cfg.epochs, n)}, got {order.shape}"
+    orders = [shuffled_orders(n, c.epochs, c.seed) if o is None else np.asarray(o)
+              for o, c in zip(orders or [None] * M, cfgs)]
+    for o in orders:
+        assert o.shape == (cfg.epochs, n), f"order must be (epochs, n) = {(cfg.epochs, n)}, got {o.shape}"
     device = resolve_device(cfg.device)
-    model.to(device)
-    if optimizer is None:
-        optimizer = make_optimizer(model, cfg)
-    layers = len(model.layer_names)
+    for model in models:
+        model.to(device)
+    optimizers = [make_optimizer(m, c) if o is None else o
+                  for m, c, o in zip(models, cfgs, optimizers or [None] * M)]
+    layers, classes = len(models[0].layer_names), datas[0].num_classes
+    dtype = next(models[0].parameters()).dtype
+    if batched is None:
+        batched = on_batch is None and StackedMLP.stackable(models)
+    stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs]) if batched else None
 
-    dtype = next(model.parameters()).dtype
-    # The data and the presentation order live on the device; batches are gathered there.
-    x_train = torch.as_tensor(data.x_train, device=device, dtype=dtype)  # (n, d)
-    y_train = torch.as_tensor(data.y_train, device=device)  # (n,)
-    weight = None if sample_weight is None else torch.as_tensor(sample_weight, device=device, dtype=dtype)
-    x_test = torch.as_tensor(data.x_test, device=device, dtype=dtype)
-    y_test = torch.as_tensor(data.y_test, device=device)
-    order_dev = torch.as_tensor(np.array(order), device=device)  # (epochs, n)
+    # The data and the presentation orders live on the device; batches are gathered there.
+    x_train = torch.as_tensor(datas[0].x_train, device=device, dtype=dtype)  # (n, d)
+    y_train = torch.stack([torch.as_tensor(d.y_train, device=device) for d in datas])  # (M, n)
+    weights = None
+    if sample_weights is not None and any(w is not None for w in sample_weights):
+        weights = torch.stack([torch.ones(n, device=device, dtype=dtype) if w is None else
+                               torch.as_tensor(w, device=device, dtype=dtype) for w in sample_weights])  # (M, n)
+    x_test = torch.as_tensor(datas[0].x_test, device=device, dtype=dtype)
+    y_test = torch.as_tensor(datas[0].y_test, device=device)
+    order_dev = torch.as_tensor(np.stack(orders), device=device)  # (M, epochs, n)
+    rows = torch.arange(M, device=device).unsqueeze(1)  # (M, 1): scatters each model's batch into its row
 
-    history = []
-    check_each_step = device.type == "cpu"  # free on the CPU; a GPU would wait for the host each step
+    results: list[FitResult | DivergenceError | None] = [None] * M
+    live = [True] * M
+    histories: list[list[dict[str, float]]] = [[] for _ in range(M)]
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
-        # Per-epoch buffers indexed by sample_id, filled on the device, copied to the host once.
-        importance = torch.zeros(n, layers, device=device, dtype=dtype)
-        loss = torch.zeros(n, device=device, dtype=dtype)
-        p_true = torch.zeros(n, device=device, dtype=dtype)
-        correct = torch.zeros(n, dtype=torch.bool, device=device)
-        error_l2 = torch.zeros(n, device=device, dtype=dtype)
-        model.train()
+        # Per-epoch buffers indexed by (model, sample_id), filled on the device, copied to the host once.
+        importance = torch.zeros(M, n, layers, device=device, dtype=dtype)
+        loss = torch.zeros(M, n, device=device, dtype=dtype)
+        logits = torch.zeros(M, n, classes, device=device, dtype=dtype)
+        for model in models:
+            model.train()
         for s in range(0, n, cfg.batch_size):
-            ids = order_dev[epoch, s:s + cfg.batch_size]  # (B,)
-            if on_batch is not None:
-                on_batch(model, ids)
-            rec = sgd_step(model, optimizer, x_train[ids], y_train[ids], cfg.lr, track=track,
-                           weight=None if weight is None else weight[ids])
-            if check_each_step and not bool(torch.isfinite(rec.loss).all()):
-                _diverged(epoch, s // cfg.batch_size, rec.loss)
-            if track:
-                importance[ids] = rec.importance
-            loss[ids] = rec.loss
-            p_true[ids] = rec.p_true
-            correct[ids] = rec.correct
-            error_l2[ids] = rec.error_l2
-        record = EpochRecord(epoch, order[epoch], _host32(importance), _host32(loss), _host32(p_true),
-                             correct.cpu().numpy(), _host32(error_l2))
+            ids = order_dev[:, epoch, s:s + cfg.batch_size]  # (M, B)
+            w = None if weights is None else weights.gather(1, ids)
+            if stack is not None:
+                rec = stack.step(x_train[ids], y_train.gather(1, ids), track=track, weight=w)
+                where = (rows, ids)
+                _store(where, rec, importance, loss, logits, track)
+                continue
+            for m in (m for m in range(M) if live[m]):
+                if on_batch is not None:
+                    on_batch(models[m], ids[m])
+                rec = sgd_step(models[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]], cfgs[m].lr,
+                               track=track, weight=None if w is None else w[m])
+                _store((m, ids[m]), rec, importance, loss, logits, track)
+        if stack is not None:
+            stack.write_back()
         seconds = time.perf_counter() - start
-        _check_finite(record, cfg.batch_size)
+        p_true, correct, error_l2 = sample_statistics(logits, loss, y_train)
+        host = [_host32(t) for t in (importance, loss, p_true, error_l2)] + [correct.cpu().numpy()]
+        finished = []
+        for m in (m for m in range(M) if live[m]):
+            record = EpochRecord(epoch, orders[m][epoch], host[0][m], host[1][m], host[2][m], host[4][m], host[3][m])
+            try:
+                _check_finite(record, cfg.batch_size)
+            except DivergenceError as exc:
+                results[m], live[m] = exc, False
+                continue
+            model = models[m]
+            model.eval()
+            test_loss, test_correct = evaluate(model, x_test, y_test)
+            layer_totals = record.importance.sum(0, dtype=np.float64)  # B_d^t
+            record.metrics = {
+                "train_loss": float(record.loss.mean(dtype=np.float64)),
+                "train_error": float(1.0 - record.correct.mean()),
+                "test_loss": float(test_loss.double().mean()),
+                "test_error": float(1.0 - test_correct.double().mean()),
+                "importance_total": float(layer_totals.sum()),  # A^t
+                **{f"importance_{name}": float(v) for name, v in zip(model.layer_names, layer_totals)},
+                "epoch_seconds": seconds,  # of the whole loop: all M models
+                "samples_per_second": n / seconds,  # per model
+            }
+            histories[m].append(record.metrics)
+            finished.append(record.metrics)
+            if on_epoch is not None and on_epoch(m, record) is False:
+                live[m] = False
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, finished)
+        if not any(live):
+            break
 
-        model.eval()
-        test_loss, test_correct = evaluate(model, x_test, y_test)
-        layer_totals = record.importance.sum(0, dtype=np.float64)  # B_d^t
-        record.metrics = {
-            "train_loss": float(record.loss.mean(dtype=np.float64)),
-            "train_error": float(1.0 - record.correct.mean()),
-            "test_loss": float(test_loss.double().mean()),
-            "test_error": float(1.0 - test_correct.double().mean()),
-            "importance_total": float(layer_totals.sum()),  # A^t
-            **{f"importance_{name}": float(v) for name, v in zip(model.layer_names, layer_totals)},
-            "epoch_seconds": seconds,
-            "samples_per_second": n / seconds,
-        }
-        history.append(record.metrics)
-        if on_epoch is not None:
-            on_epoch(record)
+    for m in (m for m in range(M) if live[m]):
+        models[m].eval()
+        final_loss, _ = evaluate(models[m], x_train, y_train[m])
+        results[m] = FitResult(models[m], final_loss.cpu().numpy().astype(np.float32), histories[m])
+    return results
 
-    model.eval()
-    final_loss, _ = evaluate(model, x_train, y_train)
-    return FitResult(model, final_loss.cpu().numpy().astype(np.float32), history)
+
+def _store(where, rec, importance, loss, logits, track: bool) -> None:
+    """Scatter a step's per-sample quantities into the epoch buffers at `where` (an index)."""
+    if track:
+        importance[where] = rec.importance
+    loss[where] = rec.loss
+    logits[where] = rec.logits
 
 
 def _host32(t: torch.Tensor) -> np.ndarray:
@@ -199,10 +275,10 @@ def _check_finite(record: EpochRecord, batch_size: int) -> None:
     bad = ~np.isfinite(in_order)
     if bad.any():
         first = int(np.argmax(bad))
-        _diverged(record.epoch, first // batch_size, in_order[first:first + 1])
+        raise _divergence(record.epoch, first // batch_size, in_order[first:first + 1])
 
 
-def _diverged(epoch: int, step: int, losses) -> None:
+def _divergence(epoch: int, step: int, losses) -> DivergenceError:
     value = [v for v in np.asarray(losses, dtype=np.float64).ravel().tolist() if not np.isfinite(v)][0]
-    raise DivergenceError(epoch, step, f"Training diverged: the loss became {value} at epoch {epoch + 1}, step "
-                                       f"{step + 1}; lower lr (it is too large for this model and data).")
+    return DivergenceError(epoch, step, f"Training diverged: the loss became {value} at epoch {epoch + 1}, step "
+                                        f"{step + 1}; lower lr (it is too large for this model and data).")

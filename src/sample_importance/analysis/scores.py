@@ -135,3 +135,19 @@ def detection(table: pd.DataFrame, flipped: np.ndarray, columns: list[str]) -> p
         rows.append({"score": col, "auroc": float(roc_auc_score(flipped, s)),
                      "precision_at_k": float(flipped[top].mean()) if k else float("nan"), "k": k})
     return pd.DataFrame(rows)
+
+
+def prune_keep(values: np.ndarray, fraction: float, keep: str, harder_is_larger: bool = True,
+               seed: int = 0) -> np.ndarray:
+    """Sample ids kept when pruning the training set to `fraction` of its samples (data pruning, Paul
+    et al. 2021; Toneva et al. 2019): the `hardest` or `easiest` by the score `values` (ties broken by
+    sample id), or `random` (drawn with `seed`). Returns round(fraction * n) ids, sorted."""
+    n = len(values)
+    k = max(1, int(round(fraction * n)))
+    if k == n:
+        return np.arange(n)
+    if keep == "random":
+        return np.sort(np.random.default_rng([seed, 29]).choice(n, size=k, replace=False))
+    hardness = np.asarray(values, np.float64) * (1 if harder_is_larger else -1)
+    order = np.argsort(-hardness if keep == "hardest" else hardness, kind="stable")
+    return np.sort(order[:k])
