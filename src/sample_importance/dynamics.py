@@ -25,8 +25,10 @@ what `train` needs to resume.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +108,14 @@ class DynamicsWriter:
         _write_json_atomic(self.folder / METADATA, self.metadata)
 
     def _store(self, name: str, row: int, values) -> None:
-        self.arrays[name][row] = values
-        self.arrays[name].flush()
-        self.metadata["checksums"][name][str(row)] = _digest(self.arrays[name][row])
+        array = self.arrays[name]
+        array[row] = values
+        array.flush()
+        self.metadata["checksums"][name][str(row)] = _digest(array[row])
+        # The row is on disk: let its pages leave this process's memory (a 50-epoch run would
+        # otherwise keep its whole dynamics resident through the memory map).
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            array._mmap.madvise(mmap.MADV_DONTNEED)
 
     def write_initial(self, projection: np.ndarray, init_state: dict) -> None:
         """The starting point: projected initial parameters and the initial state dict."""

@@ -71,7 +71,7 @@ def check_batching(cfg: TrainConfig, n: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample NLL (m,) and correctness (m,) of `model` on (x, y), on x's device."""
     losses, correct = [], []
