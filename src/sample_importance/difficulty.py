@@ -31,7 +31,7 @@ def flipped_labels(d: Dynamics, data_dir: str) -> np.ndarray:
 
 def run_scores(cfg: ScoresConfig, project_dir: str | Path) -> str:
     with start_analysis(cfg, "scores", "Every per-sample difficulty score of one run, side by side") as run:
-        d = one_run(cfg, project_dir)
+        d = one_run(cfg)
         table = S.score_table(d, cfg.early_epoch)
         noise = float(d.metadata["config"].get("label_noise", 0.0))
         flipped = flipped_labels(d, cfg.data_dir) if noise > 0 else None
@@ -61,7 +61,7 @@ def run_prune(cfg: PruneConfig, project_dir: str | Path) -> str:
     against the fraction kept."""
     with start_analysis(cfg, "prune", "Data pruning: test error when training on the samples each score keeps") as run:
         fractions = sorted(set(cfg.fraction_list()))
-        d = one_run(cfg, project_dir)
+        d = one_run(cfg)
         tcfg = TrainConfig(**{**d.metadata["config"], "device": cfg.device, "data_dir": cfg.data_dir})
         data = training_data(tcfg)  # the scored run's samples, its label noise included
         smallest = max(1, int(round(fractions[0] * data.n_train)))
@@ -110,7 +110,7 @@ def run_learnability(cfg: LearnabilityConfig, project_dir: str | Path) -> str:
     """Train (or read) num_seeds runs of each architecture, then Table 1 and fig. 1 of Lee et al."""
     with start_analysis(cfg, "learnability", "Sample-wise learnability across architectures (Lee et al. 2019)") as run:
         # Refuses runs on different samples (dataset, subset, sample ids, epochs).
-        runs = train_runs(cfg, project_dir, list(range(cfg.seed, cfg.seed + cfg.num_seeds)),
+        runs = train_runs(cfg, list(range(cfg.seed, cfg.seed + cfg.num_seeds)),
                           cfg.architecture_list())
         groups: dict[str, list[Dynamics]] = {}
         for d in runs.values():

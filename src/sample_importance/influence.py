@@ -104,7 +104,7 @@ def run_influence(cfg: InfluenceConfig, project_dir: str | Path) -> str:
         if cfg.mode == "breakdown":
             _breakdown(cfg)
             return run.info.run_id
-        run_id, d = next(iter(train_runs(cfg, project_dir, [cfg.seed]).items()))
+        run_id, d = next(iter(train_runs(cfg, [cfg.seed]).items()))
         trained = load_trained(run_id, d, cfg.data_dir, cfg.device)
         data, dev = trained.data, trained.device
         test = target_set(data, cfg)

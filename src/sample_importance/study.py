@@ -1,8 +1,10 @@
 """The analysis steps of the study (paper sections 3.2-3.5) and `main`, which chains them.
 
-Each step: find or launch the `train` runs it reads, load them through the artifact contract, call
-the pure functions of `analysis/`, log tables, metrics, figures and its claim(s) (`claims.json`).
-`main` runs every step as a child run (reusing finished ones) and assembles `report.html`.
+Each step: find the `train` runs it reads or train them (in this process, several in one loop:
+`together.train_many`), load them through the artifact contract, call the pure functions of
+`analysis/`, log tables, metrics, figures and its claim(s) (`claims.json`). `main` launches every
+step as a child run with `mlflow run` from `project_dir` (reusing finished ones) and assembles
+`report.html`; every step function takes `project_dir`, the signature the entry points call.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ CLAIMS = "claims.json"
 TAG_TRAIN_RUNS = "sample_importance.train_run_ids"
 
 
-def train_runs(cfg: AnalysisConfig, project_dir: str | Path, seeds: list[int],
-               architectures: list[dict] | None = None) -> dict[str, Dynamics]:
+def train_runs(cfg: AnalysisConfig, seeds: list[int], architectures: list[dict] | None = None
+               ) -> dict[str, Dynamics]:
     """The given train runs, or for each architecture (training-field overrides, e.g. {"model":
     "cnn"}; default: the configured one) and seed the finished run matching the training fields
     (trained as child runs, together, when there is none). Loaded, validated and checked to hold
@@ -52,7 +54,7 @@ def start_analysis(cfg: AnalysisConfig, entry_point: str, description: str):
 def run_stability(cfg: StabilityConfig, project_dir: str | Path) -> str:
     """Fig. 1: Spearman rank correlation of alpha across initialisations, every `every` epochs."""
     with start_analysis(cfg, "stability", "Is sample importance stable across initialisations? (paper fig. 1)") as run:
-        runs = train_runs(cfg, project_dir, list(range(cfg.seed, cfg.seed + cfg.num_seeds)))
+        runs = train_runs(cfg, list(range(cfg.seed, cfg.seed + cfg.num_seeds)))
         seeds = [str(d.metadata["seed"]) for d in runs.values()]
         labels = seeds if len(set(seeds)) == len(seeds) else list(runs)  # run ids when seeds repeat
         table = stability.stability_table({lab: d.alpha for lab, d in zip(labels, runs.values())}, cfg.every)
@@ -69,7 +71,7 @@ def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
     """Figs. 2, 3, 10: importance by epoch, layer, class, parameter and group of samples."""
     with start_analysis(cfg, "decompose", "Which samples, classes and layers carry the importance, and when? "
                                   "(paper figs. 2, 3, 10)") as run:
-        d = one_run(cfg, project_dir)
+        d = one_run(cfg)
         names, counts = d.layer_names, list(d.metadata["parameter_counts"].values())
         totals = decomposition.layer_totals(d.importance)  # (E, L)
         per_param = decomposition.per_parameter(totals, counts)
@@ -106,7 +108,7 @@ def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
 def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
     """Fig. 4: correlation between in-epoch NLL and importance, and its trend over training."""
     with start_analysis(cfg, "nll", "Is a sample's importance related to its loss? (paper fig. 4)") as run:
-        d = one_run(cfg, project_dir)
+        d = one_run(cfg)
         alpha = d.alpha
         spear, pear = nll.nll_importance_correlation(np.asarray(d.loss), alpha)
         epochs = np.arange(1, len(spear) + 1)
@@ -125,7 +127,7 @@ def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
 def run_cluster(cfg: ClusterConfig, project_dir: str | Path) -> str:
     """Figs. 5, 6: k-means on the epoch x layer importance profiles of one class's samples."""
     with start_analysis(cfg, "cluster", f"Clusters of class {cfg.label} by importance profile (paper figs. 5, 6)") as run:
-        d = one_run(cfg, project_dir)
+        d = one_run(cfg)
         members = np.flatnonzero(d.label == cfg.label)
         k = min(cfg.num_clusters, len(members))
         if k < 3:
@@ -167,8 +169,8 @@ def run_cluster(cfg: ClusterConfig, project_dir: str | Path) -> str:
         return run.info.run_id
 
 
-def one_run(cfg: AnalysisConfig, project_dir: str | Path) -> Dynamics:
-    runs = train_runs(cfg, project_dir, [cfg.seed])
+def one_run(cfg: AnalysisConfig) -> Dynamics:
+    runs = train_runs(cfg, [cfg.seed])
     return next(iter(runs.values()))
 
 
