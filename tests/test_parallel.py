@@ -58,6 +58,15 @@ def test_fit_many_matches_each_model_trained_alone(batched):
         assert any(rel(got[m][0].importance, expected[m][0][0].importance) > 0 for m in range(4))
 
 
+def test_models_that_cannot_be_stacked_step_in_turn():
+    base = TrainConfig(subset=120, model="cnn", epochs=1, batch_size=40, device="cpu")
+    data = training_data(base)
+    cfgs = [base, dataclasses.replace(base, seed=1)]
+    results = fit_many([model_for(c, data) for c in cfgs], [data, data], cfgs, batched=True)
+    for c, result in zip(cfgs, results):  # the sequential path: bit for bit what alone gives
+        np.testing.assert_array_equal(result.final_loss, alone(c, data)[1].final_loss)
+
+
 def test_a_diverging_model_stops_alone_and_the_others_go_on():
     base = TrainConfig(subset=200, width=32, epochs=2, batch_size=20, device="cpu")
     data = training_data(base)

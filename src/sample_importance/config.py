@@ -467,7 +467,7 @@ _FIELD_HELP = {
     "seed": "fixes the initialisation and the per-epoch shuffle",
     "label_noise": "fraction of training labels flipped to another class, drawn with seed (label-noise experiment)",
     "device": "auto (CUDA if available) | cpu | cuda",
-    "parallel_models": "models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched",
+    "parallel_models": "models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)",
     "train_run_ids": "comma-separated train run ids to analyse; empty = find or launch runs matching the training parameters",
     "num_seeds": "seeds (seed, seed+1, ...) trained when train_run_ids is empty",
     "every": "compare importance every this many epochs (paper: 5)",

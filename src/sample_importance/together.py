@@ -148,14 +148,15 @@ def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool 
 
 
 def group_size(cfg: TrainConfig, count: int, parallel_models: int) -> tuple[int, bool]:
-    """How many models train in one loop, and whether as one batched computation. 0 (auto): all at
-    once, batched on a GPU (one after another within the loop on a CPU, where batching gains
-    nothing measurable: bench/README.md); 1: each alone; k: k at a time, batched."""
+    """How many models train in one loop, and whether as one batched computation (MLPs only; other
+    models step in turn). 0 (auto): all at once, batched on a GPU (in turn on a CPU, where batching
+    gains nothing reliable: bench/README.md); 1: each alone; k: k at a time, batched."""
     if parallel_models == 1:
         return 1, False
+    stackable = cfg.model == "mlp"
     if parallel_models == 0:
-        return count, resolve_device(cfg.device).type == "cuda"
-    return parallel_models, True
+        return count, stackable and resolve_device(cfg.device).type == "cuda"
+    return parallel_models, stackable
 
 
 def train_together(cfgs: list[TrainConfig], parent_run_id: str, batched: bool | None = None, verbose: bool = True,

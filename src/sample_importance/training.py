@@ -145,9 +145,9 @@ def fit_many(
 
     The models share the training inputs, epochs, batch size and device; each has its own labels
     (datas[m].y_train: label noise), presentation order, learning rate, weight decay and sample
-    weights. `batched` (default: whenever the models are MLPs of one shape and no on_batch probe is
-    given) trains them as one stacked computation (`tracking.StackedMLP`); otherwise the loop steps
-    each model in turn. `on_epoch(m, record)` gets model m's finished epoch (its parameters are
+    weights. `batched` (True or None: whenever the models are MLPs of one shape and no on_batch
+    probe is given) trains them as one stacked computation (`tracking.StackedMLP`); otherwise (or
+    with False) the loop steps each model in turn. `on_epoch(m, record)` gets model m's finished epoch (its parameters are
     current in models[m]); returning False stops training model m. `on_epoch_end(epoch, metrics)`
     follows with the metrics of every model that finished the epoch.
 
@@ -173,8 +173,8 @@ def fit_many(
                   for m, c, o in zip(models, cfgs, optimizers or [None] * M)]
     layers, classes = len(models[0].layer_names), datas[0].num_classes
     dtype = next(models[0].parameters()).dtype
-    if batched is None:
-        batched = on_batch is None and StackedMLP.stackable(models)
+    # Batched where it can be (MLPs of one shape, no per-model probe); otherwise in turn.
+    batched = batched is not False and on_batch is None and StackedMLP.stackable(models)
     stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs]) if batched else None
 
     # The data and the presentation orders live on the device; batches are gathered there.
