@@ -165,3 +165,26 @@ def test_models_trained_at_once_on_a_gpu_match_the_cpu():
         (theirs,), _ = alone(dataclasses.replace(c, device="cpu"), data)
         for f in FIELDS:
             assert rel(getattr(got[m], f), getattr(theirs, f)) <= 1e-4, (m, f)
+
+
+def test_an_interrupted_group_leaves_no_run_running_and_resumes(tracking):
+    from sample_importance.together import train_many
+
+    base = TrainRunConfig(subset=100, epochs=3, batch_size=20, width=16, device="cpu")
+    cfgs = [base, dataclasses.replace(base, seed=1)]
+
+    def interrupt(group, epoch, rows):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), mlflow.start_run(run_name="parent"):
+        train_many(cfgs, parallel_models=2, epoch_callback=interrupt)
+    runs = [r for r in MlflowClient().search_runs(["0"]) if r.info.run_name.startswith("train")]
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+    with mlflow.start_run(run_name="again"):
+        ids = train_many(cfgs, parallel_models=2)  # each resumes in its own run after epoch 2
+    assert sorted(ids) == sorted(r.info.run_id for r in runs)
+    for run_id, cfg in zip(ids, cfgs):
+        assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+        records, _ = alone(cfg, training_data(cfg))
+        assert rel(load_dynamics(run_id).importance[-1], records[-1].importance) <= 1e-5

@@ -87,9 +87,10 @@ class _Member:
         return self.outbox.get() is None
 
     def finish(self, item) -> None:
+        """Hand the run its result (or the exception that ends it) and wait until it has ended."""
         if self.thread.is_alive():
             self.inbox.put(item)
-        self.thread.join()
+            self.thread.join()
 
 
 def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool = True,
@@ -167,22 +168,24 @@ def train_together(cfgs: list[TrainConfig], parent_run_id: str, batched: bool | 
     The configs must share inputs, epochs, batch size and device. Returns each run's id, or the
     exception that ended it (its run is then FAILED or KILLED with the reason, as alone); an
     exception of `epoch_callback(epoch, metrics)` ends every run of the group and propagates."""
-    members = [_Member(cfg, mlflow_io.create_run(parent_run_id, train_run_name(cfg), tags={})) for cfg in cfgs]
-    for member in members:  # one at a time: each sets up its run and data, then waits
-        member.start()
-    live = [m for m in members if m.fit is not None]
-    if live:
-        try:
+    members: list[_Member] = []
+    try:
+        for cfg in cfgs:  # one at a time: each creates and sets up its run and data, then waits
+            members.append(_Member(cfg, mlflow_io.create_run(parent_run_id, train_run_name(cfg), tags={})))
+            members[-1].start()
+        live = [m for m in members if m.fit is not None]
+        outcome = []
+        if live:
             outcome = fit_many([m.fit.model for m in live], [m.fit.data for m in live], [m.fit.cfg for m in live],
                                orders=[m.fit.order for m in live], on_epoch=lambda k, rec: live[k].send(rec),
                                optimizers=[m.fit.optimizer for m in live], start_epoch=live[0].fit.start_epoch,
                                batched=batched, on_epoch_end=_epoch_end(live[0].fit.cfg.epochs, verbose, epoch_callback))
-        except BaseException as exc:  # every run still open ends with the reason
-            for member in live:
-                member.finish(exc)
-            raise
-        for member, result in zip(live, outcome):  # finish one at a time
-            member.finish(result if result is not None else Stopped("stopped by its epoch callback"))
+    except BaseException as exc:  # Ctrl-C, a pruned group, a bug: every run still open ends with the reason
+        for member in members:
+            member.finish(exc)
+        raise
+    for member, result in zip(live, outcome):  # finish one at a time
+        member.finish(result if result is not None else Stopped("stopped by its epoch callback"))
     for member in members:
         member.thread.join()
     return [m.error if m.error is not None else m.run_id for m in members]
