@@ -16,7 +16,17 @@ from .errors import UserError
 
 DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
 DEVICES = ("auto", "cpu", "cuda")
+MODELS = ("mlp", "cnn")
 NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
+# Options added after runs existed: at these values a configuration keeps its older fingerprint.
+LATER_DEFAULTS = {"model": "mlp", "label_noise": 0.0}
+
+
+def _fingerprint(fields: dict) -> str:
+    """Hash of the fields that determine a result (those in NOT_RESULT and later options at their
+    defaults left out)."""
+    key = {k: v for k, v in fields.items() if k not in NOT_RESULT and LATER_DEFAULTS.get(k, object()) != v}
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 DEFAULT_DATA_DIR = str(Path.home() / ".cache" / "sample-importance")
 
 
@@ -45,8 +55,8 @@ class TrainConfig:
         """Raise ConfigError for a value no data can make valid; return self."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"Unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}.")
-        if self.model not in ("mlp", "cnn"):
-            raise ConfigError(f"Unknown model {self.model!r}: choose mlp or cnn.")
+        if self.model not in MODELS:
+            raise ConfigError(f"Unknown model {self.model!r}: choose {' or '.join(MODELS)}.")
         if self.device not in DEVICES:
             raise ConfigError(f"Unknown device {self.device!r}: choose one of {', '.join(DEVICES)}.")
         if not self.lr > 0:
@@ -78,14 +88,7 @@ class TrainConfig:
         """Hash of everything that determines the trained result (not where data is read from or
         which device runs it, or with how many others), used to find an existing run with the same
         configuration."""
-        d = self.to_dict()
-        for how in NOT_RESULT:
-            d.pop(how)
-        if d["model"] == "mlp":
-            d.pop("model")  # runs from before these options existed keep their fingerprints
-        if d["label_noise"] == 0:
-            d.pop("label_noise")
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return _fingerprint(self.to_dict())
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -117,9 +120,7 @@ class TrainRunConfig(TrainConfig):
         # The default order adds nothing, so a plain shuffled run has the fingerprint of its TrainConfig.
         if self.ordering == "shuffle" and not self.reference_run_id:
             return self.train_config().fingerprint()
-        d = {k: v for k, v in self.to_dict().items() if k not in NOT_RESULT + ("resume_run_id",)
-             and not (k == "model" and v == "mlp") and not (k == "label_noise" and v == 0)}
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return _fingerprint({k: v for k, v in self.to_dict().items() if k != "resume_run_id"})
 
 
 def _ids(text: str) -> list[str]:
@@ -289,9 +290,6 @@ class ScoresConfig(AnalysisConfig):
         if len(self.run_ids()) > 1:
             raise ConfigError("scores reads one train run: pass a single id in train_run_ids.")
         return self
-
-
-PRUNE_KEEPS = ("hardest", "easiest")
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def with_label_noise(data: Dataset, fraction: float, seed: int) -> Dataset:
     flipped = rng.choice(n, size=int(round(fraction * n)), replace=False)
     y = data.y_train.copy()
     y[flipped] = (y[flipped] + rng.integers(1, data.num_classes, size=len(flipped))) % data.num_classes
-    return Dataset(data.name, data.x_train, y, data.x_test, data.y_test, data.image_shape, data.num_classes)
+    return dataclasses.replace(data, y_train=y)
 
 
 def training_data(cfg) -> Dataset:

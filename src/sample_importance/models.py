@@ -8,13 +8,15 @@ pre-activation output: what the importance recorder needs. Both take flat sample
 """
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class LayeredModel(nn.Module):
+class LayeredModel(nn.Module, abc.ABC):
     """What both models share: weighted layers in `self.layers` (in order), `forward_tapped`."""
 
     layers: nn.ModuleDict
@@ -33,8 +35,9 @@ class LayeredModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_tapped(x)[0]
 
+    @abc.abstractmethod
     def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        raise NotImplementedError
+        """Logits (B, classes) and, per layer in order, its (input, pre-activation output)."""
 
 
 class MLP(LayeredModel):
@@ -83,9 +86,6 @@ class CNN(LayeredModel):
         return h, taps
 
 
-MODELS = ("mlp", "cnn")
-
-
 def build_model(in_features: int, num_classes: int, depth: int, width: int, seed: int, kind: str = "mlp",
                 image_shape: tuple[int, ...] | None = None) -> nn.Module:
     """An initialised model (Glorot-uniform weights, zero biases); the same seed gives the same
@@ -104,7 +104,7 @@ def model_for(cfg, data) -> nn.Module:
                        data.image_shape)
 
 
-def parameter_counts(model: MLP) -> dict[str, int]:
+def parameter_counts(model: LayeredModel) -> dict[str, int]:
     """Number of parameters (weights and bias) of each named layer."""
     return {name: sum(p.numel() for p in layer.parameters()) for name, layer in model.layers.items()}
 

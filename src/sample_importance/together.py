@@ -125,18 +125,9 @@ def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool 
             chunk = members[start:start + size]
             hook = None if epoch_callback is None else functools.partial(epoch_callback, group)
             group += 1
-            if len(chunk) == 1:  # alone: the plain path, in this thread
-                k = chunk[0]
-                try:
-                    ids[k] = run_train(cfgs[k], quiet=not verbose, epoch_callback=None if hook is None else
-                                       (lambda epoch, metrics: hook(epoch - 1, [metrics])))
-                except Stopped:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the others still train; raised below
-                    errors.append(exc)
-                continue
             if verbose:
-                print(f"training {len(chunk)} models {'at once' if batched else 'in one loop, one after another'}: "
+                how = "as one batched computation where they allow it" if batched else "one after another"
+                print(f"training {len(chunk)} model(s) in one loop, {how}: "
                       + ", ".join(train_run_name(cfgs[k]) for k in chunk), flush=True)
             for k, outcome in zip(chunk, train_together([cfgs[k] for k in chunk], parent, batched, verbose, hook)):
                 if isinstance(outcome, BaseException):
@@ -149,15 +140,14 @@ def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool 
 
 
 def group_size(cfg: TrainConfig, count: int, parallel_models: int) -> tuple[int, bool]:
-    """How many models train in one loop, and whether as one batched computation (MLPs only; other
-    models step in turn). 0 (auto): all at once, batched on a GPU (in turn on a CPU, where batching
+    """How many models train in one loop, and whether to batch them (where they can be:
+    `training.fit_many`). 0 (auto): all at once, batched on a GPU (in turn on a CPU, where batching
     gains nothing reliable: bench/README.md); 1: each alone; k: k at a time, batched."""
     if parallel_models == 1:
         return 1, False
-    stackable = cfg.model == "mlp"
     if parallel_models == 0:
-        return count, stackable and resolve_device(cfg.device).type == "cuda"
-    return parallel_models, stackable
+        return count, resolve_device(cfg.device).type == "cuda"
+    return parallel_models, True
 
 
 def train_together(cfgs: list[TrainConfig], parent_run_id: str, batched: bool | None = None, verbose: bool = True,
@@ -196,7 +186,7 @@ def _epoch_end(epochs: int, verbose: bool, callback) -> Callable[[int, list[dict
     def end(epoch: int, rows: list[dict[str, float]]) -> None:
         if verbose and rows:
             span = lambda key: f"{min(r[key] for r in rows):.4f}-{max(r[key] for r in rows):.4f}"
-            print(f"epoch {epoch + 1:3d}/{epochs}  {len(rows)} models  train_loss {span('train_loss')}  test_error "
+            print(f"epoch {epoch + 1:3d}/{epochs}  {len(rows)} model(s)  train_loss {span('train_loss')}  test_error "
                   f"{span('test_error')}  {rows[0]['samples_per_second']:,.0f} samples/s per model", flush=True)
         if callback is not None:
             callback(epoch, rows)

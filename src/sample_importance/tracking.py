@@ -26,15 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import MLP
+
 # The scaling convention recorded in metadata.json, so a reader knows what the numbers mean.
 PHI_CONVENTION = "phi_i = -(lr / B) * grad of sample i's own loss; B = samples in the batch; weight decay excluded"
+
+
+def linear_sq_grad_norms(a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """||dz_i||^2 (||a_i||^2 + 1) of a linear layer for every sample, features on the last axis
+    (any leading shape: (B,) for one model, (M, B) for M models)."""
+    return dz.square().sum(-1) * (a.square().sum(-1) + 1.0)
 
 
 def sample_sq_grad_norms(layer: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     """||dL_i/d(weight, bias)||^2 of every sample (B,), times B^2 when dz is the gradient of the batch
     mean; from the layer's input a and the gradient dz of its pre-activation output."""
     if isinstance(layer, nn.Linear):
-        return dz.square().sum(1) * (a.square().sum(1) + 1.0)
+        return linear_sq_grad_norms(a, dz)
     if isinstance(layer, nn.Conv2d) and layer.groups == 1:
         U = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
         D = dz.flatten(2)  # (B, O, P); U: (B, C*k*k, P)
@@ -113,14 +121,12 @@ class StackedMLP:
         device, dtype = self.weights[0].device, self.weights[0].dtype
         self.lr = torch.tensor(lrs, device=device, dtype=dtype)
         self.wd = torch.tensor(weight_decays, device=device, dtype=dtype)
-        self.uniform = len(set(lrs)) == 1 and len(set(weight_decays)) == 1
-        self.lrs, self.weight_decays = lrs, weight_decays
+        # One lr and weight decay for all: the scalar update of torch.optim.SGD, bit for bit.
+        self.shared = (lrs[0], weight_decays[0]) if len(set(zip(lrs, weight_decays))) == 1 else None
 
     @staticmethod
     def stackable(models: list) -> bool:
         """Whether `models` are MLPs (Linear layers only) of one shape on one device and type."""
-        from .models import MLP
-
         if len(models) < 2 or not all(type(m) is MLP for m in models):
             return False
         shapes = {tuple((p.shape, p.device, p.dtype) for p in m.parameters()) for m in models}
@@ -152,20 +158,18 @@ class StackedMLP:
         if track:
             grads = torch.autograd.grad(loss, params + [z for _, z in taps])
             with torch.no_grad():
-                importance = torch.stack([dz.square().sum(2) * (a.square().sum(2) + 1.0)
-                                          for (a, _), dz in zip(taps, grads[len(params):])], dim=2)
-                importance *= self.lr.square().view(M, 1, 1)
+                importance = torch.stack([linear_sq_grad_norms(a, dz) for (a, _), dz in zip(taps, grads[len(params):])],
+                                         dim=2) * self.lr.square().view(M, 1, 1)
         else:
             grads = torch.autograd.grad(loss, params)
             importance = None
         with torch.no_grad():
             for p, g in zip(params, grads[: len(params)]):
                 # torch.optim.SGD: g + weight_decay * p, then p - lr * that
-                shape = (M,) + (1,) * (p.dim() - 1)
-                if self.uniform:
-                    if self.weight_decays[0]:
-                        g = g.add(p, alpha=self.weight_decays[0])
-                    p.add_(g, alpha=-self.lrs[0])
+                if self.shared is not None:
+                    lr, wd = self.shared
+                    p.add_(g.add(p, alpha=wd) if wd else g, alpha=-lr)
                 else:
+                    shape = (M,) + (1,) * (p.dim() - 1)
                     p.sub_((g + self.wd.view(shape) * p) * self.lr.view(shape))
         return StepRecord(loss=loss_i.detach(), logits=logits.detach(), importance=importance)

@@ -177,7 +177,7 @@ def fit_many(
     batched = batched is not False and on_batch is None and StackedMLP.stackable(models)
     stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs]) if batched else None
 
-    # The data and the presentation orders live on the device; batches are gathered there.
+    # The data and each epoch's presentation orders live on the device; batches are gathered there.
     x_train = torch.as_tensor(datas[0].x_train, device=device, dtype=dtype)  # (n, d)
     y_train = torch.stack([torch.as_tensor(d.y_train, device=device) for d in datas])  # (M, n)
     weights = None
@@ -186,7 +186,6 @@ def fit_many(
                                torch.as_tensor(w, device=device, dtype=dtype) for w in sample_weights])  # (M, n)
     x_test = torch.as_tensor(datas[0].x_test, device=device, dtype=dtype)
     y_test = torch.as_tensor(datas[0].y_test, device=device)
-    order_dev = torch.as_tensor(np.stack(orders), device=device)  # (M, epochs, n)
     rows = torch.arange(M, device=device).unsqueeze(1)  # (M, 1): scatters each model's batch into its row
 
     results: list[FitResult | DivergenceError | None] = [None] * M
@@ -198,15 +197,15 @@ def fit_many(
         importance = torch.zeros(M, n, layers, device=device, dtype=dtype)
         loss = torch.zeros(M, n, device=device, dtype=dtype)
         logits = torch.zeros(M, n, classes, device=device, dtype=dtype)
+        order_dev = torch.as_tensor(np.stack([o[epoch] for o in orders]), device=device)  # (M, n): one copy an epoch
         for model in models:
             model.train()
         for s in range(0, n, cfg.batch_size):
-            ids = order_dev[:, epoch, s:s + cfg.batch_size]  # (M, B)
+            ids = order_dev[:, s:s + cfg.batch_size]  # (M, B)
             w = None if weights is None else weights.gather(1, ids)
             if stack is not None:
                 rec = stack.step(x_train[ids], y_train.gather(1, ids), track=track, weight=w)
-                where = (rows, ids)
-                _store(where, rec, importance, loss, logits, track)
+                _store((rows, ids), rec, importance, loss, logits, track)
                 continue
             for m in (m for m in range(M) if live[m]):
                 if on_batch is not None:
