@@ -16,13 +16,24 @@ from sample_importance.errors import UserError  # noqa: E402
 C = TypeVar("C")
 
 
-def parse_config(cls: type[C], argv: list[str] | None, description: str, help_texts: dict[str, str]) -> C:
+PROJECT = Path(__file__).resolve().parent.parent  # the MLproject folder (steps launch from it)
+
+
+def parse_config(cls: type[C], argv: list[str] | None, description: str) -> C:
     """Build `cls` from --field flags (one per dataclass field, typed, defaulting to the field's default)."""
     parser = argparse.ArgumentParser(description=description)
+    help_texts = cls.field_help()
     for f in dataclasses.fields(cls):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
                             help=f"{help_texts.get(f.name, '')} (default: {f.default})")
     return cls(**vars(parser.parse_args(argv)))
+
+
+def entry_point(cls: type[C], description: str, run: Callable[[C], str]) -> Callable[[list[str] | None], str]:
+    """An entry point's `main(argv)`: its flags parsed into `cls`, then `run(config)`; returns the run id."""
+    def main(argv: list[str] | None = None) -> str:
+        return run(parse_config(cls, argv, description))
+    return main
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -2,17 +2,13 @@
 Steps already run with the same configuration are reused."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from _cli import parse_config, run_cli
+from _cli import PROJECT, entry_point, run_cli
 
 from sample_importance.config import StudyConfig
 from sample_importance.study import run_main
 
 
-def main(argv: list[str] | None = None) -> str:
-    cfg = parse_config(StudyConfig, argv, __doc__, StudyConfig.field_help())
-    return run_main(cfg, project_dir=Path(__file__).resolve().parent.parent)
+main = entry_point(StudyConfig, __doc__, lambda cfg: run_main(cfg, PROJECT))
 
 
 if __name__ == "__main__":

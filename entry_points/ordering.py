@@ -2,17 +2,13 @@
 in the model registry."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from _cli import parse_config, run_cli
+from _cli import PROJECT, entry_point, run_cli
 
 from sample_importance.config import OrderingConfig
 from sample_importance.orderings import run_ordering
 
 
-def main(argv: list[str] | None = None) -> str:
-    cfg = parse_config(OrderingConfig, argv, __doc__, OrderingConfig.field_help())
-    return run_ordering(cfg, project_dir=Path(__file__).resolve().parent.parent)
+main = entry_point(OrderingConfig, __doc__, lambda cfg: run_ordering(cfg, PROJECT))
 
 
 if __name__ == "__main__":

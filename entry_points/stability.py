@@ -1,17 +1,13 @@
 """`stability` entry point: Stability of sample importance across initialisations (paper fig. 1)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from _cli import parse_config, run_cli
+from _cli import entry_point, run_cli
 
 from sample_importance.config import StabilityConfig
 from sample_importance.study import run_stability
 
 
-def main(argv: list[str] | None = None) -> str:
-    cfg = parse_config(StabilityConfig, argv, __doc__, StabilityConfig.field_help())
-    return run_stability(cfg, project_dir=Path(__file__).resolve().parent.parent)
+main = entry_point(StabilityConfig, __doc__, run_stability)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,7 @@ def flipped_labels(d: Dynamics, data_dir: str) -> np.ndarray:
     return np.asarray(d.label) != clean
 
 
-def run_scores(cfg: ScoresConfig, project_dir: str | Path) -> str:
+def run_scores(cfg: ScoresConfig) -> str:
     with start_analysis(cfg, "scores", "Every per-sample difficulty score of one run, side by side") as run:
         d = one_run(cfg)
         table = S.score_table(d, cfg.early_epoch)
@@ -55,7 +54,7 @@ def run_scores(cfg: ScoresConfig, project_dir: str | Path) -> str:
         return run.info.run_id
 
 
-def run_prune(cfg: PruneConfig, project_dir: str | Path) -> str:
+def run_prune(cfg: PruneConfig) -> str:
     """Data pruning: for each score, fraction and seed, train a fresh model (untracked, same settings
     as the scored run) on the hardest or the easiest samples, and on a random choice; test error
     against the fraction kept."""
@@ -106,7 +105,7 @@ def _architecture(d: Dynamics) -> str:
     return architecture_name(c.get("model", "mlp"), c["depth"], c["width"])
 
 
-def run_learnability(cfg: LearnabilityConfig, project_dir: str | Path) -> str:
+def run_learnability(cfg: LearnabilityConfig) -> str:
     """Train (or read) num_seeds runs of each architecture, then Table 1 and fig. 1 of Lee et al."""
     with start_analysis(cfg, "learnability", "Sample-wise learnability across architectures (Lee et al. 2019)") as run:
         # Refuses runs on different samples (dataset, subset, sample ids, epochs).

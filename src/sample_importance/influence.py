@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -95,7 +94,7 @@ def _chosen(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return top, np.sort(rnd)
 
 
-def run_influence(cfg: InfluenceConfig, project_dir: str | Path) -> str:
+def run_influence(cfg: InfluenceConfig) -> str:
     cfg.check()
     with mlflow_io.start_run(f"influence {cfg.dataset}" + ("" if cfg.mode == "influence" else f" {cfg.mode}"),
                              "influence", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()},

@@ -4,7 +4,7 @@ Each step: find the `train` runs it reads or train them (in this process, severa
 `together.train_many`), load them through the artifact contract, call the pure functions of
 `analysis/`, log tables, metrics, figures and its claim(s) (`claims.json`). `main` launches every
 step as a child run with `mlflow run` from `project_dir` (reusing finished ones) and assembles
-`report.html`; every step function takes `project_dir`, the signature the entry points call.
+`report.html`.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def start_analysis(cfg: AnalysisConfig, entry_point: str, description: str):
                                config=cfg.to_dict())
 
 
-def run_stability(cfg: StabilityConfig, project_dir: str | Path) -> str:
+def run_stability(cfg: StabilityConfig) -> str:
     """Fig. 1: Spearman rank correlation of alpha across initialisations, every `every` epochs."""
     with start_analysis(cfg, "stability", "Is sample importance stable across initialisations? (paper fig. 1)") as run:
         runs = train_runs(cfg, list(range(cfg.seed, cfg.seed + cfg.num_seeds)))
@@ -67,7 +67,7 @@ def run_stability(cfg: StabilityConfig, project_dir: str | Path) -> str:
         return run.info.run_id
 
 
-def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
+def run_decompose(cfg: DecomposeConfig) -> str:
     """Figs. 2, 3, 10: importance by epoch, layer, class, parameter and group of samples."""
     with start_analysis(cfg, "decompose", "Which samples, classes and layers carry the importance, and when? "
                                   "(paper figs. 2, 3, 10)") as run:
@@ -105,7 +105,7 @@ def run_decompose(cfg: DecomposeConfig, project_dir: str | Path) -> str:
         return run.info.run_id
 
 
-def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
+def run_nll(cfg: NllConfig) -> str:
     """Fig. 4: correlation between in-epoch NLL and importance, and its trend over training."""
     with start_analysis(cfg, "nll", "Is a sample's importance related to its loss? (paper fig. 4)") as run:
         d = one_run(cfg)
@@ -124,7 +124,7 @@ def run_nll(cfg: NllConfig, project_dir: str | Path) -> str:
         return run.info.run_id
 
 
-def run_cluster(cfg: ClusterConfig, project_dir: str | Path) -> str:
+def run_cluster(cfg: ClusterConfig) -> str:
     """Figs. 5, 6: k-means on the epoch x layer importance profiles of one class's samples."""
     with start_analysis(cfg, "cluster", f"Clusters of class {cfg.label} by importance profile (paper figs. 5, 6)") as run:
         d = one_run(cfg)
