@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -12,6 +16,7 @@ from typing import Callable, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from sample_importance.errors import UserError  # noqa: E402
+from sample_importance.mlflow_io import PARENT_PID_VAR  # noqa: E402
 
 C = TypeVar("C")
 
@@ -36,8 +41,37 @@ def entry_point(cls: type[C], description: str, run: Callable[[C], str]) -> Call
     return main
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # the run ends KILLED and resumable, as on Ctrl-C
+
+
+def _die_with_parent() -> None:
+    """A step launched by another entry point (`main`, `ordering`) ends when its launcher ends,
+    however the launcher ends (kill -9 included): a thread watches the launcher's process id, passed
+    down in PARENT_PID_VAR, and stops this process as SIGTERM would, so no child trains on alone."""
+    parent = os.environ.get(PARENT_PID_VAR, "")
+    if not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(int(parent), 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run `main`; a user error becomes one line on stderr and exit status 2."""
+    """Run `main`; a user error becomes one line on stderr and exit status 2. SIGTERM ends it as
+    Ctrl-C does (its run KILLED, resumable); a launched step ends with its launcher."""
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    _die_with_parent()
     try:
         main()
     except UserError as exc:

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from .errors import UserError
 
@@ -28,6 +29,8 @@ def _fingerprint(fields: dict) -> str:
     key = {k: v for k, v in fields.items() if k not in NOT_RESULT and LATER_DEFAULTS.get(k, object()) != v}
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 DEFAULT_DATA_DIR = str(Path.home() / ".cache" / "sample-importance")
+MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit integers for torch's and numpy's generators
+MAX_RUNS = 1000  # training runs one stage may ask for (seeds x methods x architectures)
 
 
 class ConfigError(UserError, ValueError):
@@ -75,6 +78,12 @@ class TrainConfig:
             raise ConfigError(f"label_noise must be a fraction in [0, 1), got {self.label_noise}.")
         if self.parallel_models < 0:
             raise ConfigError(f"parallel_models must be 0 (auto), 1 (each alone) or a count, got {self.parallel_models}.")
+        check_seed(self.seed)
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device=cuda was requested but no CUDA device is available: use device=auto or cpu.")
         return self
 
     def to_dict(self) -> dict:
@@ -127,14 +136,45 @@ def _ids(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def check_seed(seed: int, name: str = "seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{name} must be an integer between 0 and 2**63 - 1, got {seed}.")
+
+
+def check_run_count(count: int, what: str) -> None:
+    """Refuse a stage that would ask for more training runs than anyone means to (a typo such as
+    num_seeds=100000 would otherwise spend hours in store queries before training anything)."""
+    if count > MAX_RUNS:
+        raise ConfigError(f"{what} asks for {count:,} training runs, more than the limit of {MAX_RUNS:,}: "
+                          "lower the count, or split the study into several calls.")
+
+
+def check_unique(items: list, name: str) -> None:
+    repeated = sorted({str(v) for v in items if items.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"{name} repeats {', '.join(repeated)}: give each only once.")
+
+
 @dataclass(frozen=True)
 class AnalysisConfig(TrainConfig):
     """An analysis of `train` runs: the given ones, or those matching the training fields."""
 
     train_run_ids: str = ""  # comma-separated train run ids; empty = find (or launch) runs matching the training fields
+    SINGLE_RUN: ClassVar[bool] = False  # the analysis reads one train run
 
     def run_ids(self) -> list[str]:
         return _ids(self.train_run_ids)
+
+    def check(self) -> "AnalysisConfig":
+        super().check()
+        check_unique(self.run_ids(), "train_run_ids")
+        if self.SINGLE_RUN and len(self.run_ids()) > 1:
+            raise ConfigError(f"{self.stage_name()} reads one train run: pass a single id in train_run_ids.")
+        return self
+
+    @classmethod
+    def stage_name(cls) -> str:
+        return cls.__name__.removesuffix("Config").lower()
 
     def fingerprint(self) -> str:
         """Identifies the analysis: its own fields and either the runs it reads or the training
@@ -155,6 +195,7 @@ class StabilityConfig(AnalysisConfig):
         super().check()
         if not self.run_ids() and self.num_seeds < 2:
             raise ConfigError(f"num_seeds must be at least 2 to compare initialisations, got {self.num_seeds}.")
+        check_run_count(self.num_seeds, f"num_seeds={self.num_seeds}")
         if self.run_ids() and len(self.run_ids()) < 2:
             raise ConfigError("stability needs at least two train_run_ids (comma-separated) to compare.")
         if self.every < 1:
@@ -164,16 +205,17 @@ class StabilityConfig(AnalysisConfig):
 
 @dataclass(frozen=True)
 class DecomposeConfig(AnalysisConfig):
-    pass
+    SINGLE_RUN: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
 class NllConfig(AnalysisConfig):
-    pass
+    SINGLE_RUN: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
 class ClusterConfig(AnalysisConfig):
+    SINGLE_RUN: ClassVar[bool] = True
     label: int = 5  # the class whose samples are clustered (paper: digit 5 on MNIST)
     num_clusters: int = 20  # k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)
     feature_scale: str = "log"  # log | raw: k-means on log10(beta) or on beta itself
@@ -218,6 +260,8 @@ class OrderingConfig(TrainConfig):
                               f"{', '.join(ORDERINGS)}.")
         if self.num_seeds < 1:
             raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
+        check_unique(self.method_list(), "methods")
+        check_run_count(self.num_seeds * len(self.method_list()), f"{len(self.method_list())} methods x num_seeds={self.num_seeds}")
         return self
 
     def fingerprint(self) -> str:
@@ -233,14 +277,14 @@ SWEEP_METRICS = {"final_test_error": "test_error", "final_test_loss": "test_loss
 class SweepConfig(TrainConfig):
     """`sweep`: Optuna search over the learning rate, each trial repeated over seeds."""
 
-    n_trials: int = 10  # trials this invocation (this worker) adds to the study
+    n_trials: int = 10  # trials this invocation (this worker) adds to the study; 0 = until timeout
     timeout: float = 0.0  # stop starting trials after this many seconds; 0 = no limit
     lr_min: float = 0.01  # lower bound of the log-uniform learning-rate range
     lr_max: float = 0.5  # upper bound
     seeds: str = "2"  # seeds each trial trains: a count n (seed, ..., seed+n-1) or a comma-separated list
     metric: str = "final_test_error"  # minimised: final_test_error | final_test_loss | final_train_loss
     study_name: str = ""  # Optuna study; empty = sweep-<dataset>
-    storage: str = ""  # Optuna storage: empty = journal file ./optuna-journal.log; a .log path; or a database URL
+    storage: str = ""  # Optuna storage: empty = optuna-journal.log beside the tracking store; a .log path; or a database URL
     sampler_seed: int = 0  # seed of the TPE sampler
     pruner: str = "median"  # median | none
     reference_lr: float = 0.1  # learning rate whose importance ranking each trial is compared with (paper: 0.1)
@@ -255,7 +299,11 @@ class SweepConfig(TrainConfig):
         if len(values) == 1:
             if values[0] < 1:
                 raise ConfigError(f"seeds must be at least 1, got {values[0]}.")
-            return list(range(self.seed, self.seed + values[0]))
+            check_run_count(values[0], f"seeds={values[0]}")
+            values = list(range(self.seed, self.seed + values[0]))
+        check_unique(values, "seeds")
+        for v in values:
+            check_seed(v, "every seed in seeds")
         return values
 
     def name(self) -> str:
@@ -273,6 +321,11 @@ class SweepConfig(TrainConfig):
             raise ConfigError(f"Unknown pruner {self.pruner!r}: choose median or none.")
         if self.n_trials < 0 or self.timeout < 0 or self.heartbeat < 1:
             raise ConfigError("n_trials and timeout must be >= 0 and heartbeat >= 1.")
+        if self.n_trials == 0 and self.timeout == 0:
+            raise ConfigError("n_trials=0 with no timeout would run trials without end: give a number of trials, "
+                              "or a timeout in seconds (n_trials=0 then means: until the timeout).")
+        check_run_count(self.n_trials, f"n_trials={self.n_trials}")
+        check_seed(self.sampler_seed, "sampler_seed")
         self.seed_list()
         return self
 
@@ -281,14 +334,13 @@ class SweepConfig(TrainConfig):
 class ScoresConfig(AnalysisConfig):
     """`scores`: every per-sample difficulty score of one train run, side by side."""
 
+    SINGLE_RUN: ClassVar[bool] = True
     early_epoch: int = 2  # 1-based epoch at which EL2N and GraNd are read (Paul et al.: early in training)
 
     def check(self) -> "ScoresConfig":
         super().check()
         if not 1 <= self.early_epoch <= self.epochs:
             raise ConfigError(f"early_epoch must be between 1 and epochs={self.epochs}, got {self.early_epoch}.")
-        if len(self.run_ids()) > 1:
-            raise ConfigError("scores reads one train run: pass a single id in train_run_ids.")
         return self
 
 
@@ -318,6 +370,8 @@ class PruneConfig(ScoresConfig):
                               f"among {', '.join(HARDER_IS_LARGER)} or importance_<layer>.")
         if self.num_seeds < 1:
             raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
+        check_run_count(self.num_seeds * len(self.fraction_list()) * len(self.score_list()),
+                        "keep_fractions x prune_scores x num_seeds")
         return self
 
 
@@ -362,6 +416,7 @@ class LearnabilityConfig(AnalysisConfig):
             raise ConfigError("learnability compares architectures: give at least two in architectures.")
         if self.num_seeds < 1:
             raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
+        check_run_count(self.num_seeds * len(self.architecture_list()), "architectures x num_seeds")
         return self
 
 
@@ -380,6 +435,7 @@ class InfluenceConfig(AnalysisConfig):
     """`influence`: the effect of each training sample's weight on targets of the trained model
     (paper section 4), fixed-point and unrolled, optionally validated against retraining."""
 
+    SINGLE_RUN: ClassVar[bool] = True
     mode: str = "influence"  # influence | validate (also retrain to check) | breakdown (linear response vs change, lr, epochs)
     targets: str = "test_loss,class_prob"  # comma-separated: test_loss | class_prob | self
     test_ids: str = ""  # comma-separated test-sample indices of the target set; empty = draw num_test
@@ -426,8 +482,6 @@ class InfluenceConfig(AnalysisConfig):
             raise ConfigError(f"Unknown solver {self.solver!r}: choose direct, cg or lissa.")
         if not self.damping > 0:
             raise ConfigError(f"damping must be positive (it keeps H + damping I invertible), got {self.damping}.")
-        if len(self.run_ids()) > 1:
-            raise ConfigError("influence reads one train run: pass a single id in train_run_ids.")
         if any(i < 0 for i in self.test_id_list()):
             raise ConfigError("test_ids must be indices into the test set (0 or more).")
         if self.num_test < 1 or self.num_validate < 1:
@@ -476,14 +530,14 @@ _FIELD_HELP = {
     "reference_run_id": "train run whose final NLL and total importance order the batches",
     "resume_run_id": "continue this interrupted train run; empty = resume one with the same configuration if any",
     "methods": "comma-separated batch constructions: shuffle, rand, nlo, rnlo, nlm, sio, rsio, sim",
-    "n_trials": "trials this invocation (worker) adds to the study",
+    "n_trials": "trials this invocation (worker) adds to the study; 0 = as many as fit in timeout (which must then be set)",
     "timeout": "stop starting trials after this many seconds; 0 = no limit",
     "lr_min": "lower bound of the log-uniform learning-rate range",
     "lr_max": "upper bound of the log-uniform learning-rate range",
     "seeds": "seeds per trial: a count n (seed..seed+n-1) or a comma-separated list",
     "metric": "minimised: final_test_error | final_test_loss | final_train_loss",
     "study_name": "Optuna study name; empty = sweep-<dataset>",
-    "storage": "Optuna storage: empty = ./optuna-journal.log; a journal .log path; or a database URL",
+    "storage": "Optuna storage: empty = optuna-journal.log beside the tracking store (mlflow.db); a journal .log path (relative: from there); or a database URL",
     "sampler_seed": "seed of the TPE sampler",
     "pruner": "median | none",
     "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",

@@ -112,8 +112,15 @@ def _torchvision(name: str, data_dir: Path) -> Dataset:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, _TORCHVISION_CLASSES[name])
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data_dir={data_dir} is a file, not a folder: pass the folder where {name} is (or may be "
+                        "downloaded to).")
     if name == "fashion-mnist":
-        _stage_debian_fashion_mnist(data_dir)
+        try:
+            _stage_debian_fashion_mnist(data_dir)
+        except OSError as exc:
+            raise DataError(f"Cannot prepare Fashion-MNIST in data_dir={data_dir} ({exc.strerror or exc}): pass a "
+                            "writable folder as data_dir.") from None
     splits = {}
     existed = data_dir.exists()
     before = set(data_dir.iterdir()) if existed else set()

@@ -21,15 +21,21 @@ renamed to `<name>.npy` when the run completes; metadata.json is rewritten atomi
 epoch with `epochs_completed` and a checksum of every row written, so a crashed run leaves its
 finished epochs readable (`allow_partial=True`) and a damaged file is named, never silently read.
 `complete` becomes true only after the last file is in place. Until then `checkpoint.pt` holds
-what `train` needs to resume.
+what `train` needs to resume; it stays until the run's last metric, figure and model are logged, so
+a kill at any instant of the finish is resumed (`DynamicsWriter(resume=True)` undoes a half-done or
+done finish and the run finishes again). init_state.pt and final_state.pt carry a checksum in
+metadata.json too, and every .pt file is read with `torch.load(weights_only=True)`: tensors and plain
+values only, never code (a dynamics folder may come from a shared tracking store).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import mmap
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +48,15 @@ DIRNAME = "dynamics"
 METADATA = "metadata.json"
 INIT_STATE = "init_state.pt"
 FINAL_STATE = "final_state.pt"
-CHECKPOINT = "checkpoint.pt"  # model, optimizer and progress after the last finished epoch (until complete)
+CHECKPOINT = "checkpoint.pt"  # model, optimizer and progress after the last finished epoch (until logged)
+FILE_CHECKSUMS = "file_checksums"  # metadata.json: checksum of each .pt file (init_state, final_state)
 # file stem -> dtype
 PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32, "correct": np.bool_,
              "error_l2": np.float32, "batch_order": np.int64}
 PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
 PROJECTION = "param_projection"
+REQUIRED_METADATA = ("schema_version", "n", "epochs", "epochs_completed", "complete", "layer_names",
+                     "projection_dim", "checksums")
 
 
 class DynamicsError(UserError):
@@ -64,6 +73,69 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]
 
 
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path):
+    """Turn an operating-system error while writing `path` into one sentence (a full disk, a
+    read-only folder), instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DynamicsError(f"No space left on the device holding {path}: free some space, then run the same "
+                                "command again (an interrupted train run resumes from its last finished epoch).") from None
+        raise DynamicsError(f"Cannot write {path}: {exc.strerror or exc}; choose a writable location for the "
+                            "tracking store's artifacts.") from None
+
+
+def required_bytes(n: int, epochs: int, layers: int, projection_dim: int = 32) -> int:
+    """Disk space the per-epoch arrays of a run take (importance, loss, p_true, correct, error_l2,
+    batch_order, param_projection), for checking before anything is allocated."""
+    per_sample_epoch = sum((layers if name == "importance" else 1) * np.dtype(dt).itemsize for name, dt in PER_EPOCH.items())
+    return int(epochs) * int(n) * per_sample_epoch + (int(epochs) + 1) * projection_dim * 4
+
+
+def check_space(folder: Path, nbytes: int, what: str = "this run's dynamics") -> None:
+    """Refuse, in one sentence, work whose files would not fit on the disk that holds `folder`."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if nbytes > free:
+        raise DynamicsError(f"{what} would need {_size(nbytes)} at {folder}, but only {_size(free)} is free there: "
+                            "lower epochs, subset or the number of runs, or free space.")
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:,.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve the whole file on disk now, so a full disk is a named error at the start rather than
+    a crash (SIGBUS) in a memory-mapped write hours later."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # the file system cannot reserve space (some network file systems)
+            raise
+
+
 def _partial(folder: Path, name: str) -> Path:
     """Per-epoch arrays carry this name until the run is complete, then are renamed to <name>.npy."""
     return folder / f"{name}.partial.npy"
@@ -74,8 +146,40 @@ def save_atomic(obj, path: Path) -> None:
     import torch
 
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with disk_errors(path):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+def load_tensors(path: Path, expected_digest: str | None = None) -> dict:
+    """A .pt file of tensors and plain values (`torch.load(weights_only=True)`: never unpickles code),
+    checked against its checksum when one was recorded. Raises DynamicsError naming the file."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DynamicsError(f"{path} is missing from the dynamics folder.")
+    if expected_digest is not None and _file_digest(path) != expected_digest:
+        raise DynamicsError(f"{path} is damaged: it does not match the checksum in metadata.json; re-run the "
+                            "training run.")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DynamicsError(f"{path} was not loaded: it is not a file of tensors and plain values written by "
+                            f"sample-importance (damaged, from an older version, or planted; {first[:200]}).") from None
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """The resume checkpoint of an unfinished run (tensors and plain values only)."""
+    return load_tensors(Path(folder) / CHECKPOINT)
+
+
+def discard_checkpoint(folder: Path) -> None:
+    """Delete the checkpoint: only once everything of the run is logged (the last step of `train`)."""
+    (Path(folder) / CHECKPOINT).unlink(missing_ok=True)
 
 
 class DynamicsWriter:
@@ -88,7 +192,8 @@ class DynamicsWriter:
     def __init__(self, folder: str | Path, n: int, epochs: int, metadata: dict, projection_dim: int = 32,
                  resume: bool = False):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with disk_errors(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
         self.n, self.epochs = n, epochs
         L = len(metadata["layer_names"])
         shapes = {name: (epochs, n, L) if name == "importance" else (epochs, n) for name in PER_EPOCH}
@@ -96,32 +201,59 @@ class DynamicsWriter:
         dtypes = {**PER_EPOCH, PROJECTION: np.float32}
         if resume:
             self.metadata = json.loads((self.folder / METADATA).read_text())
-            assert not self.metadata["complete"] and self.metadata["n"] == n and self.metadata["epochs"] == epochs
+            assert self.metadata["n"] == n and self.metadata["epochs"] == epochs
+            self._reopen(list(shapes))
             mode = "r+"
         else:
+            check_space(self.folder, required_bytes(n, epochs, L, projection_dim))
             self.metadata = {**metadata, "schema_version": SCHEMA_VERSION, "n": n, "epochs": epochs,
                              "projection_dim": projection_dim, "epochs_completed": 0, "complete": False,
-                             "checksums": {name: {} for name in shapes}}
+                             "checksums": {name: {} for name in shapes}, FILE_CHECKSUMS: {}}
             mode = "w+"
-        self.arrays = {name: np.lib.format.open_memmap(_partial(self.folder, name), mode=mode, dtype=dtypes[name],
-                                                       shape=shapes[name]) for name in shapes}
-        _write_json_atomic(self.folder / METADATA, self.metadata)
+        with disk_errors(self.folder):
+            self.arrays = {name: np.lib.format.open_memmap(_partial(self.folder, name), mode=mode,
+                                                           dtype=dtypes[name], shape=shapes[name]) for name in shapes}
+            if mode == "w+":
+                for name in shapes:
+                    _preallocate(_partial(self.folder, name))
+            _write_json_atomic(self.folder / METADATA, self.metadata)
+
+    def _reopen(self, names: list[str]) -> None:
+        """Undo a finish that was cut short or whose run was not fully logged: per-epoch files that
+        were already renamed into place get their partial name back, and the run is incomplete again
+        (the finish is then done anew, step by step, by whoever resumes)."""
+        for name in names:
+            done, partial = self.folder / f"{name}.npy", _partial(self.folder, name)
+            if not partial.exists() and done.exists():
+                os.replace(done, partial)
+        if self.metadata.get("complete"):
+            self.metadata["complete"] = False
+            _write_json_atomic(self.folder / METADATA, self.metadata)
 
     def _store(self, name: str, row: int, values) -> None:
         array = self.arrays[name]
-        array[row] = values
-        array.flush()
+        with disk_errors(_partial(self.folder, name)):
+            array[row] = values
+            array.flush()
         self.metadata["checksums"][name][str(row)] = _digest(array[row])
         # The row is on disk: let its pages leave this process's memory (a 50-epoch run would
         # otherwise keep its whole dynamics resident through the memory map).
         with contextlib.suppress(AttributeError, ValueError, OSError):
             array._mmap.madvise(mmap.MADV_DONTNEED)
 
+    def _save_state(self, state: dict, name: str) -> None:
+        save_atomic(state, self.folder / name)
+        self.metadata.setdefault(FILE_CHECKSUMS, {})[name] = _file_digest(self.folder / name)
+
     def write_initial(self, projection: np.ndarray, init_state: dict) -> None:
         """The starting point: projected initial parameters and the initial state dict."""
         self._store(PROJECTION, 0, projection)
-        save_atomic(init_state, self.folder / INIT_STATE)
-        _write_json_atomic(self.folder / METADATA, self.metadata)
+        self._save_state(init_state, INIT_STATE)
+        self._write_metadata()
+
+    def _write_metadata(self) -> None:
+        with disk_errors(self.folder / METADATA):
+            _write_json_atomic(self.folder / METADATA, self.metadata)
 
     def truncate(self, epochs_completed: int) -> None:
         """Forget epochs after `epochs_completed` (resuming from a checkpoint written before them)."""
@@ -131,7 +263,7 @@ class DynamicsWriter:
                 if int(row) >= limit:
                     del self.metadata["checksums"][name][row]
         self.metadata["epochs_completed"] = epochs_completed
-        _write_json_atomic(self.folder / METADATA, self.metadata)
+        self._write_metadata()
 
     def write_epoch(self, record, projection: np.ndarray) -> None:
         """Store one `training.EpochRecord` and the projected parameters after it; mark it completed."""
@@ -141,25 +273,29 @@ class DynamicsWriter:
             self._store(name, epoch, getattr(record, name))
         self._store(PROJECTION, epoch + 1, projection)
         self.metadata["epochs_completed"] = epoch + 1
-        _write_json_atomic(self.folder / METADATA, self.metadata)
+        self._write_metadata()
 
     def finish(self, final_loss: np.ndarray, label: np.ndarray, sample_id: np.ndarray, final_state: dict) -> None:
+        """Write the final files and rename the per-epoch ones into place; `complete` last. Every step
+        can be repeated (a resumed run whose finish was cut short does it again); the checkpoint is
+        left for `discard_checkpoint` once the run is fully logged."""
         assert self.metadata["epochs_completed"] == self.epochs, "finish() before every epoch was written"
-        save_atomic(final_state, self.folder / FINAL_STATE)
+        self._save_state(final_state, FINAL_STATE)
         for name, arr in (("final_loss", final_loss), ("label", label), ("sample_id", sample_id)):
             arr = np.asarray(arr, dtype=PER_SAMPLE[name])
             assert arr.shape == (self.n,), f"{name} must have shape ({self.n},), got {arr.shape}"
             tmp = self.folder / f"{name}.tmp.npy"
-            np.save(tmp, arr)
-            os.replace(tmp, self.folder / f"{name}.npy")
+            with disk_errors(tmp):
+                np.save(tmp, arr)
+                os.replace(tmp, self.folder / f"{name}.npy")
             self.metadata["checksums"][name] = _digest(arr)
+        self._write_metadata()  # the checksums of the final files, before they are relied on
         names = list(self.arrays)
         self.arrays = {}  # release the memory maps before renaming their files
         for name in names:
             os.replace(_partial(self.folder, name), self.folder / f"{name}.npy")
-        (self.folder / CHECKPOINT).unlink(missing_ok=True)  # the model is logged; the checkpoint is spent
         self.metadata["complete"] = True
-        _write_json_atomic(self.folder / METADATA, self.metadata)
+        self._write_metadata()
 
 
 @dataclass
@@ -183,6 +319,11 @@ class Dynamics:
     def layer_names(self) -> list[str]:
         return list(self.metadata["layer_names"])
 
+    def state(self, name: str) -> dict:
+        """A state dict of the run (INIT_STATE or FINAL_STATE), checked against its checksum (runs
+        written before checksums of .pt files existed are read unchecked) and loaded as tensors only."""
+        return load_tensors(self.folder / name, self.metadata.get(FILE_CHECKSUMS, {}).get(name))
+
     @property
     def alpha(self) -> np.ndarray:
         """alpha_i^t = sum over layers of beta (E, n)."""
@@ -200,11 +341,17 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
     folder = Path(folder)
     meta_path = folder / METADATA
     if not meta_path.is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise DynamicsError(f"{meta_path} is missing: the dynamics folder is damaged (its other files cannot be "
+                                "validated without it); re-run the training run.")
         raise DynamicsError(f"{meta_path} is missing: this is not a dynamics folder written by `train`.")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DynamicsError(f"{meta_path} is not valid JSON ({exc}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DynamicsError(f"{meta_path} is damaged: not valid JSON ({exc}); re-run the training run.") from None
+    missing = [key for key in REQUIRED_METADATA if key not in meta] if isinstance(meta, dict) else ["all keys"]
+    if missing:
+        raise DynamicsError(f"{meta_path} is damaged: it lacks {', '.join(missing)}; re-run the training run.")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise DynamicsError(f"{meta_path} has schema version {meta.get('schema_version')}, this code reads "
                             f"{SCHEMA_VERSION}: re-run `train` or use a matching version of sample-importance.")
@@ -226,7 +373,7 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
         sums = meta["checksums"]
         for name in (*PER_EPOCH, PROJECTION):
             for row in range(len(arrays[name])):
-                if sums[name].get(str(row)) != _digest(arrays[name][row]):
+                if not isinstance(sums.get(name), dict) or sums[name].get(str(row)) != _digest(arrays[name][row]):
                     raise DynamicsError(f"{path(name)} is damaged: row {row} does not match the checksum in "
                                         f"metadata.json; re-run the training run.")
         for name in PER_SAMPLE:
@@ -241,8 +388,9 @@ def _load(path: Path, dtype, shape: tuple) -> np.ndarray:
         raise DynamicsError(f"{path} is missing from the dynamics folder.")
     try:
         arr = np.load(path, mmap_mode="r")
-    except ValueError as exc:
-        raise DynamicsError(f"{path} is damaged: not a readable .npy file ({exc}).") from None
+    except (ValueError, EOFError, OSError) as exc:
+        raise DynamicsError(f"{path} is damaged: not a readable .npy file ({str(exc) or type(exc).__name__}); "
+                            "re-run the training run.") from None
     if arr.dtype != np.dtype(dtype) or arr.shape != tuple(shape):
         raise DynamicsError(f"{path} is damaged: dtype {arr.dtype} and shape {arr.shape}, but metadata.json says "
                             f"{np.dtype(dtype)} {tuple(shape)}.")

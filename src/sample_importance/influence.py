@@ -54,10 +54,10 @@ def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Tr
     data = training_data(cfg)
     dev = resolve_device(device)
     model = model_for(cfg, data).double().to(dev)
-    init_state = torch.load(paths[dyn.INIT_STATE], weights_only=True)
+    init_state = d.state(dyn.INIT_STATE)
     model.load_state_dict(init_state)
     init_theta = inf.Flat(model).of_model()
-    model.load_state_dict(torch.load(paths[dyn.FINAL_STATE], weights_only=True))
+    model.load_state_dict(d.state(dyn.FINAL_STATE))
     return Trained(run_id, d, cfg, data, model, init_state, init_theta, dev)
 
 

@@ -6,9 +6,12 @@ The tracking store is MLflow's default (SQLite `mlflow.db` in the working direct
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import getpass
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -33,10 +36,22 @@ TAG_STOPPED = "sample_importance.stopped"
 TAG_DIVERGED = "sample_importance.diverged"
 TAG_RESUMED_IN = "sample_importance.resumed_run_id"
 TAG_OWNER = "sample_importance.owner"  # host:pid of the process running the run
+TAG_USER = "sample_importance.user"  # user@host that created the run: the one who may resume it unasked
+PARENT_PID_VAR = "SAMPLE_IMPORTANCE_PARENT_PID"  # a launched step watches this process id and ends with it
+LOCK_FILE = "sample_importance.lock"  # beside a run's local artifact folder: held by the process working on it
 
 
 def owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def user() -> str:
+    """This process's user and machine, as recorded in TAG_USER."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        name = f"uid{os.getuid()}"
+    return f"{name}@{socket.gethostname()}"
 
 
 def process_alive(pid: int) -> bool:
@@ -88,11 +103,14 @@ def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = Non
         MlflowClient().set_tag(cli_run, TAG_RESUMED_IN, run_id)
         MlflowClient().set_tag(cli_run, "mlflow.note.content", f"Resumed the interrupted run {run_id}.")
     if resume:
+        # This process owns the run before it is RUNNING again, so no other process's clean-up
+        # (reap_orphans) sees it RUNNING under its dead owner and fails it.
+        MlflowClient().set_tag(run_id, TAG_OWNER, owner())
         with contextlib.suppress(MlflowException):
             MlflowClient().delete_tag(run_id, TAG_FAILURE)  # it failed because its process died; now it goes on
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(),
-                         **(tags or {})})
+                         **({} if resume else {TAG_USER: user()}), **(tags or {})})
         if description:
             mlflow.set_tag("mlflow.note.content", description)
         try:
@@ -187,6 +205,10 @@ def _local_path(uri: str) -> Path | None:
     return None
 
 
+def tracking_uri() -> str:
+    return mlflow.get_tracking_uri()
+
+
 def get_run(run_id: str):
     try:
         return MlflowClient().get_run(run_id)
@@ -220,7 +242,11 @@ def load_dynamics(run_id: str, allow_partial: bool = False) -> dyn.Dynamics:
 
 def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, checkpoint: str) -> str | None:
     """The run to continue: `run_id` if given (it must hold a checkpoint), else the newest unfinished
-    run with this configuration whose process is gone and which left a checkpoint. None: start anew."""
+    run with this configuration whose process is gone, which left a checkpoint, and which this user
+    made (its TAG_USER, and the checkpoint file owned by this uid). None: start anew.
+
+    A matching run made by someone else (anyone can create runs in a shared tracking server) is
+    never resumed unasked: a line says how to resume it by naming it."""
     reap_orphans()
     if run_id:
         run = get_run(run_id)
@@ -234,12 +260,55 @@ def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, 
         search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
         filter_string=f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
                       " and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'")
+    me = user()
     for run in runs:
         local = _local_path(run.info.artifact_uri)
         resumable = TAG_DIVERGED not in run.data.tags and TAG_STOPPED not in run.data.tags
-        if resumable and local is not None and (local / subdir / checkpoint).is_file():
+        path = None if local is None else local / subdir / checkpoint
+        if not (resumable and path is not None and path.is_file()):
+            continue
+        if run.data.tags.get(TAG_USER) == me and path.stat().st_uid == os.getuid():
             return run.info.run_id
+        print(f"note: run {run.info.run_id} is an interrupted {entry_point} run with this configuration made by "
+              f"{run.data.tags.get(TAG_USER, 'an unknown user')}, not by {me}: it is not resumed unasked; to resume "
+              f"it, pass resume_run_id={run.info.run_id}. Starting a new run.", file=sys.stderr, flush=True)
     return None
+
+
+class RunBusyError(UserError):
+    """Another process is working on the run."""
+
+
+def check_still_resumable(run_id: str, subdir: str, checkpoint: str) -> None:
+    """Under the run's lock: raise RunBusyError if another process resumed and ended it meanwhile."""
+    run = get_run(run_id)
+    local = _local_path(run.info.artifact_uri)
+    if run.info.status in ("FINISHED", "RUNNING") or local is None or not (local / subdir / checkpoint).is_file():
+        raise RunBusyError(f"Run {run_id} was resumed by another process meanwhile (it is now "
+                           f"{run.info.status.lower()}): nothing left to do here; its results are in run {run_id}.")
+
+
+@contextlib.contextmanager
+def claim(run_id: str) -> Iterator[None]:
+    """Hold an exclusive lock on the run for as long as this process works on it (a lock file
+    beside its local artifact folder; the operating system releases it when the process ends,
+    however it ends). Raises RunBusyError at once if another process holds it. Runs with a remote
+    artifact store are never resumed, so they need no lock."""
+    local = _local_path(get_run(run_id).info.artifact_uri)
+    if local is None:
+        yield
+        return
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(local.parent / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(f"Run {run_id} is being worked on by another process on this machine: wait for it "
+                               f"to finish (the results go to run {run_id}), or stop that process first.") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def find_finished_run(entry_point: str, fingerprint: str) -> str | None:
@@ -260,6 +329,7 @@ def launch_child(project_dir: str | Path, entry_point: str, parameters: dict, ru
     client = MlflowClient()
     child = client.create_run(parent.info.experiment_id, run_name=run_name,
                               tags={"mlflow.parentRunId": parent.info.run_id})
+    os.environ[PARENT_PID_VAR] = str(os.getpid())  # inherited by the step, which ends when this process ends
     try:
         mlflow.projects.run(str(project_dir), entry_point=entry_point,
                             parameters={k: str(v) for k, v in parameters.items()},

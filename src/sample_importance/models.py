@@ -9,6 +9,7 @@ pre-activation output: what the importance recorder needs. Both take flat sample
 from __future__ import annotations
 
 import abc
+import os
 
 import numpy as np
 import torch
@@ -102,6 +103,31 @@ def model_for(cfg, data) -> nn.Module:
     """The initialised model a training configuration (TrainConfig) asks for on `data` (Dataset)."""
     return build_model(data.x_train.shape[1], data.num_classes, cfg.depth, cfg.width, cfg.seed, cfg.model,
                        data.image_shape)
+
+
+def expected_parameters(cfg, data) -> int:
+    """Parameter count of the model `cfg` asks for, computed without building it."""
+    if cfg.model == "cnn":
+        return 10 ** 5  # fixed small network (well under a million parameters for any image size here)
+    sizes = [data.x_train.shape[1]] + [cfg.width] * cfg.depth + [data.num_classes]
+    return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+
+
+def check_model_size(cfg, data) -> None:
+    """Refuse, before anything is allocated, a model whose parameters, gradients and activations
+    cannot fit in this machine's memory."""
+    from .config import ConfigError
+
+    count = expected_parameters(cfg, data)
+    need = count * 4 * 3 + cfg.batch_size * cfg.width * max(cfg.depth, 1) * 4 * 4  # params, grads, update; activations
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > memory:
+        raise ConfigError(f"model={cfg.model} with depth={cfg.depth} and width={cfg.width} has {count:,} parameters and "
+                          f"needs about {need / 1e9:,.1f} GB to train, more than this machine's {memory / 1e9:,.1f} GB of "
+                          "memory: choose a smaller width or depth.")
 
 
 def parameter_counts(model: LayeredModel) -> dict[str, int]:

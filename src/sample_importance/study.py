@@ -18,7 +18,7 @@ from . import mlflow_io, plots
 from .analysis import clustering, decomposition, nll, stability
 from .config import (AnalysisConfig, ClusterConfig, ConfigError, DecomposeConfig, NllConfig, StabilityConfig,
                      StudyConfig)
-from .data import load_dataset
+from .data import load_dataset, training_data
 from .dynamics import Dynamics, check_aligned
 from .report import render_report
 from .tasks import train_run_name
@@ -26,6 +26,7 @@ from .together import train_many
 
 CLAIMS = "claims.json"
 TAG_TRAIN_RUNS = "sample_importance.train_run_ids"
+MIN_CLUSTERS = 3  # easy, middle, hard
 
 
 def train_runs(cfg: AnalysisConfig, seeds: list[int], architectures: list[dict] | None = None
@@ -130,8 +131,8 @@ def run_cluster(cfg: ClusterConfig) -> str:
         d = one_run(cfg)
         members = np.flatnonzero(d.label == cfg.label)
         k = min(cfg.num_clusters, len(members))
-        if k < 3:
-            raise ConfigError(f"Class {cfg.label} has only {len(members)} training samples, too few for 3 "
+        if k < MIN_CLUSTERS:
+            raise ConfigError(f"Class {cfg.label} has only {len(members)} training samples, too few for {MIN_CLUSTERS} "
                               f"clusters: choose another label or a larger subset.")
         imp = np.asarray(d.importance[:, members])  # (E, m, L)
         loss = np.asarray(d.loss[:, members])  # (E, m)
@@ -184,26 +185,43 @@ def as_images(x: np.ndarray, shape: list[int]) -> np.ndarray:
 STEPS = ("stability", "decompose", "nll", "cluster")
 
 
+def _step_configs(cfg: StudyConfig, train_run_id: str) -> dict:
+    """The configuration of every analysis step of the study, reading the train run `train_run_id`."""
+    fields = cfg.train_config().to_dict()
+    return {
+        "stability": StabilityConfig(**fields, num_seeds=cfg.num_seeds, every=cfg.every),
+        "decompose": DecomposeConfig(**fields, train_run_ids=train_run_id),
+        "nll": NllConfig(**fields, train_run_ids=train_run_id),
+        "cluster": ClusterConfig(**fields, train_run_ids=train_run_id, label=cfg.label, num_clusters=cfg.num_clusters),
+    }
+
+
+def _check_cluster_class(cfg: StudyConfig) -> None:
+    """The class to cluster must have enough training samples (known from the data alone)."""
+    members = int((training_data(cfg).y_train == cfg.label).sum())
+    if members < MIN_CLUSTERS:
+        raise ConfigError(f"Class {cfg.label} has only {members} training samples, too few for {MIN_CLUSTERS} "
+                          f"clusters: choose another label or a larger subset.")
+
+
 def run_main(cfg: StudyConfig, project_dir: str | Path) -> str:
     """The study as one parent run: train, then stability, decompose, nll and cluster as child runs
     (each reused when a finished run with the same configuration exists), then `report.html`."""
     cfg.check()
+    tcfg = cfg.train_config()
+    # Every step's configuration is checked before the first step runs (a bad label or num_seeds
+    # must not cost a training run first); the train run's id is filled in once it exists.
+    for scfg in _step_configs(cfg, "").values():
+        scfg.check()
+    _check_cluster_class(cfg)
     with mlflow_io.start_run(f"main {cfg.dataset}", "main",
                              description=f"The sample-importance study on {cfg.dataset}: training, stability, "
                                          "decomposition, NLL correlation, clustering; see report.html.",
                              config=cfg.to_dict()) as run:
-        tcfg = cfg.train_config()
         runs = {}
         runs["train"], reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
         print(f"{'reusing' if reused else 'trained'} train run {runs['train']}", flush=True)
-        fields = tcfg.to_dict()
-        configs = {
-            "stability": StabilityConfig(**fields, num_seeds=cfg.num_seeds, every=cfg.every),
-            "decompose": DecomposeConfig(**fields, train_run_ids=runs["train"]),
-            "nll": NllConfig(**fields, train_run_ids=runs["train"]),
-            "cluster": ClusterConfig(**fields, train_run_ids=runs["train"], label=cfg.label,
-                                     num_clusters=cfg.num_clusters),
-        }
+        configs = _step_configs(cfg, runs["train"])
         for step, scfg in configs.items():
             runs[step], reused = mlflow_io.ensure_child(project_dir, step, scfg, f"{step} {cfg.dataset}")
             print(f"{'reusing' if reused else 'finished'} {step} run {runs[step]}", flush=True)

@@ -8,9 +8,11 @@ workers (`sweep` processes) can share a study; running the command again adds tr
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import time
 from itertools import combinations
+from pathlib import Path
 
 import warnings
 
@@ -30,11 +32,58 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 ATTR_PARENT = "mlflow_parent_run_id"
 ATTR_RUN = "mlflow_run_id"
 ATTR_OWNER = "owner"  # host:pid of the worker running the trial
+DEFAULT_JOURNAL = "optuna-journal.log"  # in the results folder (`results_folder`)
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """Optuna's TPE sampler, its random stream seeded anew for every trial from (sampler_seed, trial
+    number). Trial numbers are unique across the workers of a study, so parallel or restarted workers
+    draw different learning rates instead of the same ones; one worker alone stays reproducible.
+    (TPE keeps no state between trials but its random generator: it reads the history from the study.)"""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._tpe = optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        trial_seed = int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0])
+        self._tpe = optuna.samplers.TPESampler(seed=trial_seed)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+
+def results_folder() -> Path:
+    """Where this user's results live: the folder of the tracking store when it is a local SQLite
+    file (as by default: `mlflow.db` where the command was started, also under `mlflow run`, which
+    passes the store on), else a per-user folder ($XDG_DATA_HOME or ~/.local/share/sample-importance)."""
+    uri = mlflow_io.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "sample-importance"
+
+
+def journal_path(storage: str) -> Path:
+    """The journal file of a journal storage (empty = the default `optuna-journal.log`): a relative
+    path is taken from the results folder, never from the working directory of the entry point (which
+    under `mlflow run` is the project checkout, perhaps a temporary one)."""
+    path = Path((storage or DEFAULT_JOURNAL).removeprefix("journal:")).expanduser()
+    return path if path.is_absolute() else results_folder() / path
 
 
 def open_study(cfg: SweepConfig) -> optuna.Study:
     """Create or load the study; one clear error when the storage cannot be reached."""
-    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed)
+    sampler = TrialSeededTPE(cfg.sampler_seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if cfg.pruner == "median" else optuna.pruners.NopPruner()
     try:
         return optuna.create_study(study_name=cfg.name(), storage=_storage(cfg), sampler=sampler, pruner=pruner,
@@ -42,17 +91,18 @@ def open_study(cfg: SweepConfig) -> optuna.Study:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"Cannot open the Optuna storage {cfg.storage or 'optuna-journal.log'!r} "
+        raise ConfigError(f"Cannot open the Optuna storage {cfg.storage or str(journal_path(''))!r} "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): check the URL, that the "
                           "database server runs, and its credentials.") from None
 
 
 def _storage(cfg: SweepConfig):
-    url = cfg.storage or "optuna-journal.log"
+    url = cfg.storage or DEFAULT_JOURNAL
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = url.removeprefix("journal:")
+        path = journal_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
         # A journal file is safe for several writers on one machine (file locks).
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(path))
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     if "://" not in url:
         raise ConfigError(f"storage {url!r} is neither a journal file (*.log) nor a database URL "
                           "(e.g. postgresql://user:pass@host/db, sqlite:///optuna.db).")

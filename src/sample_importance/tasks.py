@@ -5,6 +5,7 @@ ordering) call them too, so every run that trains goes through `run_train`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ from . import mlflow_io, plots
 from .analysis import ordering
 from .config import ConfigError, TrainConfig, TrainRunConfig
 from .data import Dataset, training_data
-from .models import ParameterProjection, model_for, parameter_counts
+from .models import ParameterProjection, check_model_size, model_for, parameter_counts
 from .tracking import PHI_CONVENTION
 from .training import DivergenceError, EpochRecord, FitResult, check_batching, fit, make_optimizer
 
@@ -61,14 +62,28 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
     cfg.check()
     resume = None if run_id else mlflow_io.resumable_run("train", cfg.fingerprint(), cfg.resume_run_id,
                                                         dyn.DIRNAME, dyn.CHECKPOINT)
+    with contextlib.ExitStack() as claimed:
+        if resume:
+            # Only one process resumes a run: the lock is taken before the run is touched, and the
+            # run is looked at again under it (another process may have finished it meanwhile).
+            claimed.enter_context(mlflow_io.claim(resume))
+            mlflow_io.check_still_resumable(resume, dyn.DIRNAME, dyn.CHECKPOINT)
+        return _train_in_run(cfg, resume, run_id, claimed, log_model, quiet, epoch_callback, fitter)
+
+
+def _train_in_run(cfg: TrainRunConfig, resume: str | None, run_id: str | None, claimed: contextlib.ExitStack,
+                  log_model: bool, quiet: bool, epoch_callback, fitter) -> str:
     with mlflow_io.start_run(
         train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), "ordering": cfg.ordering},
         description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking"
                     + ("" if cfg.ordering == "shuffle" else f", batches built by {cfg.ordering}") + ".",
         run_id=resume or run_id, resume=resume is not None, config=cfg.to_dict(),
     ) as run:
+        if not resume:
+            claimed.enter_context(mlflow_io.claim(run.info.run_id))
         data = training_data(cfg)
         check_batching(cfg, data.n_train)
+        check_model_size(cfg, data)
         order = presentation_order(cfg, data)
         model = model_for(cfg, data)
         optimizer = make_optimizer(model, cfg)
@@ -85,11 +100,13 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
         with mlflow_io.artifact_folder(dyn.DIRNAME) as folder:
             checkpoint = folder / dyn.CHECKPOINT
             if resume:
-                state = torch.load(checkpoint, weights_only=False)
+                # Tensors and plain values only (weights_only): a checkpoint is data, never code.
+                state = dyn.load_checkpoint(folder)
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 torch.set_rng_state(state["torch_rng"])
-                history, tau, start = state["history"], state["tau"], state["epoch"]
+                history, start = state["history"], state["epoch"]
+                tau = state["tau"].numpy().copy()
                 writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata, project.k, resume=True)
                 writer.truncate(start)
                 for epoch, metrics in enumerate(history, start=1):  # epochs whose metrics died with the process
@@ -107,7 +124,7 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
                 # After the arrays, before the metrics: a resumed run re-logs what is missing.
                 dyn.save_atomic({"epoch": rec.epoch + 1, "model": model.state_dict(),
                                  "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                                 "history": history, "tau": tau}, checkpoint)
+                                 "history": history, "tau": torch.from_numpy(tau)}, checkpoint)
                 mlflow_io.log_metrics(rec.metrics, step=rec.epoch + 1)  # step = 1-based epoch
                 if not quiet:
                     print(_progress_line(rec, cfg.epochs), flush=True)
@@ -122,16 +139,18 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
                 raise
             writer.finish(result.final_loss, data.y_train, data.sample_id, model.state_dict())
 
-        per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in history])
-        mlflow_io.log_metrics({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),
-                               "final_test_error": history[-1]["test_error"],
-                               "final_test_loss": history[-1]["test_loss"]}, step=cfg.epochs)
-        mlflow_io.log_figure(plots.error_curves(history), "figures/error_curves.png")
-        mlflow_io.log_figure(plots.layer_importance(per_layer, model.layer_names, list(counts.values())),
-                             "figures/layer_importance.png")
-        mlflow_io.log_figure(plots.total_importance_histogram(tau), "figures/total_importance_hist.png")
-        if log_model:
-            mlflow_io.log_torch_model(model, data.x_train[:5])
+            per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in history])
+            mlflow_io.log_metrics_once({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),
+                                        "final_test_error": history[-1]["test_error"],
+                                        "final_test_loss": history[-1]["test_loss"]}, step=cfg.epochs)
+            mlflow_io.log_figure(plots.error_curves(history), "figures/error_curves.png")
+            mlflow_io.log_figure(plots.layer_importance(per_layer, model.layer_names, list(counts.values())),
+                                 "figures/layer_importance.png")
+            mlflow_io.log_figure(plots.total_importance_histogram(tau), "figures/total_importance_hist.png")
+            if log_model:
+                mlflow_io.log_torch_model(model, data.x_train[:5])
+            # Last: until here a kill leaves the checkpoint, and a rerun finishes this run without retraining.
+            dyn.discard_checkpoint(folder)
         return run.info.run_id
 
 
@@ -153,7 +172,7 @@ def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") ->
     cfg = TrainRunConfig(**{**d.metadata["config"], "device": device})
     if data is None:
         data = training_data(cfg)
-    return retrain(cfg, data, torch.load(d.folder / dyn.INIT_STATE, weights_only=True), d.batch_order)
+    return retrain(cfg, data, d.state(dyn.INIT_STATE), d.batch_order)
 
 
 def _progress_line(rec: EpochRecord, epochs: int) -> str:
