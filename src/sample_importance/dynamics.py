@@ -110,7 +110,7 @@ def check_space(folder: Path, nbytes: int, what: str = "this run's dynamics") ->
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if nbytes > free:
-        raise DynamicsError(f"{what} would need {_size(nbytes)} at {folder}, but only {_size(free)} is free there: "
+        raise DynamicsError(f"{what[:1].upper() + what[1:]} would need {_size(nbytes)} at {folder}, but only {_size(free)} is free there: "
                             "lower epochs, subset or the number of runs, or free space.")
 
 

@@ -13,6 +13,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote, urlparse
@@ -230,7 +231,7 @@ def load_dynamics(run_id: str, allow_partial: bool = False) -> dyn.Dynamics:
             folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=dyn.DIRNAME))
         except Exception:
             folder = None
-    if folder is None or not (folder / dyn.METADATA).is_file():
+    if folder is None or not folder.is_dir() or not any(folder.iterdir()):
         raise RunLookupError(
             f"Run {run_id} has no {dyn.DIRNAME}/ artifacts: it is not a finished `train` run; pass the id of one."
         )
@@ -238,6 +239,10 @@ def load_dynamics(run_id: str, allow_partial: bool = False) -> dyn.Dynamics:
         return dyn.load_dir(folder, allow_partial=allow_partial)
     except dyn.DynamicsError as exc:
         raise dyn.DynamicsError(f"Run {run_id}: {exc}") from None
+
+
+class RunBusyError(UserError):
+    """Another process is working on the run."""
 
 
 def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, checkpoint: str) -> str | None:
@@ -259,9 +264,19 @@ def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, 
     runs = mlflow.search_runs(
         search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
         filter_string=f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
-                      " and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'")
+                      " and attributes.status != 'FINISHED'")
     me = user()
+    cli_run = os.environ.get("MLFLOW_RUN_ID")
     for run in runs:
+        if run.info.status == "RUNNING" and run.info.run_id != cli_run:
+            # Alive (reap_orphans failed the dead ones of this machine): training it twice at once
+            # would only make a duplicate, and two processes resuming it would corrupt it.
+            raise RunBusyError(f"Run {run.info.run_id} with this configuration is being trained right now by "
+                               f"{run.data.tags.get(TAG_OWNER, 'another process')}: wait for it to finish (its "
+                               "results will be there), or change the configuration.")
+    for run in runs:
+        if run.info.status == "RUNNING":
+            continue
         local = _local_path(run.info.artifact_uri)
         resumable = TAG_DIVERGED not in run.data.tags and TAG_STOPPED not in run.data.tags
         path = None if local is None else local / subdir / checkpoint
@@ -273,10 +288,6 @@ def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, 
               f"{run.data.tags.get(TAG_USER, 'an unknown user')}, not by {me}: it is not resumed unasked; to resume "
               f"it, pass resume_run_id={run.info.run_id}. Starting a new run.", file=sys.stderr, flush=True)
     return None
-
-
-class RunBusyError(UserError):
-    """Another process is working on the run."""
 
 
 def check_still_resumable(run_id: str, subdir: str, checkpoint: str) -> None:
@@ -320,6 +331,23 @@ def find_finished_run(entry_point: str, fingerprint: str) -> str | None:
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
     )
     return runs[0].info.run_id if runs else None
+
+
+def wait_for_finished_run(entry_point: str, fingerprint: str, poll_seconds: float = 2.0) -> str | None:
+    """Wait while a run of `entry_point` with this fingerprint is RUNNING elsewhere; return the
+    finished one, or None if none finished (the other process failed: the caller may train it)."""
+    while True:
+        done = find_finished_run(entry_point, fingerprint)
+        if done is not None:
+            return done
+        reap_orphans()
+        running = mlflow.search_runs(
+            search_all_experiments=True, output_format="list", max_results=1,
+            filter_string=f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+                          " and attributes.status = 'RUNNING'")
+        if not running:
+            return find_finished_run(entry_point, fingerprint)
+        time.sleep(poll_seconds)
 
 
 def launch_child(project_dir: str | Path, entry_point: str, parameters: dict, run_name: str) -> str:

@@ -187,9 +187,13 @@ def _reference_tau(cfg: SweepConfig, seed: int) -> np.ndarray:
     """Total importance of a run at the reference learning rate (reused if one exists)."""
     ref = dataclasses.replace(cfg.train_config(), lr=cfg.reference_lr, seed=seed)
     run_id = mlflow_io.find_finished_run("train", ref.fingerprint())
-    if run_id is None:
-        print(f"training the reference run (lr={cfg.reference_lr}, seed {seed})", flush=True)
-        run_id = run_train(ref, quiet=True)
+    while run_id is None:
+        try:
+            print(f"training the reference run (lr={cfg.reference_lr}, seed {seed})", flush=True)
+            run_id = run_train(ref, quiet=True)
+        except mlflow_io.RunBusyError:  # another worker trains it right now: use its run
+            print("another worker trains the reference run; waiting for it", flush=True)
+            run_id = mlflow_io.wait_for_finished_run("train", ref.fingerprint())
     return mlflow_io.load_dynamics(run_id).total_importance
 
 

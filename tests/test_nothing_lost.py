@@ -1,0 +1,288 @@
+"""Nothing lost, nobody in: a shared tracking store runs no code, a kill at any instant of a run's
+finish is recovered, concurrent reruns claim a run once, damaged files and full disks are named."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, all_runs
+from sample_importance import dynamics as dyn
+from sample_importance import load_dynamics, mlflow_io, tasks
+from sample_importance.config import TrainRunConfig
+from sample_importance.dynamics import DynamicsError
+
+TINY = dict(subset=100, epochs=2, width=8, batch_size=50, device="cpu")
+ARRAYS = ("importance", "loss", "p_true", "correct", "error_l2", "batch_order", "param_projection", "final_loss",
+          "label", "sample_id")
+
+
+class Payload:
+    """What an attacker would plant: unpickling it creates `marker` (any code could run instead)."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def _plant(cfg: TrainRunConfig, marker: pathlib.Path, user: str, uid: int | None = None) -> str:
+    """A FAILED `train` run with `cfg`'s fingerprint whose checkpoint is a pickle payload, as anyone
+    who can write to a shared tracking server could create."""
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("Default").experiment_id
+    run = client.create_run(exp, run_name="planted", tags={
+        mlflow_io.TAG_ENTRY_POINT: "train", mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), mlflow_io.TAG_USER: user})
+    folder = mlflow_io._local_path(run.info.artifact_uri) / dyn.DIRNAME
+    folder.mkdir(parents=True)
+    torch.save({"epoch": 1, "model": Payload(marker)}, folder / dyn.CHECKPOINT)
+    if uid is not None:
+        os.chown(folder / dyn.CHECKPOINT, uid, uid)
+    client.set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
+
+
+def test_a_planted_checkpoint_is_never_executed_nor_resumed_unasked(tracking, capsys):
+    import train as train_entry
+    from _cli import run_cli
+
+    marker = tracking / "payload-ran"
+    # The payload is real: an unsafe load would run it.
+    torch.save({"x": Payload(tracking / "proof")}, tracking / "proof.pt")
+    torch.load(tracking / "proof.pt", weights_only=False)
+    assert (tracking / "proof").exists()
+
+    cfg = TrainRunConfig(**TINY)
+    args = [f"--{k}={v}" for k, v in TINY.items()]
+    foreign = _plant(cfg, marker, user="mallory@elsewhere")
+    run_id = train_entry.main(args)
+    assert run_id != foreign and not marker.exists()
+    err = capsys.readouterr().err
+    assert f"resume_run_id={foreign}" in err and "not resumed unasked" in err
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+    # A run tagged with this user's name but whose checkpoint file belongs to another account is
+    # not resumed unasked either (tags are writable by anyone who can reach the server).
+    if os.getuid() == 0:
+        other = _plant(dataclasses.replace(cfg, seed=1), marker, user=mlflow_io.user(), uid=4242)
+        second = train_entry.main(args + ["--seed=1"])
+        assert second != other and not marker.exists()
+
+    # Named explicitly (or forged to look like one's own), the checkpoint is still only data: refused.
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: train_entry.main(args + [f"--resume_run_id={foreign}"]))
+    assert info.value.code == 2 and not marker.exists()
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and "checkpoint.pt was not loaded" in lines[0], lines
+    assert all(r.info.status != "RUNNING" for r in all_runs(tracking))
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at one instant: nothing after it runs in the process."""
+
+
+def _arrays(run_id: str) -> dict[str, np.ndarray]:
+    d = load_dynamics(run_id)
+    return {name: np.array(getattr(d, name)) for name in ARRAYS}
+
+
+def _kill_points():
+    """Every step of the finish (each file written or renamed into place, metadata.json), then every
+    step of the final logging (metrics, each figure, the model, the checkpoint's removal)."""
+    return [("finish", k) for k in range(13)] + [("log", name) for name in
+                                                 ("metrics", "figure1", "figure2", "figure3", "model", "discard")]
+
+
+def test_a_kill_at_any_step_of_the_finish_is_completed_by_the_rerun(tracking, monkeypatch, capsys):
+    cfg = TrainRunConfig(**TINY)
+    reference = _arrays(tasks.run_train(cfg, quiet=True, log_model=True))
+    reference_run = [r.info.run_id for r in all_runs(tracking)][0]
+
+    where = {"point": None, "count": 0, "in_finish": False}
+
+    def kill_at(kind: str, name) -> None:
+        if where["point"] == (kind, name):
+            where["point"] = None
+            raise Killed(f"{kind} {name}")
+
+    real_replace, real_finish = os.replace, dyn.DynamicsWriter.finish
+
+    def replace(src, dst, *a, **kw):
+        if where["in_finish"]:
+            kill_at("finish", where["count"])
+            where["count"] += 1
+        return real_replace(src, dst, *a, **kw)
+
+    def finish(self, *a, **kw):
+        where["in_finish"], where["count"] = True, 0
+        try:
+            return real_finish(self, *a, **kw)
+        finally:
+            where["in_finish"] = False
+
+    figures = {"n": 0}
+    real_metrics, real_figure, real_model, real_discard = (mlflow_io.log_metrics_once, mlflow_io.log_figure,
+                                                           mlflow_io.log_torch_model, dyn.discard_checkpoint)
+
+    def metrics_once(metrics, step=None):
+        if "final_train_loss" in metrics:
+            kill_at("log", "metrics")
+        return real_metrics(metrics, step=step)
+
+    def figure(fig, name):
+        figures["n"] += 1
+        kill_at("log", f"figure{figures['n']}")
+        return real_figure(fig, name)
+
+    monkeypatch.setattr(dyn.os, "replace", replace)
+    monkeypatch.setattr(dyn.DynamicsWriter, "finish", finish)
+    monkeypatch.setattr(mlflow_io, "log_metrics_once", metrics_once)
+    monkeypatch.setattr(mlflow_io, "log_figure", figure)
+    monkeypatch.setattr(mlflow_io, "log_torch_model", lambda *a: (kill_at("log", "model"), real_model(*a)))
+    monkeypatch.setattr(dyn, "discard_checkpoint", lambda folder: (kill_at("log", "discard"), real_discard(folder)))
+
+    for point in _kill_points():
+        where["point"], figures["n"] = point, 0
+        with pytest.raises(Killed):
+            tasks.run_train(cfg, quiet=True, log_model=True)
+        assert where["point"] is None, f"{point} was never reached"
+        [killed] = [r for r in all_runs(tracking) if r.info.status != "FINISHED"]
+        capsys.readouterr()
+        figures["n"] = 0
+        run_id = tasks.run_train(cfg, quiet=True, log_model=True)
+        out = capsys.readouterr().out
+        assert run_id == killed.info.run_id, point  # the same run, not a new one
+        assert f"resuming run {run_id} after epoch 2 of 2" in out, point  # no epoch trained again
+        run = MlflowClient().get_run(run_id)
+        assert run.info.status == "FINISHED" and mlflow_io.TAG_FAILURE not in run.data.tags, point
+        got = _arrays(run_id)
+        for name in ARRAYS:
+            assert np.array_equal(got[name], reference[name]), (point, name)
+        folder = load_dynamics(run_id).folder
+        assert not (folder / dyn.CHECKPOINT).exists() and not list(folder.glob("*.partial.npy")), point
+        for key in ("test_error", "final_test_error"):
+            rows = MlflowClient().get_metric_history(run_id, key)
+            assert sorted(m.step for m in rows) == sorted({m.step for m in rows}), (point, key)  # one row a step
+        assert {f.path for f in MlflowClient().list_artifacts(run_id, "figures")} == \
+            {f.path.replace(reference_run, run_id) for f in MlflowClient().list_artifacts(reference_run, "figures")}
+        assert MlflowClient().get_run(run_id).data.tags.get(mlflow_io.TAG_MODEL_URI), point
+
+
+def _popen(store, *args):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "entry_points" / "train.py"), *args], cwd=store, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_two_reruns_of_a_killed_run_at_once_resume_it_once(tmp_path):
+    args = ["--epochs", "12", "--width", "128", "--batch_size", "50", "--subset", "1000", "--device", "cpu"]
+    first = _popen(tmp_path, *args)
+    for line in first.stdout:
+        if line.startswith("epoch   3/"):
+            os.killpg(first.pid, signal.SIGKILL)
+            break
+    first.wait()
+    a, b = _popen(tmp_path, *args), _popen(tmp_path, *args)
+    outs = [p.communicate(timeout=600)[0] for p in (a, b)]
+    codes = sorted(p.returncode for p in (a, b))
+    assert codes == [0, 2], outs
+    loser = outs[[a.returncode, b.returncode].index(2)]
+    assert "another process" in loser or "being trained right now" in loser, loser
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        [run] = all_runs(tmp_path)  # the loser made no run of its own
+        assert run.info.status == "FINISHED" and mlflow_io.TAG_FAILURE not in run.data.tags
+        assert load_dynamics(run.info.run_id).metadata["complete"]
+        rows = MlflowClient().get_metric_history(run.info.run_id, "test_error")
+        assert sorted(m.step for m in rows) == list(range(1, 13))
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def finished(tracking):
+    return tasks.run_train(TrainRunConfig(**TINY), quiet=True, log_model=False)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "loss.npy").write_bytes(b""), r"loss\.npy is damaged: not a readable \.npy file"),
+    (lambda f: _edit_metadata(f, lambda m: m.pop("checksums")), r"metadata\.json is damaged: it lacks checksums"),
+    (lambda f: (f / "metadata.json").unlink(), r"metadata\.json is missing: the dynamics folder is damaged"),
+    (lambda f: (f / "metadata.json").write_text("{"), r"metadata\.json is damaged: not valid JSON"),
+])
+def test_a_damaged_file_gives_one_line_naming_it(finished, capsys, damage, message):
+    import decompose as decompose_entry
+    from _cli import run_cli
+
+    damage(load_dynamics(finished).folder)
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: decompose_entry.main([f"--train_run_ids={finished}"]))
+    assert info.value.code == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1
+    import re
+    assert re.search(message, lines[0]), lines[0]
+
+
+def _edit_metadata(folder, change):
+    import json
+
+    meta = json.loads((folder / "metadata.json").read_text())
+    change(meta)
+    (folder / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name", [dyn.FINAL_STATE, dyn.INIT_STATE])
+def test_a_flipped_bit_in_a_state_file_is_detected(finished, name):
+    d = load_dynamics(finished)
+    assert set(d.state(name)) == {"layers.L1.weight", "layers.L1.bias", "layers.L2.weight", "layers.L2.bias",
+                                  "layers.L3.weight", "layers.L3.bias", "layers.Out.weight", "layers.Out.bias"}
+    raw = bytearray((d.folder / name).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (d.folder / name).write_bytes(bytes(raw))
+    with pytest.raises(DynamicsError, match=rf"{name} is damaged: it does not match the checksum"):
+        load_dynamics(finished).state(name)
+
+
+def test_a_full_disk_is_named_before_training(tracking, capsys, monkeypatch):
+    import train as train_entry
+    from _cli import run_cli
+
+    monkeypatch.setattr(dyn.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 12, 10 ** 12, 1000))
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: train_entry.main([f"--{k}={v}" for k, v in TINY.items()]))
+    assert info.value.code == 2
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert "This run's dynamics would need 7.8 KB" in line and "only 1.0 KB is free" in line
+    [run] = all_runs(tracking)
+    assert run.info.status == "FAILED"
+
+
+def test_no_space_while_writing_is_one_line(tracking, capsys, monkeypatch):
+    import errno
+
+    import train as train_entry
+    from _cli import run_cli
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dyn.os, "posix_fallocate", full)
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: train_entry.main([f"--{k}={v}" for k, v in TINY.items()]))
+    assert info.value.code == 2
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert line.startswith("error: No space left on the device holding"), line
+    assert all(r.info.status == "FAILED" for r in all_runs(tracking))
