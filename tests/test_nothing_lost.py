@@ -286,3 +286,86 @@ def test_no_space_while_writing_is_one_line(tracking, capsys, monkeypatch):
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
     assert line.startswith("error: No space left on the device holding"), line
     assert all(r.info.status == "FAILED" for r in all_runs(tracking))
+
+
+REFUSED = [
+    ("train", ["--epochs", "1000000000"], "This run's dynamics would need"),
+    ("train", ["--width", "100000000"], "more than this machine's"),
+    ("train", ["--seed", "-1"], "seed must be an integer between 0 and 2**63 - 1"),
+    ("train", ["--seed", str(2 ** 70)], "seed must be an integer between 0 and 2**63 - 1"),
+    ("train", ["--dataset", "mnist", "--data_dir", __file__], "is a file, not a folder"),
+    ("stability", ["--num_seeds", "100000"], "more than the limit of 1,000"),
+    ("stability", ["--train_run_ids", "a,b,a"], "train_run_ids repeats a"),
+    ("decompose", ["--train_run_ids", "a,b"], "decompose reads one train run"),
+    ("nll", ["--train_run_ids", "a,b"], "nll reads one train run"),
+    ("cluster", ["--train_run_ids", "a,b"], "cluster reads one train run"),
+    ("main", ["--label", "11"], "label must be a class between 0 and 9"),
+    ("main", ["--num_seeds", "1"], "num_seeds must be at least 2"),
+    ("main", ["--subset", "40", "--batch_size", "100"], "batch_size=100 is larger than the 40 training samples"),
+    ("main", ["--subset", "20", "--batch_size", "10", "--label", "5"], "Class 5 has only"),
+    ("sweep", ["--n_trials", "0"], "n_trials=0 with no timeout"),
+    ("sweep", ["--seeds", "3,3"], "seeds repeats 3"),
+    ("sweep", ["--seeds", "100000"], "more than the limit"),
+]
+if not torch.cuda.is_available():
+    REFUSED.append(("train", ["--device", "cuda"], "no CUDA device is available"))
+
+
+@pytest.mark.parametrize("entry,args,message", REFUSED, ids=[f"{e} {' '.join(a)[:30]}" for e, a, _ in REFUSED])
+def test_bad_input_is_refused_at_once_in_one_line(tracking, capsys, entry, args, message):
+    import importlib
+
+    from _cli import run_cli
+
+    module = importlib.import_module(entry)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: module.main(["--epochs", "2", "--width", "8", "--subset", "100", "--device", "cpu", *args]))
+    assert time.perf_counter() - start < 20
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    runs = all_runs(tracking)
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert not [r for r in runs if r.data.tags.get(mlflow_io.TAG_ENTRY_POINT) == "train" and entry != "train"]
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (an orphan waits for a reaper that a container may lack)."""
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_killing_main_ends_its_train_child_and_the_rerun_completes(tmp_path):
+    args = ["--subset", "1000", "--width", "256", "--epochs", "15", "--batch_size", "50", "--num_seeds", "2",
+            "--num_clusters", "5", "--device", "cpu"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(REPO / "entry_points" / "main.py"), *args]
+    main = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    for line in main.stdout:  # the train child prints into the same stream
+        if line.startswith("epoch   2/"):
+            os.kill(main.pid, signal.SIGKILL)  # main alone, not its process group
+            break
+    main.wait()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        [train] = [r for r in all_runs(tmp_path) if r.data.tags.get(mlflow_io.TAG_ENTRY_POINT) == "train"]
+        pid = int(train.data.tags[mlflow_io.TAG_OWNER].rpartition(":")[2])
+        deadline = time.time() + 30
+        while _alive(pid):
+            assert time.time() < deadline, "the train child outlived main"
+            time.sleep(0.2)
+        assert MlflowClient().get_run(train.info.run_id).info.status == "KILLED"  # ended, resumable
+        again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert f"resuming run {train.info.run_id}" in again.stdout
+        done = MlflowClient().get_run(train.info.run_id)
+        assert done.info.status == "FINISHED" and load_dynamics(train.info.run_id).metadata["complete"]
+        assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
+    finally:
+        mlflow.set_tracking_uri(None)

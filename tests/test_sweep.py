@@ -146,6 +146,50 @@ def test_two_workers_share_one_study_through_a_tracking_server(tmp_path, mlflow_
         mlflow.set_tracking_uri(None)
     assert len(states) == 4
     assert set(states.values()) == {(optuna.trial.TrialState.COMPLETE, "FINISHED")}
+    lrs = [t.params["lr"] for t in study.trials]
+    assert len(set(lrs)) == len(lrs), f"a learning rate was trained twice: {lrs}"  # trial-seeded sampler
+
+
+def test_a_single_worker_is_reproducible_and_workers_draw_apart():
+    """Two workers of one study ask for a trial at the same moment: with one TPE seed each (as
+    before) they draw the same learning rate; TrialSeededTPE draws from (seed, trial number), so
+    they differ, and a single worker is reproducible."""
+    from sample_importance.sweep import TrialSeededTPE
+
+    def two_workers(make_sampler):
+        storage = optuna.storages.InMemoryStorage()
+        a = optuna.create_study(study_name="s", storage=storage, sampler=make_sampler())
+        b = optuna.load_study(study_name="s", storage=storage, sampler=make_sampler())
+        ta, tb = a.ask(), b.ask()
+        return ta.suggest_float("lr", 0.01, 0.5, log=True), tb.suggest_float("lr", 0.01, 0.5, log=True)
+
+    same = two_workers(lambda: optuna.samplers.TPESampler(seed=0))
+    assert same[0] == same[1]  # the duplication this sampler removes
+    apart = two_workers(lambda: TrialSeededTPE(0))
+    assert apart[0] != apart[1]
+    assert two_workers(lambda: TrialSeededTPE(0)) == apart  # reproducible
+
+
+def test_the_study_lives_beside_the_tracking_store_not_in_the_project(tmp_path):
+    """`mlflow run <project> -e sweep` twice from another folder: one study with both calls' trials,
+    kept beside that folder's mlflow.db; nothing written into the project checkout."""
+    before = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True,
+                            text=True).stdout
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db where the command runs
+    params = [x for a in ("n_trials=1", "pruner=none", "seeds=1", "subset=100", "epochs=2", "width=8",
+                          "batch_size=50", "device=cpu") for x in ("-P", a)]
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "sweep", "--env-manager",
+                               "local", *params], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="sweep-digits", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna-journal.log"))))
+    assert len(study.trials) == 2
+    after = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True,
+                           text=True).stdout
+    new = set(after.splitlines()) - set(before.splitlines())
+    assert not [line for line in new if "__pycache__" not in line], new
 
 
 def test_kill_9_mid_trial_then_restart(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from .data import load_dataset, training_data
 from .dynamics import Dynamics, check_aligned
 from .report import render_report
 from .tasks import train_run_name
+from .training import check_batching
 from .together import train_many
 
 CLAIMS = "claims.json"
@@ -196,9 +197,12 @@ def _step_configs(cfg: StudyConfig, train_run_id: str) -> dict:
     }
 
 
-def _check_cluster_class(cfg: StudyConfig) -> None:
-    """The class to cluster must have enough training samples (known from the data alone)."""
-    members = int((training_data(cfg).y_train == cfg.label).sum())
+def _check_against_data(cfg: StudyConfig) -> None:
+    """What the data alone decides: the batch must fit the training set, and the class to cluster
+    must have enough training samples."""
+    data = training_data(cfg)
+    check_batching(cfg, data.n_train)
+    members = int((data.y_train == cfg.label).sum())
     if members < MIN_CLUSTERS:
         raise ConfigError(f"Class {cfg.label} has only {members} training samples, too few for {MIN_CLUSTERS} "
                           f"clusters: choose another label or a larger subset.")
@@ -213,7 +217,7 @@ def run_main(cfg: StudyConfig, project_dir: str | Path) -> str:
     # must not cost a training run first); the train run's id is filled in once it exists.
     for scfg in _step_configs(cfg, "").values():
         scfg.check()
-    _check_cluster_class(cfg)
+    _check_against_data(cfg)
     with mlflow_io.start_run(f"main {cfg.dataset}", "main",
                              description=f"The sample-importance study on {cfg.dataset}: training, stability, "
                                          "decomposition, NLL correlation, clustering; see report.html.",
