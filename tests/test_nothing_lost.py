@@ -311,13 +311,27 @@ if not torch.cuda.is_available():
     REFUSED.append(("train", ["--device", "cuda"], "no CUDA device is available"))
 
 
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One tracking store for the refusals (each case looks only at the runs it made)."""
+    tmp = tmp_path_factory.mktemp("refusals")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield tmp
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.parametrize("entry,args,message", REFUSED, ids=[f"{e} {' '.join(a)[:30]}" for e, a, _ in REFUSED])
-def test_bad_input_is_refused_at_once_in_one_line(tracking, capsys, entry, args, message):
+def test_bad_input_is_refused_at_once_in_one_line(shared_store, capsys, entry, args, message):
     import importlib
 
     from _cli import run_cli
 
     module = importlib.import_module(entry)
+    before = {r.info.run_id for r in all_runs(shared_store)}
     start = time.perf_counter()
     with pytest.raises(SystemExit) as info:
         run_cli(lambda: module.main(["--epochs", "2", "--width", "8", "--subset", "100", "--device", "cpu", *args]))
@@ -326,7 +340,7 @@ def test_bad_input_is_refused_at_once_in_one_line(tracking, capsys, entry, args,
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.startswith("error: ")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
-    runs = all_runs(tracking)
+    runs = [r for r in all_runs(shared_store) if r.info.run_id not in before]
     assert all(r.info.status != "RUNNING" for r in runs)
     assert not [r for r in runs if r.data.tags.get(mlflow_io.TAG_ENTRY_POINT) == "train" and entry != "train"]
 

@@ -29,15 +29,20 @@ def train_run_name(cfg: TrainConfig) -> str:
     return f"ordering {ordering} seed={cfg.seed}"  # a variant of the batch-ordering experiment
 
 
+def check_ordering(cfg: TrainRunConfig, n: int) -> None:
+    """A fixed batch construction splits the training set into equal batches."""
+    if cfg.ordering != "shuffle" and n % cfg.batch_size:
+        raise ConfigError(f"ordering={cfg.ordering} splits the {n} training samples into equal batches: choose a "
+                          f"batch_size that divides {n}, or a subset that batch_size={cfg.batch_size} divides.")
+
+
 def presentation_order(cfg: TrainRunConfig, data: Dataset) -> np.ndarray | None:
     """The fixed order of a batch construction (None for `shuffle`: `fit` reshuffles every epoch).
     Reads the reference run's final NLL and total importance for the sorted constructions."""
     if cfg.ordering == "shuffle":
         return None
     n = data.n_train
-    if n % cfg.batch_size:
-        raise ConfigError(f"ordering={cfg.ordering} splits the {n} training samples into equal batches: choose a "
-                          f"batch_size that divides {n}, or a subset that batch_size={cfg.batch_size} divides.")
+    check_ordering(cfg, n)
     nll = tau = None
     if cfg.ordering != "rand":
         ref = mlflow_io.load_dynamics(cfg.reference_run_id)
@@ -84,7 +89,7 @@ def _train_in_run(cfg: TrainRunConfig, resume: str | None, run_id: str | None, c
         data = training_data(cfg)
         check_batching(cfg, data.n_train)
         check_model_size(cfg, data)
-        order = presentation_order(cfg, data)
+        check_ordering(cfg, data.n_train)
         model = model_for(cfg, data)
         optimizer = make_optimizer(model, cfg)
         counts = parameter_counts(model)
@@ -116,6 +121,8 @@ def _train_in_run(cfg: TrainRunConfig, resume: str | None, run_id: str | None, c
                 history, tau, start = [], np.zeros(data.n_train), 0
                 writer = dyn.DynamicsWriter(folder, data.n_train, cfg.epochs, metadata, project.k)
                 writer.write_initial(project(model), model.state_dict())
+
+            order = presentation_order(cfg, data)  # (epochs, n) for a fixed order: after the size checks
 
             def on_epoch(rec: EpochRecord) -> None:
                 writer.write_epoch(rec, project(model))
