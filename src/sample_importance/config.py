@@ -387,7 +387,7 @@ class InfluenceConfig(AnalysisConfig):
     test_class: int = -1  # draw the target set from this class only; -1 = any class
     target_class: int = 0  # c of the class_prob target (sum of predicted p(c) over the set)
     solver: str = "cg"  # direct | cg | lissa
-    damping: float = 0.001  # lambda in (H + lambda I)^-1
+    damping: str = "auto"  # lambda in (H + lambda I)^-1: auto = 0 where H is positive definite, else just enough to make it so; or a number >= 0
     max_direct: int = 5000  # largest parameter count the direct solver (explicit Hessian) accepts
     cg_tol: float = 1e-6  # relative residual at which cg stops
     cg_maxiter: int = 500  # cg iterations at most
@@ -408,6 +408,19 @@ class InfluenceConfig(AnalysisConfig):
     def target_list(self) -> list[str]:
         return _ids(self.targets)
 
+    def damping_value(self) -> float | None:
+        """The damping as given, or None for auto (chosen from the Hessian's smallest eigenvalue)."""
+        if self.damping.strip().lower() == "auto":
+            return None
+        try:
+            value = float(self.damping)
+        except ValueError:
+            value = float("nan")
+        if not value >= 0:
+            raise ConfigError(f"damping must be auto or a number >= 0 (the lambda of H + lambda I), got "
+                              f"{self.damping!r}.")
+        return value
+
     def test_id_list(self) -> list[int]:
         try:
             return [int(p) for p in _ids(self.test_ids)]
@@ -424,8 +437,7 @@ class InfluenceConfig(AnalysisConfig):
                               "class_prob, self.")
         if self.solver not in ("direct", "cg", "lissa"):
             raise ConfigError(f"Unknown solver {self.solver!r}: choose direct, cg or lissa.")
-        if not self.damping > 0:
-            raise ConfigError(f"damping must be positive (it keeps H + damping I invertible), got {self.damping}.")
+        self.damping_value()
         if len(self.run_ids()) > 1:
             raise ConfigError("influence reads one train run: pass a single id in train_run_ids.")
         if any(i < 0 for i in self.test_id_list()):
@@ -499,7 +511,7 @@ _FIELD_HELP = {
     "test_class": "draw the target set from this class only; -1 = any class",
     "target_class": "class c of the class_prob target (sum of predicted p(c) over the set)",
     "solver": "direct (explicit Hessian) | cg (scipy) | lissa",
-    "damping": "lambda added to the Hessian: (H + lambda I)^-1",
+    "damping": "lambda added to the Hessian, (H + lambda I)^-1: auto = none where H is positive definite, else just enough to make it so (from its smallest eigenvalue); or a number >= 0, used as given",
     "max_direct": "largest parameter count the direct solver accepts",
     "cg_tol": "relative residual at which cg stops",
     "cg_maxiter": "cg iterations at most",

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import LinearOperator, cg
+from scipy.sparse.linalg import LinearOperator, cg, eigsh
 from scipy.stats import pearsonr, spearmanr
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
@@ -171,6 +171,63 @@ def make_target(kind: str, flat: Flat, x: torch.Tensor, y: torch.Tensor, target_
 
 
 # ---------------------------------------------------------------- solvers
+AUTO_MARGIN = 0.1  # auto damping: (1 + AUTO_MARGIN) times the most negative eigenvalue's bound
+EIGSH_TOL = 1e-2  # relative accuracy of the smallest eigenvalue (scipy eigsh / ARPACK `tol`)
+
+
+@dataclass
+class Spectrum:
+    """The smallest eigenvalue of H (with weight decay) and the damping chosen from it."""
+
+    min_eigenvalue: float  # Ritz value theta of Lanczos (an upper bound of the smallest eigenvalue)
+    residual: float  # ||H u - theta u|| for the unit Ritz vector u: an eigenvalue lies within it of theta
+    damping: float  # 0 where H is certainly positive definite, else (1 + AUTO_MARGIN) (residual - theta)
+    matvecs: int
+    seconds: float
+
+
+def smallest_eigenvalue(objective: Objective, theta: torch.Tensor, tol: float = EIGSH_TOL, seed: int = 0,
+                        maxiter: int | None = None) -> tuple[float, float, int]:
+    """The smallest (algebraic) eigenvalue of the Hessian H of J at theta, by Lanczos iteration
+    (scipy.sparse.linalg.eigsh, which='SA') on a LinearOperator over Hessian-vector products; the
+    start vector is seeded so the result is reproducible. Returns (theta_min, ||H u - theta_min u||,
+    Hessian-vector products used)."""
+    size = objective.flat.size
+    count = [0]
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        count[0] += 1
+        return objective.hvp(theta, torch.as_tensor(np.ravel(v), dtype=theta.dtype, device=theta.device)).cpu().numpy()
+
+    op = LinearOperator((size, size), dtype=np.float64, matvec=matvec)
+    v0 = np.random.default_rng([seed, 19]).standard_normal(size)
+    if size < 3:  # ARPACK needs k < size - 1: so small a Hessian is cheaper to write out
+        values, vectors = np.linalg.eigh(objective.hessian(theta).cpu().numpy())
+        value, u = values[0], vectors[:, 0]
+    else:
+        values, vectors = eigsh(op, k=1, which="SA", tol=tol, v0=v0, maxiter=maxiter)
+        value, u = values[0], vectors[:, 0] / np.linalg.norm(vectors[:, 0])
+    residual = float(np.linalg.norm(matvec(u) - value * u))
+    return float(value), residual, count[0]
+
+
+def auto_damping(objective: Objective, theta: torch.Tensor, tol: float = EIGSH_TOL, seed: int = 0) -> Spectrum:
+    """The default damping: none where H (which includes the weight decay) is positive definite, else
+    the smallest damping that makes H + lambda I so, with a margin.
+
+    Lanczos gives a Ritz value theta_min >= lambda_min and a residual r with an eigenvalue in
+    [theta_min - r, theta_min + r]; converged to the extreme end, lambda_min >= theta_min - r. So H is
+    certainly positive definite when theta_min - r > 0 (damping 0: the influence is the derivative
+    dT/dv_i itself), and otherwise lambda = (1 + AUTO_MARGIN) (r - theta_min) > -lambda_min; the margin
+    keeps the smallest eigenvalue of H + lambda I at about AUTO_MARGIN |lambda_min|, which bounds the
+    condition number conjugate gradients sees."""
+    start = time.perf_counter()
+    value, residual, matvecs = smallest_eigenvalue(objective, theta, tol, seed)
+    lower = value - residual
+    damping = 0.0 if lower > 0 else (1 + AUTO_MARGIN) * -lower
+    return Spectrum(value, residual, damping, matvecs, time.perf_counter() - start)
+
+
 @dataclass
 class Solve:
     """x = (A)^-1 b and how it was obtained."""
@@ -180,13 +237,20 @@ class Solve:
     matvecs: int
     seconds: float
     info: dict = field(default_factory=dict)
+    tol: float = 0.0  # the relative residual the solve had to reach
+
+    @property
+    def converged(self) -> bool:
+        """Whether the recomputed residual is within the tolerance: otherwise x is not a solution."""
+        return bool(np.isfinite(self.residual) and self.residual <= self.tol)
 
 
 def solve(solver: str, objective: Objective, theta: torch.Tensor, b: torch.Tensor, damping: float,
           block: slice | None = None, *, max_direct: int = 5000, cg_tol: float = 1e-8, cg_maxiter: int = 1000,
           lissa_depth: int = 2000, lissa_scale: float = 0.0, lissa_batch: int = 0, seed: int = 0) -> Solve:
     """Solve (H + damping I) x = b, with H the Hessian of `objective` at theta (or its diagonal
-    `block`, with b restricted to it).
+    `block`, with b restricted to it). Every solver's result is judged by the same test: the relative
+    residual, recomputed with a fresh product, must be at most `cg_tol` (`Solve.converged`).
 
     direct: the explicit matrix, refused above `max_direct` parameters; cg: scipy's conjugate
     gradients on a LinearOperator over Hessian-vector products; lissa: the stochastic Neumann series
@@ -195,8 +259,8 @@ def solve(solver: str, objective: Objective, theta: torch.Tensor, b: torch.Tenso
     `lissa_batch` random samples (0 = all samples, a deterministic series)."""
     if solver not in SOLVERS:
         raise InfluenceError(f"Unknown solver {solver!r}: choose direct, cg or lissa.")
-    if not damping > 0:
-        raise InfluenceError(f"damping must be positive, got {damping}.")
+    if not damping >= 0:
+        raise InfluenceError(f"damping must be >= 0, got {damping}.")
     start = time.perf_counter()
     size = b.numel()
     full = torch.zeros(objective.flat.size, dtype=theta.dtype, device=theta.device)
@@ -250,7 +314,7 @@ def solve(solver: str, objective: Objective, theta: torch.Tensor, b: torch.Tenso
         x = x / scale
     seconds = time.perf_counter() - start
     residual = float((matvec(x) - b).norm() / b.norm().clamp_min(1e-300))
-    return Solve(x, residual, count[0], seconds, info)
+    return Solve(x, residual, count[0], seconds, info, cg_tol)
 
 
 # ---------------------------------------------------------------- fixed-point influence
@@ -272,7 +336,7 @@ def self_influence(objective: Objective, theta: torch.Tensor, damping: float, ma
     L, info = torch.linalg.cholesky_ex(A)
     if int(info):
         raise InfluenceError("The damped Hessian is not positive definite, so self-influence is undefined: raise "
-                             "damping.")
+                             "damping (or leave it at auto).")
     out = []
     for a in range(0, objective.n, chunk):
         G = objective.sample_grads(theta, torch.arange(a, min(a + chunk, objective.n), device=theta.device))
