@@ -40,6 +40,8 @@ def test_hvp_and_hessian_match_explicit_hessian():
     H = explicit_hessian(flat, obj.x, obj.y, theta)
     v = torch.randn(flat.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(obj.hvp(theta, v), H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(obj.hvp_at(theta)(v), H @ v, rtol=1e-10, atol=1e-12)  # the reused linearisation
+    torch.testing.assert_close(obj.hvp_at(theta, cache_samples=1)(v), H @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(obj.hessian(theta, columns=16), H, rtol=1e-10, atol=1e-12)
     blocks = flat.blocks(["L1", "Out"])
     assert blocks["L1"] == slice(0, 6 * 5 + 5) and blocks["Out"].stop == flat.size
