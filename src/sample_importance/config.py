@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+DATASETS = ("digits", "mnist-5k", "fashion-mnist", "mnist", "cifar10")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("mlp", "cnn")
 NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
@@ -36,7 +36,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10
+    dataset: str = "digits"  # digits | mnist-5k | fashion-mnist | mnist | cifar10
     data_dir: str = DEFAULT_DATA_DIR  # where torchvision datasets are read (and downloaded to)
     subset: int = 0  # keep the first n training samples; 0 = all
     model: str = "mlp"  # mlp (depth x width ReLU layers) | cnn (two conv + pool layers, then linear)
@@ -464,7 +464,7 @@ class InfluenceConfig(AnalysisConfig):
 
 # Help texts mirror the comments above; kept as data so the entry points can show them.
 _FIELD_HELP = {
-    "dataset": "digits | fashion-mnist | mnist | cifar10",
+    "dataset": "digits | mnist-5k (5,000 real MNIST images, offline) | fashion-mnist | mnist | cifar10",
     "data_dir": "folder where torchvision datasets are read (and downloaded to)",
     "subset": "keep the first n training samples; 0 = all",
     "model": "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear)",
