@@ -50,6 +50,8 @@ class TrainConfig:
     label_noise: float = 0.0  # fraction of training labels flipped to another class (drawn with seed)
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda
     parallel_models: int = 0  # models a multi-run stage trains in one loop: 0 = auto, 1 = each alone, k = k at once
+    eval_train: int = 1  # 1 = after every epoch, evaluate each training sample under the end-of-epoch parameters; 0 = off
+    early_epoch: int = 2  # 1-based epoch after which GraNd's per-sample gradient norms are recorded, and EL2N/GraNd read
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
@@ -73,6 +75,11 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if not 0 <= self.label_noise < 1:
             raise ConfigError(f"label_noise must be a fraction in [0, 1), got {self.label_noise}.")
+        if self.eval_train not in (0, 1):
+            raise ConfigError(f"eval_train must be 1 (evaluate the training set after every epoch) or 0, got "
+                              f"{self.eval_train}.")
+        if self.early_epoch < 1:
+            raise ConfigError(f"early_epoch must be a 1-based epoch (1 or more), got {self.early_epoch}.")
         if self.parallel_models < 0:
             raise ConfigError(f"parallel_models must be 0 (auto), 1 (each alone) or a count, got {self.parallel_models}.")
         return self
@@ -280,8 +287,6 @@ class SweepConfig(TrainConfig):
 @dataclass(frozen=True)
 class ScoresConfig(AnalysisConfig):
     """`scores`: every per-sample difficulty score of one train run, side by side."""
-
-    early_epoch: int = 2  # 1-based epoch at which EL2N and GraNd are read (Paul et al.: early in training)
 
     def check(self) -> "ScoresConfig":
         super().check()
@@ -500,7 +505,8 @@ _FIELD_HELP = {
     "pruner": "median | none",
     "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
     "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
-    "early_epoch": "1-based epoch at which EL2N and GraNd are read (early in training)",
+    "eval_train": "1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off",
+    "early_epoch": "1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)",
     "keep_fractions": "prune: comma-separated fractions of the training set kept",
     "prune_scores": "prune: comma-separated scores that choose the kept samples (columns of scores.csv)",
     "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn",
