@@ -286,14 +286,13 @@ class SweepConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class ScoresConfig(AnalysisConfig):
-    """`scores`: every per-sample difficulty score of one train run, side by side."""
+    """`scores`: every per-sample difficulty score of a train run, side by side (with several
+    train_run_ids, the first is scored and EL2N and GraNd are averaged over all, as Paul et al. do)."""
 
     def check(self) -> "ScoresConfig":
         super().check()
         if not 1 <= self.early_epoch <= self.epochs:
             raise ConfigError(f"early_epoch must be between 1 and epochs={self.epochs}, got {self.early_epoch}.")
-        if len(self.run_ids()) > 1:
-            raise ConfigError("scores reads one train run: pass a single id in train_run_ids.")
         return self
 
 
