@@ -225,7 +225,10 @@ def smallest_eigenvalue(objective: Objective, theta: torch.Tensor, tol: float = 
         values, vectors = np.linalg.eigh(objective.hessian(theta).cpu().numpy())
         value, u = values[0], vectors[:, 0]
     else:
-        values, vectors = eigsh(op, k=1, which="SA", tol=tol, v0=v0, maxiter=maxiter)
+        # 40 Lanczos vectors (scipy's default for k=1 is 20): on the default influence model the
+        # smallest eigenvalue then converges within the first cycle -- 41 products instead of 121
+        # (measured on the shared CPU); the basis costs 40 parameter vectors of memory.
+        values, vectors = eigsh(op, k=1, which="SA", tol=tol, v0=v0, maxiter=maxiter, ncv=min(size - 1, 40))
         value, u = values[0], vectors[:, 0] / np.linalg.norm(vectors[:, 0])
     residual = float(np.linalg.norm(matvec(u) - value * u))
     return float(value), residual, count[0]
