@@ -153,9 +153,11 @@ def score_table(runs, early_epoch: int) -> tuple[pd.DataFrame, dict[str, str]]:
         table["el2n"] = mean_at_epoch([r.eval_error_l2 for r in runs], early_epoch)
         other = [r for r in runs if r.grand_epoch != early_epoch]
         if other:
-            missing["grand"] = (f"run {other[0].metadata.get('run_id', other[0].folder)} recorded GraNd's gradient "
-                                f"norms at epoch {other[0].grand_epoch}, not at early_epoch={early_epoch}: train with "
-                                f"early_epoch={early_epoch}, or score at early_epoch={other[0].grand_epoch}")
+            r = other[0]
+            where = "at no epoch" if r.grand_epoch is None else f"at epoch {r.grand_epoch}"
+            missing["grand"] = (f"run {r.metadata.get('run_id', r.folder)} recorded GraNd's gradient norms {where}, "
+                                f"not at early_epoch={early_epoch}: train with early_epoch={early_epoch}"
+                                + ("" if r.grand_epoch is None else f", or score at early_epoch={r.grand_epoch}"))
         else:
             table["grand"] = mean_at_epoch([r.eval_grad_norm for r in runs], early_epoch)
     else:
