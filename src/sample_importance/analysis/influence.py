@@ -7,6 +7,9 @@ the same objective whose minibatch gradient `training.fit` steps along (v = 1 in
 Fixed-point influence (eq. 4/5): at a minimum theta*, d theta*/d v_i = -(H + lambda I)^-1 g_i / n, with
 H the Hessian of J, g_i = grad L_i(theta*) and lambda the damping; for a target T,
     I_i = dT/dv_i = -(1/n) g_i^T s,   s = (H + lambda I)^-1 grad T(theta*).
+Only lambda = 0 gives dT/dv_i itself; `auto_damping` uses none where H is positive definite and
+otherwise just enough to make H + lambda I so (from H's smallest eigenvalue, by Lanczos iteration).
+Every solve is judged by its recomputed residual (`Solve.converged`); all of this is float64.
 One inverse-Hessian-vector product per target; g_i^T s for all samples at once is the directional
 derivative of every per-sample loss along s (one forward-mode pass; for a linear layer it equals
 delta_i^T S a_i), so per-sample gradients are never materialised.
