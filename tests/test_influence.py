@@ -40,6 +40,8 @@ def test_hvp_and_hessian_match_explicit_hessian():
     H = explicit_hessian(flat, obj.x, obj.y, theta)
     v = torch.randn(flat.size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(obj.hvp(theta, v), H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(obj.hvp_at(theta)(v), H @ v, rtol=1e-10, atol=1e-12)  # the reused linearisation
+    torch.testing.assert_close(obj.hvp_at(theta, cache_samples=1)(v), H @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(obj.hessian(theta, columns=16), H, rtol=1e-10, atol=1e-12)
     blocks = flat.blocks(["L1", "Out"])
     assert blocks["L1"] == slice(0, 6 * 5 + 5) and blocks["Out"].stop == flat.size
@@ -76,12 +78,66 @@ def test_bad_solver_and_damping_are_refused():
     b = torch.ones(flat.size, dtype=torch.float64)
     with pytest.raises(inf.InfluenceError, match="Unknown solver"):
         inf.solve("newton", obj, theta, b, 0.1)
-    with pytest.raises(inf.InfluenceError, match="damping must be positive"):
-        inf.solve("cg", obj, theta, b, 0.0)
+    with pytest.raises(inf.InfluenceError, match="damping must be >= 0"):
+        inf.solve("cg", obj, theta, b, -1e-3)
     with pytest.raises(inf.InfluenceError, match="max_direct"):
         inf.solve("direct", obj, theta, b, 0.1, max_direct=10)
     with pytest.raises(inf.InfluenceError, match="LiSSA series diverged"):  # H + 0.01 I is indefinite here
         inf.solve("lissa", obj, theta, b, 0.01, lissa_depth=3000)
+
+
+def test_default_damping_on_logistic_regression_is_the_derivative_of_the_reminimised_objective():
+    """With weight decay, logistic regression's H is positive definite: auto damping is none, and the
+    fixed-point influence is dT/dv_i itself -- a central difference of T at the re-minimised J."""
+    data, _, flat, obj, theta = setup(depth=0)
+
+    def newton(theta, w):
+        """Minimise the plainly written J with sample weights w by Newton steps (explicit Hessian)."""
+        def J(th):
+            losses = F.cross_entropy(flat.logits(th, obj.x), obj.y, reduction="none")
+            return (w * losses).mean() + 0.5 * WD * th.square().sum()
+        for _ in range(8):  # from near the minimum: quadratic convergence
+            g = torch.func.grad(J)(theta)
+            theta = theta - torch.linalg.solve(torch.autograd.functional.hessian(J, theta), g)
+        assert float(torch.func.grad(J)(theta).norm()) < 1e-13
+        return theta
+
+    theta = newton(inf.polish(obj, theta, steps=200)[0], torch.ones(obj.n, dtype=torch.float64))
+    spec = inf.auto_damping(obj, theta)
+    exact_min = float(torch.linalg.eigvalsh(explicit_hessian(flat, obj.x, obj.y, theta))[0])
+    assert spec.damping == 0.0 and exact_min >= WD * (1 - 1e-9)  # softmax: one flat direction per input, where H = wd
+    assert abs(spec.min_eigenvalue - exact_min) <= 1e-2 * exact_min
+    target = inf.make_target("test_loss", flat, torch.as_tensor(data.x_test, dtype=torch.float64),
+                             torch.as_tensor(data.y_test))
+    b = torch.func.grad(target.fn)(theta)
+    sol = inf.solve("cg", obj, theta, b, spec.damping, cg_tol=1e-12)
+    assert sol.converged
+    influence = inf.fixed_point_influence(obj, theta, sol.x)
+    eps = 1e-3
+    for i in (0, 11, 29):
+        values = []
+        for v in (1 + eps, 1 - eps):
+            w = torch.ones(obj.n, dtype=torch.float64)
+            w[i] = v
+            values.append(float(target.fn(newton(theta, w))))
+        fd = (values[0] - values[1]) / (2 * eps)
+        assert abs(float(influence[i]) - fd) <= 1e-4 * abs(fd), (i, float(influence[i]), fd)
+
+
+def test_default_damping_on_an_indefinite_hessian_makes_it_positive_definite():
+    _, _, flat, obj, theta = setup(depth=2, width=6)  # at the initialisation H is indefinite
+    H = explicit_hessian(flat, obj.x, obj.y, theta)
+    exact = torch.linalg.eigvalsh(H)
+    assert exact[0] < -0.01
+    spec = inf.auto_damping(obj, theta)
+    assert abs(spec.min_eigenvalue - float(exact[0])) <= 0.02 * abs(float(exact[0]))
+    assert spec.damping > -float(exact[0])  # H + lambda I is positive definite ...
+    assert spec.damping <= (1 + inf.AUTO_MARGIN) * 1.05 * -float(exact[0])  # ... with no more than the margin
+    assert float(torch.linalg.eigvalsh(H + spec.damping * torch.eye(flat.size, dtype=torch.float64))[0]) > 0
+    b = torch.randn(flat.size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert inf.solve("cg", obj, theta, b, spec.damping, cg_tol=1e-10).converged
+    stopped = inf.solve("cg", obj, theta, b, spec.damping, cg_tol=1e-10, cg_maxiter=2)
+    assert not stopped.converged and stopped.residual > 1e-10
 
 
 def test_sample_dot_products_match_per_sample_gradients():

@@ -60,6 +60,38 @@ def test_validate_mode_logs_influence_and_checks_it_against_retraining(store):
             "figures/validation_unrolled.png"} <= artifacts
 
 
+def test_default_damping_is_logged_and_every_solve_converges(store):
+    import influence as entry
+
+    _, train_id = store
+    run_id = entry.main(["--train_run_ids", train_id, "--targets", "test_loss", "--num_test", "20", "--unrolled", "0",
+                         "--device", "cpu"])
+    run = MlflowClient().get_run(run_id)
+    metrics = run.data.metrics
+    assert {"damping", "min_eigenvalue", "min_eigenvalue_residual"} <= set(metrics)
+    assert metrics["damping"] == 0.0 or metrics["damping"] > -metrics["min_eigenvalue"]
+    solves = table(run_id, "solves.csv")
+    assert solves["converged"].all() and (solves["residual"] <= solves["tol"]).all()
+    assert (solves["damping"] == metrics["damping"]).all()
+    assert "sample_importance.unconverged" not in run.data.tags
+    assert "influence_test_loss" in table(run_id, "influence.csv")
+
+
+def test_a_solve_that_did_not_converge_is_not_reported_as_a_result(store, capfd):
+    import influence as entry
+
+    _, train_id = store
+    run_id = entry.main(["--train_run_ids", train_id, "--targets", "test_loss", "--num_test", "20", "--unrolled", "0",
+                         "--per_layer", "0", "--cg_maxiter", "1", "--device", "cpu"])
+    assert "WARNING: 1 solve(s) did not converge" in capfd.readouterr().err
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags["sample_importance.unconverged"].startswith("test_loss/all: residual")
+    assert run.data.metrics["residual_test_loss_all"] > 1e-6
+    inf = table(run_id, "influence.csv")
+    assert "influence_test_loss" not in inf and "unconverged_influence_test_loss" in inf
+    assert not table(run_id, "solves.csv")["converged"].any()
+
+
 def test_breakdown_mode_maps_linear_response(store):
     import influence as entry
 
@@ -74,8 +106,8 @@ def test_breakdown_mode_maps_linear_response(store):
 
 @pytest.mark.parametrize("args, message", [
     (["--solver", "newton"], "Unknown solver 'newton'"),
-    (["--damping", "0"], "damping must be positive"),
-    (["--damping", "-1"], "damping must be positive"),
+    (["--damping", "-1"], "damping must be auto or a number >= 0"),
+    (["--damping", "lots"], "damping must be auto or a number >= 0"),
     (["--test_ids", "3,100000"], "test id 100000 is out of range"),
     (["--targets", "loss"], "Unknown target"),
 ])

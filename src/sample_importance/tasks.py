@@ -101,6 +101,9 @@ def _train_in_run(cfg: TrainRunConfig, resume: str | None, run_id: str | None, c
             "layer_names": model.layer_names, "parameter_counts": counts, "phi_convention": PHI_CONVENTION,
             "image_shape": list(data.image_shape), "num_classes": data.num_classes,
             "run_id": run.info.run_id, "config": cfg.train_config().to_dict(),
+            # The end-of-epoch evaluation (dynamics eval_*.npy) and the epoch of its GraNd row.
+            "eval_train": bool(cfg.eval_train),
+            "grand_epoch": cfg.early_epoch if cfg.eval_train and cfg.early_epoch <= cfg.epochs else None,
         }
         with mlflow_io.artifact_folder(dyn.DIRNAME) as folder:
             checkpoint = folder / dyn.CHECKPOINT

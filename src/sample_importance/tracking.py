@@ -77,6 +77,21 @@ def sample_statistics(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor
     return p_true, correct, error_l2
 
 
+def checkpoint_sq_grad_norms(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recorder without a step: ||dL_i/d theta_d||^2 per sample and layer (B, layers) at the current
+    parameters (weight decay excluded), from one forward and one backward pass of the summed loss (so
+    dz_i is sample i's own output gradient, no 1/B), and the logits (B, classes). For GraNd at a
+    checkpoint (Paul et al. 2021): ||g_i|| = sqrt of the sum over layers. Parameters are not touched."""
+    with torch.enable_grad():
+        logits, taps = model.forward_tapped(x)  # taps: per layer (a (B, in), z (B, out))
+        loss_i = F.cross_entropy(logits, y, reduction="none")  # (B,)
+        dzs = torch.autograd.grad(loss_i.sum(), [z for _, z in taps])
+    with torch.no_grad():
+        norms = torch.stack([sample_sq_grad_norms(layer, a.detach(), dz)
+                             for layer, (a, _), dz in zip(model.layers.values(), taps, dzs)], dim=1)  # (B, layers)
+    return norms, logits.detach()
+
+
 def sgd_step(model, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
              track: bool = True, weight: torch.Tensor | None = None) -> StepRecord:
     """One SGD step on the mean cross-entropy of the batch (x, y), recording beta when `track`.

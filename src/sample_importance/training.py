@@ -16,7 +16,7 @@ import torch
 from .config import ConfigError, TrainConfig
 from .data import Dataset
 from .errors import UserError
-from .tracking import StackedMLP, sample_statistics, sgd_step
+from .tracking import StackedMLP, checkpoint_sq_grad_norms, sample_statistics, sgd_step
 
 
 class DivergenceError(UserError):
@@ -39,6 +39,13 @@ class EpochRecord:
     correct: np.ndarray  # (n,) bool: in-batch correctness
     error_l2: np.ndarray  # (n,) float32: in-batch ||softmax - onehot||_2
     metrics: dict[str, float] = field(default_factory=dict)
+    # End-of-epoch evaluation of every training sample under the parameters after the epoch
+    # (cfg.eval_train; None when off): the same statistics, and ||g_i|| at cfg.early_epoch (NaN otherwise).
+    eval_loss: np.ndarray | None = None  # (n,) float32
+    eval_p_true: np.ndarray | None = None  # (n,) float32
+    eval_correct: np.ndarray | None = None  # (n,) bool
+    eval_error_l2: np.ndarray | None = None  # (n,) float32
+    eval_grad_norm: np.ndarray | None = None  # (n,) float32: GraNd's ||grad L_i|| at early_epoch, else NaN
 
 
 @dataclass
@@ -68,6 +75,29 @@ def check_batching(cfg: TrainConfig, n: int) -> None:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is larger than the {n} training samples: choose at most {n}."
         )
+
+
+def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_norm: bool, chunk: int = 1024
+                   ) -> tuple[torch.Tensor, ...]:
+    """Every training sample under the model's current (end-of-epoch) parameters, in chunks on x's
+    device: NLL, p(true label), correctness, ||softmax - onehot||_2 (n,) each, and, with `grad_norm`,
+    the exact norm of each sample's own loss gradient ||g_i|| (the recorder without a step; else NaN).
+    What Lee et al.'s learnability, dataset cartography and data_diet's EL2N/GraNd read."""
+    losses, logits, norms = [], [], []
+    for s in range(0, len(y), chunk):
+        xb, yb = x[s:s + chunk], y[s:s + chunk]
+        if grad_norm:
+            sq, out = checkpoint_sq_grad_norms(model, xb, yb)  # (B, layers), (B, classes)
+            norms.append(sq.sum(1).sqrt())
+        else:
+            with torch.no_grad():
+                out = model(xb)
+            norms.append(torch.full((len(yb),), float("nan"), device=x.device, dtype=out.dtype))
+        logits.append(out)
+        losses.append(torch.nn.functional.cross_entropy(out, yb, reduction="none"))
+    loss, logits = torch.cat(losses), torch.cat(logits)
+    p_true, correct, error_l2 = sample_statistics(logits, loss, y)
+    return loss, p_true, correct, error_l2, torch.cat(norms)
 
 
 @torch.no_grad()
@@ -218,9 +248,21 @@ def fit_many(
         seconds = time.perf_counter() - start
         p_true, correct, error_l2 = sample_statistics(logits, loss, y_train)
         host = [_host32(t) for t in (importance, loss, p_true, error_l2)] + [correct.cpu().numpy()]
+        # End-of-epoch evaluation of the training set (one extra forward pass; a backward pass too at
+        # early_epoch), each array stacked over models and copied to the host once.
+        start = time.perf_counter()
+        evaluated = [m for m in range(M) if track and live[m] and cfgs[m].eval_train]
+        for m in evaluated:
+            models[m].eval()
+        evals = [evaluate_train(models[m], x_train, y_train[m], epoch + 1 == cfgs[m].early_epoch) for m in evaluated]
+        evals = _to_host(evaluated, evals)
+        eval_seconds = time.perf_counter() - start
         finished = []
         for m in (m for m in range(M) if live[m]):
             record = EpochRecord(epoch, orders[m][epoch], host[0][m], host[1][m], host[2][m], host[4][m], host[3][m])
+            if m in evals:
+                record.eval_loss, record.eval_p_true, record.eval_correct, record.eval_error_l2, \
+                    record.eval_grad_norm = evals[m]
             try:
                 _check_finite(record, cfg.batch_size)
             except DivergenceError as exc:
@@ -240,6 +282,12 @@ def fit_many(
                 "epoch_seconds": seconds,  # of the whole loop: all M models
                 "samples_per_second": n / seconds,  # per model
             }
+            if record.eval_loss is not None:
+                record.metrics |= {
+                    "eval_train_loss": float(record.eval_loss.mean(dtype=np.float64)),  # end-of-epoch parameters
+                    "eval_train_error": float(1.0 - record.eval_correct.mean()),
+                    "eval_seconds": eval_seconds,  # the end-of-epoch evaluation of all M models
+                }
             histories[m].append(record.metrics)
             finished.append(record.metrics)
             if on_epoch is not None and on_epoch(m, record) is False:
@@ -262,6 +310,16 @@ def _store(where, rec, importance, loss, logits, track: bool) -> None:
         importance[where] = rec.importance
     loss[where] = rec.loss
     logits[where] = rec.logits
+
+
+def _to_host(models: list[int], evals: list[tuple[torch.Tensor, ...]]) -> dict[int, list[np.ndarray]]:
+    """Per evaluated model, its end-of-epoch arrays on the host: each quantity stacked over the
+    models and copied once."""
+    if not models:
+        return {}
+    columns = [torch.stack(col) for col in zip(*evals)]  # each (M', n)
+    host = [c.cpu().numpy() if c.dtype == torch.bool else _host32(c) for c in columns]
+    return {m: [h[k] for h in host] for k, m in enumerate(models)}
 
 
 def _host32(t: torch.Tensor) -> np.ndarray:

@@ -1,7 +1,13 @@
 """Per-sample difficulty scores, all computed from the recorded dynamics (arrays indexed by sample id).
 
 Each function takes arrays of the `dynamics/` contract: importance (E, n, L), p_true (E, n),
-correct (E, n), error_l2 (E, n), batch_order (E, n); it returns one value per sample (n,).
+correct (E, n), error_l2 (E, n), batch_order (E, n), or their end-of-epoch counterparts eval_p_true,
+eval_correct, eval_error_l2, eval_grad_norm (E, n); it returns one value per sample (n,).
+
+Which arrays a score reads is part of its definition (`SCORES`, the one list of score names): the
+in-batch arrays hold each sample as it was seen at its own step within the epoch (every sample under
+different parameters), the end-of-epoch arrays every sample under the parameters after the epoch,
+as Lee et al., Swayamdipta et al. and Paul et al. define their scores.
 """
 from __future__ import annotations
 
@@ -57,9 +63,9 @@ def forgetting_score(correct: np.ndarray) -> np.ndarray:
 
 
 def el2n(error_l2: np.ndarray, epoch: int) -> np.ndarray:
-    """EL2N: ||softmax(f(x_i)) - onehot(y_i)||_2 early in training (Paul et al. 2021, section 2), here
-    at the 1-based `epoch` from its in-batch forward pass, for one initialisation (average runs for
-    the paper's expectation)."""
+    """EL2N: ||softmax(f(x_i)) - onehot(y_i)||_2 early in training (Paul et al. 2021, section 2), at the
+    1-based `epoch` of one run's (E, n) array (eval_error_l2: the parameters after that epoch, as
+    Paul et al. define it; error_l2: the in-batch forward pass). `mean_at_epoch` averages runs."""
     return error_l2[epoch - 1].astype(np.float64)
 
 
@@ -82,7 +88,7 @@ def grand(importance: np.ndarray, batch_order: np.ndarray, epoch: int, batch_siz
 
 def learnability(p_true_runs: list[np.ndarray]) -> np.ndarray:
     """L_f(x_i): mean over runs (initialisations) of the mean over epochs of p(true label) (Lee et
-    al. 2019, eq. 1)."""
+    al. 2019, eq. 1), with f^(t) the model after epoch t: pass the runs' eval_p_true (E, n)."""
     return np.mean([confidence(p) for p in p_true_runs], axis=0)
 
 
@@ -91,28 +97,85 @@ def learnability_rank(values: np.ndarray) -> np.ndarray:
     return rankdata(-np.asarray(values, dtype=np.float64), method="average")
 
 
-# Scores where a larger value means a harder (or more suspicious) sample; the others are negated
-# for detection and pruning.
-HARDER_IS_LARGER = {"total_importance": True, "final_nll": True, "confidence": False, "variability": True,
-                    "correctness": False, "forgetting": True, "el2n": True, "grand": True}
+def mean_at_epoch(rows_runs: list[np.ndarray], epoch: int) -> np.ndarray:
+    """The mean over runs (initialisations) of one epoch's row (1-based `epoch`) of per-epoch arrays
+    (E, n): the expectation over initialisations of EL2N and GraNd (Paul et al. 2021, section 2)."""
+    return np.mean([np.asarray(r[epoch - 1], np.float64) for r in rows_runs], axis=0)
 
 
-def score_table(d, early_epoch: int) -> pd.DataFrame:
-    """Every score of one run (a dynamics.Dynamics), one row per sample id."""
+# The one list of score names: name -> (a larger value means harder, definition and source). Names
+# ending in _inbatch are the same formulas on the in-batch arrays.
+SCORES = {
+    "total_importance": (True, "tau_i = sum over epochs and layers of beta_{i,d}^t, from each sample's own "
+                               "SGD step (Gao & Jojic, section 2.2)"),
+    "final_nll": (True, "NLL under the final parameters"),
+    "confidence": (False, "mean over epochs of p(true label) under the end-of-epoch parameters "
+                          "(Swayamdipta et al. 2020, eq. 1; for one run, Lee et al. 2019's learnability)"),
+    "variability": (True, "population standard deviation over epochs of the end-of-epoch p(true label) "
+                          "(Swayamdipta et al. 2020, eq. 2; np.std as in their code)"),
+    "correctness": (False, "fraction of epochs in which the end-of-epoch parameters classify the sample "
+                           "correctly (Swayamdipta et al. 2020)"),
+    "forgetting": (True, "correct-to-incorrect transitions between consecutive in-batch presentations; "
+                         "never-learned samples first (Toneva et al. 2019, section 2)"),
+    "el2n": (True, "||softmax - onehot(label)||_2 under the parameters after early_epoch, mean over the runs "
+                   "given (Paul et al. 2021)"),
+    "grand": (True, "||grad of the sample's own loss|| under the parameters after early_epoch (exact, "
+                    "recorded without a step), mean over the runs given (Paul et al. 2021)"),
+    "confidence_inbatch": (False, "confidence from the in-batch p(true label) (each sample at its own step)"),
+    "variability_inbatch": (True, "variability from the in-batch p(true label)"),
+    "correctness_inbatch": (False, "correctness from the in-batch predictions"),
+    "el2n_inbatch": (True, "EL2N from the in-batch forward pass of early_epoch, mean over the runs given"),
+    "grand_inbatch": (True, "GraNd from the recorded importance at each sample's step of early_epoch: "
+                            "||g_i|| = (B / lr) sqrt(alpha_i), mean over the runs given"),
+}
+HARDER_IS_LARGER = {name: harder for name, (harder, _) in SCORES.items()}
+NEEDS_EVAL = ("confidence", "variability", "correctness", "el2n", "grand")  # read the end-of-epoch arrays
+
+
+def score_table(runs, early_epoch: int) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Every score of a run (a dynamics.Dynamics, or a list of them: the first is scored, EL2N and
+    GraNd are averaged over all), one row per sample id; and, for each score the runs cannot give,
+    why. Runs without the end-of-epoch evaluation (schema 2, or eval_train=0) give the in-batch scores
+    only; GraNd at the checkpoint needs every run to have recorded it at `early_epoch`."""
+    runs = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+    d = runs[0]
     imp = np.asarray(d.importance)
-    meta = d.metadata
     table = pd.DataFrame({"sample_id": d.sample_id, "label": d.label,
                           "total_importance": total_importance(imp),
-                          "final_nll": np.asarray(d.final_loss, np.float64),
-                          "confidence": confidence(np.asarray(d.p_true)),
-                          "variability": variability(np.asarray(d.p_true)),
-                          "correctness": correctness(np.asarray(d.correct)),
-                          "forgetting": forgetting_score(np.asarray(d.correct)),
-                          "el2n": el2n(np.asarray(d.error_l2), early_epoch),
-                          "grand": grand(imp, np.asarray(d.batch_order), early_epoch, meta["batch_size"], meta["lr"])})
+                          "final_nll": np.asarray(d.final_loss, np.float64)})
+    missing: dict[str, str] = {}
+    lacking = [r.metadata.get("run_id", str(r.folder)) for r in runs if not r.has_eval]
+    if not lacking:
+        p_true = np.asarray(d.eval_p_true)
+        table["confidence"] = confidence(p_true)
+        table["variability"] = variability(p_true)
+        table["correctness"] = correctness(np.asarray(d.eval_correct))
+        table["el2n"] = mean_at_epoch([r.eval_error_l2 for r in runs], early_epoch)
+        other = [r for r in runs if r.grand_epoch != early_epoch]
+        if other:
+            r = other[0]
+            where = "at no epoch" if r.grand_epoch is None else f"at epoch {r.grand_epoch}"
+            missing["grand"] = (f"run {r.metadata.get('run_id', r.folder)} recorded GraNd's gradient norms {where}, "
+                                f"not at early_epoch={early_epoch}: train with early_epoch={early_epoch}"
+                                + ("" if r.grand_epoch is None else f", or score at early_epoch={r.grand_epoch}"))
+        else:
+            table["grand"] = mean_at_epoch([r.eval_grad_norm for r in runs], early_epoch)
+    else:
+        reason = (f"run {lacking[0]} has no end-of-epoch evaluation (dynamics schema "
+                  f"{d.metadata.get('schema_version')}, or trained with eval_train=0): re-train it with eval_train=1")
+        missing |= {name: reason for name in NEEDS_EVAL}
+    p_in = np.asarray(d.p_true)
+    table["confidence_inbatch"] = confidence(p_in)
+    table["variability_inbatch"] = variability(p_in)
+    table["correctness_inbatch"] = correctness(np.asarray(d.correct))
+    table["forgetting"] = forgetting_score(np.asarray(d.correct))
+    table["el2n_inbatch"] = mean_at_epoch([r.error_l2 for r in runs], early_epoch)
+    table["grand_inbatch"] = np.mean([grand(np.asarray(r.importance), np.asarray(r.batch_order), early_epoch,
+                                            r.metadata["batch_size"], r.metadata["lr"]) for r in runs], axis=0)
     for k, name in enumerate(d.layer_names):
         table[f"importance_{name}"] = layer_importance(imp)[:, k]
-    return table
+    order = [c for c in ("sample_id", "label", *SCORES) if c in table]
+    return table[order + [c for c in table if c not in order]], missing
 
 
 def rank_correlations(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
