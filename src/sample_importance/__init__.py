@@ -3,6 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .importance import ImportanceRecorder  # noqa: E402
+
 
 def load_dynamics(run_id: str, allow_partial: bool = False):
     """The validated `dynamics/` artifacts of a `train` run (see `sample_importance.dynamics`)."""
