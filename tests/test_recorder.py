@@ -37,12 +37,14 @@ def reference_beta(model: nn.Module, loss_fn, recorder: ImportanceRecorder, lr: 
     for name in recorder.layer_names:  # a layer's own parameters (attention: with its out_proj)
         module = model.get_submodule(name) if name != "(model)" else model
         own = module.parameters(recurse=isinstance(module, nn.MultiheadAttention))
-        layers.append((name, [p for p in own if p.requires_grad]))
+        layers.append([p for p in own if p.requires_grad])
+    params = [p for ps in layers for p in ps]
     out = torch.zeros(B, len(layers))
-    for i in range(B):
-        for d, (_, params) in enumerate(layers):
-            gs = torch.autograd.grad(loss_i[i], params, retain_graph=True, allow_unused=True)
-            out[i, d] = sum((g.square().sum() for g in gs if g is not None), torch.zeros(())) * (lr / B) ** 2
+    for i in range(B):  # sample i's own loss, backpropagated alone from the batch forward
+        gs = torch.autograd.grad(loss_i[i], params, retain_graph=True, allow_unused=True)
+        sq = {id(p): torch.zeros(()) if g is None else g.square().sum() for p, g in zip(params, gs)}
+        for d, ps in enumerate(layers):
+            out[i, d] = sum(sq[id(p)] for p in ps) * (lr / B) ** 2
     return out
 
 
@@ -356,3 +358,38 @@ def test_grouping_and_close():
         assert torch.allclose(grouped[:, 0], beta[:, 0] + beta[:, 1]) and torch.equal(grouped[:, 1], beta[:, 2])
         assert rec.grouping == {"0.0": "0", "0.1": "0", "1": "1"}
     assert all(not m._forward_hooks for m in model.modules())  # closed: no hooks left
+
+
+# ------------------------------------------------------------ whole models
+def test_torchvision_resnet18_with_group_norm():
+    torchvision = pytest.importorskip("torchvision")
+    seeded()
+    model = torchvision.models.resnet18(num_classes=3, norm_layer=lambda c: nn.GroupNorm(4, c))
+    x = torch.randn(3, 3, 8, 8)  # 20 convolutions, 20 GroupNorms, fc
+    rec = check(model, ce(x, Y[:3]))
+    assert len(rec.layer_names) == 41 and rec.layer_names[:3] == ["conv1", "bn1", "layer1.0.conv1"]
+
+
+class TextClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        pad = tokens == 0
+        h = self.encoder(self.embed(tokens), src_key_padding_mask=pad)  # (B, T, 8)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.out((h * keep).sum(1) / keep.sum(1))
+
+
+def test_transformer_encoder_classifier():
+    seeded()
+    tokens = torch.randint(1, 11, (B, 6))
+    tokens[1, 4:] = 0
+    tokens[3, 2:] = 0
+    rec = check(TextClassifier(), ce(tokens, Y))
+    assert rec.layer_names[:4] == ["embed", "encoder.layers.0.self_attn", "encoder.layers.0.linear1",
+                                   "encoder.layers.0.linear2"]
