@@ -91,6 +91,12 @@ def _present(module: nn.Module, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- Linear
+def linear_sq_grad_norms(a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """||dz_i||^2 (||a_i||^2 + 1): weight and bias of a linear layer together, features on the last
+    axis, any leading shape ((B,) for one model, (M, B) for M stacked models): the paper's MLP."""
+    return dz.square().sum(-1) * (a.square().sum(-1) + 1.0)
+
+
 def _tokens(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, in), (B, T, out): every leading axis after the batch is a token axis."""
     B = a.shape[0]
