@@ -35,7 +35,7 @@ def reference_beta(model: nn.Module, loss_fn, recorder: ImportanceRecorder, lr: 
     B = loss_i.shape[0]
     layers = []
     for name in recorder.layer_names:  # a layer's own parameters (attention: with its out_proj)
-        module = model.get_submodule(name) if name != "(model)" else model
+        module = model.get_submodule(name) if name != "_root" else model
         own = module.parameters(recurse=isinstance(module, nn.MultiheadAttention))
         layers.append([p for p in own if p.requires_grad])
     params = [p for ps in layers for p in ps]

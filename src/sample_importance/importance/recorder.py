@@ -39,6 +39,7 @@ from ..errors import UserError
 from .rules import Call, batch_norm_couples, fallback_grads, rule_for
 
 BATCHNORM_CHOICES = ("refuse", "exact")
+ROOT = "_root"  # the name of parameters the model itself owns (an MLflow-safe name)
 
 
 class ImportanceRecorder:
@@ -70,7 +71,7 @@ class ImportanceRecorder:
             if recurse:
                 claimed.append(name)
             if names:
-                self._layers.append((name or "(model)", module, rule, names))
+                self._layers.append((name or ROOT, module, rule, names))
         if not self._layers:
             raise UserError("The model has no parameter that requires a gradient: there is nothing to record.")
         # Which layer owns each parameter (the first that lists it: tied weights belong to one layer).
