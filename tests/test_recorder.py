@@ -393,3 +393,25 @@ def test_transformer_encoder_classifier():
     rec = check(TextClassifier(), ce(tokens, Y))
     assert rec.layer_names[:4] == ["embed", "encoder.layers.0.self_attn", "encoder.layers.0.linear1",
                                    "encoder.layers.0.linear2"]
+
+
+def test_stacked_mlps_equal_the_recorder_on_each_model():
+    """importance/stacked.py keeps its batched kernels: the same beta and step as the recorder alone."""
+    from sample_importance.importance.stacked import StackedMLP
+    from sample_importance.models import build_model
+
+    models = [build_model(6, 3, 2, 5, seed).double() for seed in range(3)]
+    alone = copy.deepcopy(models)
+    lrs, wds = [0.3, 0.1, 0.2], [0.0, 0.01, 0.0]
+    stack = StackedMLP(models, lrs, wds)
+    x, y = torch.randn(3, B, 6), torch.randint(0, 3, (3, B))
+    rec = stack.step(x, y)
+    stack.write_back()
+    for m, model in enumerate(alone):
+        opt = torch.optim.SGD(model.parameters(), lr=lrs[m], weight_decay=wds[m])
+        with ImportanceRecorder(model) as r:
+            beta = r.backward(F.cross_entropy(model(x[m]), y[m], reduction="none"), lr=lrs[m])
+        opt.step()
+        torch.testing.assert_close(rec.importance[m], beta, rtol=1e-12, atol=0)
+        for p, q in zip(models[m].parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
