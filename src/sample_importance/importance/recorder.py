@@ -102,6 +102,13 @@ class ImportanceRecorder:
     def layer_names(self) -> list[str]:
         return [name for name, *_ in self._layers]
 
+    def layer_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of layer `name` (for a parameter count, or a reference computation)."""
+        for n, module, _, names in self._layers:
+            if n == name:
+                return [module.get_parameter(p) for p in names]
+        raise UserError(f"No layer {name!r}: the layers are {', '.join(self.layer_names)}.")
+
     @property
     def group_names(self) -> list[str]:
         return list(self._group_names)
