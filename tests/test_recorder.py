@@ -17,7 +17,6 @@ from torch import nn
 from sample_importance import ImportanceRecorder
 from sample_importance.errors import UserError
 
-torch.set_default_dtype(torch.float64)  # this module only: restored by the fixture below
 LR = 0.3
 
 

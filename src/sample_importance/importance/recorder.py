@@ -79,6 +79,8 @@ class ImportanceRecorder:
         for d, (_, module, _, names) in enumerate(self._layers):
             for n in names:
                 self._owner.setdefault(id(module.get_parameter(n)), d)
+        # (name in the module, parameter) of each layer, looked up once
+        self._named = [[(n, module.get_parameter(n)) for n in names] for _, module, _, names in self._layers]
         self._calls: dict[str, list[Call]] = {name: [] for name, *_ in self._layers}
         self._coupled: set[str] = set()
         self._capturing = True
@@ -180,9 +182,9 @@ class ImportanceRecorder:
                     "batch, so per-sample importance has no outer-product rule: pass batchnorm='exact' (exact, "
                     "slower), use GroupNorm, or put the BatchNorm layers in eval mode.")
             self._coupled.add(name)
-        outs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        call = Call(args, kwargs, outs, [None] * len(outs), [t._version for t in inputs])
+        outs = [output] if isinstance(output, torch.Tensor) else \
+            [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        call = Call(args, kwargs, outs, [None] * len(outs), [t._version for t in _tensors(args, kwargs)])
         for k, t in enumerate(outs):
             if t.requires_grad:
                 t.register_hook(partial(self._on_output_grad, call, k))
@@ -202,14 +204,8 @@ class ImportanceRecorder:
 
     # ------------------------------------------------------------ the computation
     def _params(self) -> list[nn.Parameter]:
-        seen, out = set(), []
-        for _, module, _, names in self._layers:
-            for n in names:
-                p = module.get_parameter(n)
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        """Every recorded parameter once (tied ones too), in layer order."""
+        return list({id(p): p for named in self._named for _, p in named}.values())
 
     def _batched_vjp(self, loss_i: torch.Tensor) -> dict[int, torch.Tensor]:
         """{param id: (B, *shape) g_i / B}: row i of the Jacobian of the losses, exact under any
@@ -262,12 +258,12 @@ class ImportanceRecorder:
         for d, (name, module, rule, names) in enumerate(self._layers):
             calls = [c for c in self._calls[name] if any(g is not None for g in c.grads)]
             for c in calls:
-                self._check_call(name, c, B)
+                self._check_call(name, module, c, B)
             if calls:
                 used.add(d)
-            for n in names:
+            for n, p in self._named[d]:
                 for c in calls:
-                    sources.setdefault(id(module.get_parameter(n)), []).append((d, c, n))
+                    sources.setdefault(id(p), []).append((d, c, n))
         missing = [self._layers[self._owner[pid]][0] for pid in self._reached
                    if pid in self._owner and pid not in sources]
         if missing:
@@ -309,13 +305,11 @@ class ImportanceRecorder:
         finally:
             self._capturing = True
 
-    def _check_call(self, name: str, call: Call, B: int) -> None:
-        inputs = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, torch.Tensor)]
-        if [t._version for t in inputs] != call.versions:
+    def _check_call(self, name: str, module: nn.Module, call: Call, B: int) -> None:
+        if [t._version for t in _tensors(call.args, call.kwargs)] != call.versions:
             raise UserError(f"An input of {name} was modified in place after its forward call: the recorder needs "
                             "it as it was (avoid in-place operations on it, e.g. inplace=True activations).")
         g = next(g for g in call.grads if g is not None)
-        module = self._layers[[n for n, *_ in self._layers].index(name)][1]
         batch_axis = 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
         if g.dim() == 0 or g.shape[batch_axis] != B:
             raise UserError(f"The output of {name} does not have the batch of {B} samples on its first axis: "
@@ -350,6 +344,13 @@ class ImportanceRecorder:
             index.append(names.index(g))
         self._group_names = names
         self._group_index = torch.tensor(index, dtype=torch.long)
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (nested containers included)."""
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        return list(args)
+    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
 
 
 def _check_optimizer(optimizer) -> None:
