@@ -414,3 +414,41 @@ def test_stacked_mlps_equal_the_recorder_on_each_model():
         torch.testing.assert_close(rec.importance[m], beta, rtol=1e-12, atol=0)
         for p, q in zip(models[m].parameters(), model.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+
+
+def test_refusals_name_the_module():
+    seeded()
+
+    class Borrowed(nn.Module):  # uses another module's weight directly
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(F.linear(x, self.lin.weight))
+
+    model = Borrowed()
+    with ImportanceRecorder(model) as rec, pytest.raises(UserError, match="Parameters of lin received gradients"):
+        rec.backward(ce(torch.randn(B, 4), Y)(model), lr=LR)
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    with ImportanceRecorder(model) as rec, pytest.raises(UserError, match="batch of 5 samples on its first axis"):
+        rec.backward(F.cross_entropy(model(torch.randn(3, B, 4)).transpose(0, 1).transpose(1, 2), Y.expand(3, B).T,
+                                     reduction="none").sum(1), lr=LR)
+
+
+def test_copies_of_a_recorded_model_do_not_record():
+    import pickle
+
+    seeded()
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    with ImportanceRecorder(model) as rec:
+        twin = copy.deepcopy(model)
+        again = pickle.loads(pickle.dumps(model))
+        x = torch.randn(B, 4)
+        twin_loss = ce(x, Y)(twin)  # runs the copy's (inert) hooks
+        again(x)
+        beta = rec.backward(ce(x, Y)(model), lr=LR)
+        assert torch.allclose(beta, reference_beta(twin, ce(x, Y), rec), rtol=1e-10)
+        twin_loss.mean().backward()  # the copy trains normally
+        assert all(p.grad is not None for p in twin.parameters())

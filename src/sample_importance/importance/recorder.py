@@ -85,12 +85,10 @@ class ImportanceRecorder:
         self._coupled: set[str] = set()
         self._capturing = True
         self._reached: set[int] = set()
-        self._handles = [module.register_forward_hook(partial(self._on_forward, name), with_kwargs=True)
+        self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, name)), with_kwargs=True)
                          for name, module, _, _ in self._layers]
-        for _, module, _, names in self._layers:
-            for n in names:
-                p = module.get_parameter(n)
-                self._handles.append(p.register_hook(partial(self._on_param_grad, id(p))))
+        for p in self._params():
+            self._handles.append(p.register_hook(_Hook(partial(self._on_param_grad, id(p)))))
         fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers
                     if rule is None and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if fallback:
@@ -184,7 +182,7 @@ class ImportanceRecorder:
             self._coupled.add(name)
         outs = [output] if isinstance(output, torch.Tensor) else \
             [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-        call = Call(args, kwargs, outs, [None] * len(outs), [t._version for t in _tensors(args, kwargs)])
+        call = Call(args, kwargs, outs, [None] * len(outs))
         for k, t in enumerate(outs):
             if t.requires_grad:
                 t.register_hook(partial(self._on_output_grad, call, k))
@@ -306,9 +304,6 @@ class ImportanceRecorder:
             self._capturing = True
 
     def _check_call(self, name: str, module: nn.Module, call: Call, B: int) -> None:
-        if [t._version for t in _tensors(call.args, call.kwargs)] != call.versions:
-            raise UserError(f"An input of {name} was modified in place after its forward call: the recorder needs "
-                            "it as it was (avoid in-place operations on it, e.g. inplace=True activations).")
         g = next(g for g in call.grads if g is not None)
         batch_axis = 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
         if g.dim() == 0 or g.shape[batch_axis] != B:
@@ -346,11 +341,21 @@ class ImportanceRecorder:
         self._group_index = torch.tensor(index, dtype=torch.long)
 
 
-def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors among a call's arguments (nested containers included)."""
-    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-        return list(args)
-    return [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+class _Hook:
+    """A hook calling the recorder. A copy of the model (copy.deepcopy, pickling) gets a hook that
+    does nothing: the recorder belongs to the original model only."""
+
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return None if self.fn is None else self.fn(*args)
+
+    def __deepcopy__(self, memo) -> "_Hook":
+        return _Hook()
+
+    def __reduce__(self):
+        return _Hook, ()
 
 
 def _check_optimizer(optimizer) -> None:

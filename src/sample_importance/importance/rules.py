@@ -39,7 +39,6 @@ class Call:
     kwargs: dict
     outputs: list  # the tensor leaves of the module's output, in pytree order
     grads: list = field(default_factory=list)  # d(batch loss)/d(output leaf), None where none flowed
-    versions: list = field(default_factory=list)  # ._version of every tensor input at the call
 
     @property
     def x(self) -> torch.Tensor:
