@@ -284,6 +284,14 @@ class ImportanceRecorder:
                     norms[key] = rule.sq_norms(module, c)
                 beta[:, d] += (f * f) * norms[key][n].to(beta.dtype)
                 continue
+            if not isinstance(f, float) and len(srcs) == 1 and self._layers[srcs[0][0]][2] is not None \
+                    and self._layers[srcs[0][0]][2].weighted_sq_norms is not None:
+                sd, c, n = srcs[0]
+                _, module, rule, _ = self._layers[sd]
+                got = rule.weighted_sq_norms(module, c, {n: f * f})
+                if got is not None and n in got:
+                    beta[:, d] += got[n].to(beta.dtype)
+                    continue
             G = None
             for sd, c, n in srcs:
                 key = (sd, id(c))

@@ -53,6 +53,9 @@ class Call:
 class Rule:
     grads: Callable[[nn.Module, Call], dict[str, torch.Tensor]]
     sq_norms: Callable[[nn.Module, Call], dict[str, torch.Tensor]] | None = None
+    # ||f * g_i||^2 for an elementwise factor f (Adam): fn(module, call, {name: f^2}) -> {name: (B,)},
+    # or None where the rule has no cheaper route than materialising g_i
+    weighted_sq_norms: Callable[[nn.Module, Call, dict], dict[str, torch.Tensor] | None] | None = None
     # the module's parameters the rule covers: its own (False) or its children's too (True)
     recurse: bool = False
 
@@ -143,6 +146,24 @@ def linear_sq_norms(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
     if _present(module, "bias"):
         out["bias"] = b
     return out
+
+
+def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[str, torch.Tensor] | None:
+    """Diagonally preconditioned norms on (B, in) inputs: sum_{o,k} F2_ok d_io^2 a_ik^2 is a
+    bilinear form in d_i^2 and a_i^2, one matrix product (B, out) x (out, in); bias: d_i^2 . f2_b."""
+    a, d = call.x, call.g
+    if a.dim() != 2:
+        return None
+    d2 = d.square()  # (B, out)
+    out = {}
+    if "weight" in f2:
+        out["weight"] = ((d2 @ f2["weight"]) * a.square()).sum(-1)  # (B,)
+    if "bias" in f2 and _present(module, "bias"):
+        out["bias"] = d2 @ f2["bias"]
+    return out
+
+
+linear_grads.rule.weighted_sq_norms = linear_weighted_sq_norms
 
 
 # ---------------------------------------------------------------- Convolutions
