@@ -133,9 +133,10 @@ def linear_grads(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
 
 @register_norms(linear_grads)
 def linear_sq_norms(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
-    # Features on the last axis, as in the paper's MLP: ||d_i||^2 (||a_i||^2) and ||d_i||^2.
+    """(B, in) inputs, as in the paper's MLP: ||d_i||^2 ||a_i||^2 and ||d_i||^2 (two row norms);
+    sequences: `linear_sq_norms_of`."""
     a, d = call.x, call.g
-    if a.dim() == 2:  # exactly the expression of the former tracking.linear_sq_grad_norms
+    if a.dim() == 2:
         dn = d.square().sum(-1)
         out = {"weight": dn * a.square().sum(-1)}
         if _present(module, "bias"):
