@@ -6,6 +6,7 @@ finite differences of the actual torch.optim step in the sample weight v_i.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from sample_importance import ImportanceRecorder
 from sample_importance.errors import UserError
+from sample_importance.importance.rules import RULES
 
 LR = 0.3
 
@@ -47,8 +49,29 @@ def reference_beta(model: nn.Module, loss_fn, recorder: ImportanceRecorder, lr: 
     return out
 
 
+@contextlib.contextmanager
+def materialised():
+    """Every rule without its squared-norm shortcuts: beta from the per-sample gradients `grads`."""
+    saved = {t: (r.sq_norms, r.weighted_sq_norms) for t, r in RULES.items()}
+    for r in RULES.values():
+        r.sq_norms = r.weighted_sq_norms = None
+    try:
+        yield
+    finally:
+        for t, (n, w) in saved.items():
+            RULES[t].sq_norms, RULES[t].weighted_sq_norms = n, w
+
+
 def check(model: nn.Module, loss_fn, expect_fallback: bool = False, **kw) -> ImportanceRecorder:
-    """Recorder vs reference (rel. error <= 1e-6 per layer, every layer non-zero); .grad as loss.mean()."""
+    """Recorder vs reference (rel. error <= 1e-6 per layer, every layer non-zero); .grad as loss.mean().
+    Both routes of every rule: the squared-norm shortcut and the materialised per-sample gradients."""
+    original = copy.deepcopy(model)
+    with materialised():
+        _check(copy.deepcopy(original), loss_fn, expect_fallback, **kw)
+    return _check(model, loss_fn, expect_fallback, **kw)
+
+
+def _check(model: nn.Module, loss_fn, expect_fallback: bool = False, **kw) -> ImportanceRecorder:
     twin = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
