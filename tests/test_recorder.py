@@ -384,7 +384,8 @@ def test_grouping_and_close():
 
 # ------------------------------------------------------------ whole models
 def test_torchvision_resnet18_with_group_norm():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     seeded()
     model = torchvision.models.resnet18(num_classes=3, norm_layer=lambda c: nn.GroupNorm(4, c))
     x = torch.randn(3, 3, 8, 8)  # 20 convolutions, 20 GroupNorms, fc
@@ -475,3 +476,19 @@ def test_copies_of_a_recorded_model_do_not_record():
         assert torch.allclose(beta, reference_beta(twin, ce(x, Y), rec), rtol=1e-10)
         twin_loss.mean().backward()  # the copy trains normally
         assert all(p.grad is not None for p in twin.parameters())
+
+
+@pytest.mark.cuda
+def test_on_a_cuda_device():
+    """The same checks with model and data on the GPU (float64)."""
+    seeded()
+    tokens = torch.randint(1, 11, (B, 6), device="cuda")
+    tokens[1, 4:] = 0
+    check(TextClassifier().cuda(), ce(tokens, Y.cuda()))
+    model, x = TwoBN().cuda(), torch.randn(B, 2, 4, 4, device="cuda")
+    twin = copy.deepcopy(model)
+    with ImportanceRecorder(model, batchnorm="exact", groups=1) as rec:
+        beta = rec.backward(F.cross_entropy(model(x), Y.cuda(), reduction="none"), lr=LR)
+        assert rec.grouped(beta).shape == (B, 5)
+    expected = reference_beta(twin, ce(x, Y.cuda()), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6

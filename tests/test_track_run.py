@@ -24,7 +24,6 @@ def digits(n: int):
 
 
 def resnet():
-    torchvision = pytest.importorskip("torchvision")
     from torchvision.models.resnet import BasicBlock, ResNet
 
     torch.manual_seed(0)
