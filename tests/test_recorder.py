@@ -231,6 +231,45 @@ def test_fallback_exact_and_warned():
     assert rec.layer_names == ["body", "body.inner", "out"]
 
 
+class Branchy(nn.Module):
+    """No rule, and a forward vmap cannot batch (control flow on a tensor's value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return x * self.w if float(x.sum()) > -1e9 else x
+
+
+def test_fallback_one_sample_at_a_time_where_vmap_cannot():
+    seeded()
+    check(Head(Branchy(), 4), ce(torch.randn(B, 4), Y), expect_fallback=True)
+
+
+class Affine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_a_rule_registered_by_the_user():
+    from sample_importance.importance import register_rule
+
+    @register_rule(Affine)
+    def affine_grads(module, call):  # y = x * s: dL_i/ds = d_i * x_i
+        return {"scale": call.g * call.x}
+
+    try:
+        seeded()
+        check(Head(Affine(), 4), ce(torch.randn(B, 4), Y), expect_fallback=False)
+    finally:
+        del RULES[Affine]
+
+
 def test_module_called_twice_and_tied_weights():
     seeded()
 

@@ -458,4 +458,8 @@ def fallback_grads(module: nn.Module, call: Call, names: list[str]) -> dict[str,
         return sum((o * g.unsqueeze(0)).sum() for o, g in zip(outs, gs) if g is not None)
 
     xs = [leaves[k].detach() for k in batched]
-    return vmap(grad(one), in_dims=(None, 0, 0))(params, xs, grads)
+    try:
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, xs, grads)
+    except Exception:  # a forward vmap cannot batch (data-dependent control flow, ...): one sample at a time
+        per = [grad(one)(params, [x[i] for x in xs], [None if g is None else g[i] for g in grads]) for i in range(B)]
+        return {n: torch.stack([p[n] for p in per]) for n in names}
