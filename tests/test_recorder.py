@@ -531,3 +531,20 @@ def test_on_a_cuda_device():
         assert rec.grouped(beta).shape == (B, 5)
     expected = reference_beta(twin, ce(x, Y.cuda()), rec)
     assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+
+
+def test_passes_outside_recorder_backward_do_not_count():
+    """A forward/backward of the user's own between steps (a probe, a gradient penalty) and a
+    forward with no backward leave beta of the next recorded step unchanged."""
+    seeded()
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    twin = copy.deepcopy(model)
+    x, other = torch.randn(B, 4), torch.randn(B, 4)
+    with ImportanceRecorder(model) as rec:
+        F.cross_entropy(model(other), Y).backward()
+        torch.autograd.grad(model(other).sum(), list(model.parameters()))
+        model(other)
+        model.zero_grad()
+        beta = rec.backward(ce(x, Y)(model), lr=LR)
+        expected = reference_beta(twin, ce(x, Y), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-10

@@ -30,7 +30,7 @@ def sample_sq_grad_norms(layer: nn.Module, a: torch.Tensor, dz: torch.Tensor) ->
     rule = rule_for(layer)
     if rule is None or rule.sq_norms is None:
         raise TypeError(f"no per-sample gradient norm rule for {type(layer).__name__}")
-    return sum(rule.sq_norms(layer, Call((a,), {}, [], [dz])).values())
+    return sum(rule.sq_norms(layer, Call((a,), {}, [dz])).values())
 
 
 @dataclass

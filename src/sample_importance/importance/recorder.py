@@ -33,7 +33,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UserError
 from .rules import Call, batch_norm_couples, fallback_grads, rule_for
@@ -83,7 +83,8 @@ class ImportanceRecorder:
         self._named = [[(n, module.get_parameter(n)) for n in names] for _, module, _, names in self._layers]
         self._calls: dict[str, list[Call]] = {name: [] for name, *_ in self._layers}
         self._coupled: set[str] = set()
-        self._capturing = True
+        self._capturing = True  # forward hooks record calls
+        self._in_backward = False  # output gradients are taken only inside recorder.backward
         self._reached: set[int] = set()
         self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, name)), with_kwargs=True)
                          for name, module, _, _ in self._layers]
@@ -159,13 +160,13 @@ class ImportanceRecorder:
             full = None
             if self._coupled:
                 full = self._batched_vjp(loss_i)
-            self._capturing = full is None
+            self._in_backward = full is None
             loss_i.mean().backward()
-            self._capturing = True
+            self._in_backward = False
             factors = self._factors(optimizer, lr)
             return self._importance(B, factors, full, loss_i)
         finally:
-            self._capturing = True
+            self._capturing, self._in_backward = True, False
             self._clear()
 
     # ------------------------------------------------------------ hooks
@@ -182,14 +183,17 @@ class ImportanceRecorder:
             self._coupled.add(name)
         outs = [output] if isinstance(output, torch.Tensor) else \
             [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-        call = Call(args, kwargs, outs, [None] * len(outs))
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        if kwargs:
+            kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, kwargs)
+        call = Call(args, kwargs, [None] * len(outs))
         for k, t in enumerate(outs):
             if t.requires_grad:
                 t.register_hook(partial(self._on_output_grad, call, k))
         self._calls[name].append(call)
 
     def _on_output_grad(self, call: Call, k: int, grad: torch.Tensor) -> None:
-        if self._capturing:
+        if self._in_backward:  # not another backward pass of the user's (a stale call stays without grads)
             call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
 
     def _on_param_grad(self, pid: int, grad: torch.Tensor) -> None:

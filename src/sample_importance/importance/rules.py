@@ -33,12 +33,13 @@ from ..errors import UserError
 
 @dataclass
 class Call:
-    """One call of a recorded module during the forward pass."""
+    """One call of a recorded module during the forward pass: its arguments (tensors detached: a
+    call never keeps a graph alive) and the gradients of the batch loss with respect to the tensor
+    leaves of its output (pytree order; None where none flowed)."""
 
     args: tuple
     kwargs: dict
-    outputs: list  # the tensor leaves of the module's output, in pytree order
-    grads: list = field(default_factory=list)  # d(batch loss)/d(output leaf), None where none flowed
+    grads: list = field(default_factory=list)
 
     @property
     def x(self) -> torch.Tensor:
