@@ -5,6 +5,7 @@ timed several ways:
   plain        the usual loop: loss_i.mean().backward(), no per-sample quantity
   recorder     ImportanceRecorder(model).backward(loss_i, optimizer=opt): beta (B, L)
   opacus       Opacus' GradSampleModule (per-sample gradients), reduced to per-layer squared norms
+               (after Opacus' ModuleValidator.fix, which swaps nn.MultiheadAttention for its own)
   backpack     BackPACK's BatchL2Grad (per-sample squared gradient norms), summed per layer
   bn-plain     the convolutional network with BatchNorm instead of GroupNorm, plain loop
   bn-exact     the same with ImportanceRecorder(batchnorm="exact") (batched VJPs of the B losses)
@@ -128,7 +129,9 @@ def recorder(model, batchnorm="refuse"):
 
 def opacus(model):
     from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
 
+    model = ModuleValidator.fix(model)  # Opacus' own replacements, e.g. nn.MultiheadAttention -> DPMultiheadAttention
     gsm = GradSampleModule(model, loss_reduction="mean")
     opt = torch.optim.SGD(gsm.parameters(), lr=0.01)
     owners = [[p for p in m.parameters(recurse=False)] for m in model.modules()]
