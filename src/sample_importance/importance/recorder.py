@@ -63,7 +63,7 @@ class ImportanceRecorder:
         self._layers: list[tuple[str, nn.Module, object, list[str]]] = []  # (name, module, rule, param names)
         claimed: list[str] = []
         for name, module in model.named_modules():
-            if any(name == c or name.startswith(c + ".") for c in claimed):
+            if any(c == "" or name == c or name.startswith(c + ".") for c in claimed):
                 continue
             rule = rule_for(module)
             recurse = rule is not None and rule.recurse
@@ -90,8 +90,7 @@ class ImportanceRecorder:
                          for name, module, _, _ in self._layers]
         for p in self._params():
             self._handles.append(p.register_hook(_Hook(partial(self._on_param_grad, id(p)))))
-        fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers
-                    if rule is None and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers if rule is None]
         if fallback:
             warnings.warn("ImportanceRecorder: no exact rule for " + ", ".join(fallback) +
                           "; their per-sample gradients use the exact but slower torch.func fallback.",
