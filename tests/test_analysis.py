@@ -103,3 +103,13 @@ def test_planted_clusters_are_recovered_and_ranked_by_difficulty():
     # The opposite pattern (hard samples peak early in Out) refutes the claim.
     flipped = clustering.summarize_clusters(assign, imp, loss[:, ::-1] * 0 + (2.1 - truth)[None, :])
     assert not clustering.cluster_claim(flipped, ["L1", "L2", "Out"])[0].holds
+
+
+def test_claims_take_layer_names_from_the_data():
+    """Any model's layer names: the first and last layer by order, never the paper's literals."""
+    names = ["conv1", "layer1.0.conv1", "fc"]
+    totals = np.array([[1.0, 1.0, 5.0], [3.0, 2.0, 2.0], [2.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    claim = decomposition.per_parameter_claim(totals, [100, 100, 10], names)
+    assert claim.holds and "largest per-parameter importance: fc" in claim.measured
+    assert decomposition.top_share_claim(np.array([0.9, 0.8, 0.7]), names).holds
+    assert not decomposition.top_share_claim(np.array([0.6, 0.8, 0.7]), names).holds

@@ -162,13 +162,13 @@ def clusters(profiles: list[np.ndarray], losses: list[np.ndarray], images: list[
 
 
 def cluster_summary(difficulty: np.ndarray, peak_epoch: np.ndarray, lower_share: np.ndarray,
-                    out_share: np.ndarray) -> plt.Figure:
+                    out_share: np.ndarray, names: tuple[str, str] = ("first layer", "last layer")) -> plt.Figure:
     """Per cluster: difficulty (mean NLL) against the epoch of peak importance and the layer shares."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].scatter(difficulty, peak_epoch)
     axes[0].set(xlabel="cluster difficulty (mean NLL)", ylabel="peak epoch", title="When a cluster matters")
-    axes[1].scatter(difficulty, lower_share, label="L1")
-    axes[1].scatter(difficulty, out_share, label="Out")
+    axes[1].scatter(difficulty, lower_share, label=names[0])
+    axes[1].scatter(difficulty, out_share, label=names[1])
     axes[1].set(xlabel="cluster difficulty (mean NLL)", ylabel="share of importance", title="Where it matters")
     axes[1].legend()
     fig.tight_layout()

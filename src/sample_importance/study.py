@@ -147,11 +147,11 @@ def run_cluster(cfg: ClusterConfig) -> str:
                                           "difficulty": summary.difficulty, "peak_epoch": summary.peak_epoch,
                                           **{f"share_{n}": summary.layer_share[:, j] for j, n in enumerate(names)}}),
                             "cluster_summary.csv")
-        out = names.index("Out")
+        out = len(names) - 1  # the output layer: the last; the first layer: index 0
         for c in range(k):  # step = cluster rank, 0 = easiest
             mlflow_io.log_metrics({"cluster_peak_epoch": int(summary.peak_epoch[c]),
-                                   "cluster_share_Out": float(summary.layer_share[c, out]),
-                                   "cluster_share_L1": float(summary.layer_share[c, 0]),
+                                   f"cluster_share_{names[out]}": float(summary.layer_share[c, out]),
+                                   f"cluster_share_{names[0]}": float(summary.layer_share[c, 0]),
                                    "cluster_difficulty": float(summary.difficulty[c])}, step=c)
         mlflow_io.log_metrics(stats, step=0)
         shown = [0, k // 2, k - 1]  # easiest, a middle and the hardest cluster
@@ -166,7 +166,8 @@ def run_cluster(cfg: ClusterConfig) -> str:
                                             [loss[:, summary.assignment == c] for c in shown], images, titles,
                                             names), "figures/clusters.png")
         mlflow_io.log_figure(plots.cluster_summary(summary.difficulty, summary.peak_epoch, summary.layer_share[:, 0],
-                                                   summary.layer_share[:, out]), "figures/cluster_summary.png")
+                                                   summary.layer_share[:, out], (names[0], names[out])),
+                             "figures/cluster_summary.png")
         mlflow_io.log_dict([claim.to_dict()], CLAIMS)
         return run.info.run_id
 

@@ -16,7 +16,9 @@ import torch
 from .config import ConfigError, TrainConfig
 from .data import Dataset
 from .errors import UserError
-from .tracking import StackedMLP, checkpoint_sq_grad_norms, sample_statistics, sgd_step
+from .importance import ImportanceRecorder
+from .importance.stacked import StackedMLP
+from .tracking import checkpoint_sq_grad_norms, sample_statistics, sgd_step
 
 
 class DivergenceError(UserError):
@@ -77,17 +79,18 @@ def check_batching(cfg: TrainConfig, n: int) -> None:
         )
 
 
-def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_norm: bool, chunk: int = 1024
-                   ) -> tuple[torch.Tensor, ...]:
+def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_norm: bool, chunk: int = 1024,
+                   recorder: ImportanceRecorder | None = None) -> tuple[torch.Tensor, ...]:
     """Every training sample under the model's current (end-of-epoch) parameters, in chunks on x's
     device: NLL, p(true label), correctness, ||softmax - onehot||_2 (n,) each, and, with `grad_norm`,
     the exact norm of each sample's own loss gradient ||g_i|| (the recorder without a step; else NaN).
-    What Lee et al.'s learnability, dataset cartography and data_diet's EL2N/GraNd read."""
+    What Lee et al.'s learnability, dataset cartography and data_diet's EL2N/GraNd read. `recorder`:
+    the model's own recorder, if it has one."""
     losses, logits, norms = [], [], []
     for s in range(0, len(y), chunk):
         xb, yb = x[s:s + chunk], y[s:s + chunk]
         if grad_norm:
-            sq, out = checkpoint_sq_grad_norms(model, xb, yb)  # (B, layers), (B, classes)
+            sq, out = checkpoint_sq_grad_norms(model, xb, yb, recorder)  # (B, layers), (B, classes)
             norms.append(sq.sum(1).sqrt())
         else:
             with torch.no_grad():
@@ -176,7 +179,7 @@ def fit_many(
     The models share the training inputs, epochs, batch size and device; each has its own labels
     (datas[m].y_train: label noise), presentation order, learning rate, weight decay and sample
     weights. `batched` (True or None: whenever the models are MLPs of one shape and no on_batch
-    probe is given) trains them as one stacked computation (`tracking.StackedMLP`); otherwise (or
+    probe is given) trains them as one stacked computation (`importance.stacked.StackedMLP`); otherwise (or
     with False) the loop steps each model in turn. `on_epoch(m, record)` gets model m's finished epoch (its parameters are
     current in models[m]); returning False stops training model m. `on_epoch_end(epoch, metrics)`
     follows with the metrics of every model that finished the epoch.
@@ -218,90 +221,101 @@ def fit_many(
     y_test = torch.as_tensor(datas[0].y_test, device=device)
     rows = torch.arange(M, device=device).unsqueeze(1)  # (M, 1): scatters each model's batch into its row
 
-    results: list[FitResult | DivergenceError | None] = [None] * M
-    live = [True] * M
-    histories: list[list[dict[str, float]]] = [[] for _ in range(M)]
-    for epoch in range(start_epoch, cfg.epochs):
-        start = time.perf_counter()
-        # Per-epoch buffers indexed by (model, sample_id), filled on the device, copied to the host once.
-        importance = torch.zeros(M, n, layers, device=device, dtype=dtype)
-        loss = torch.zeros(M, n, device=device, dtype=dtype)
-        logits = torch.zeros(M, n, classes, device=device, dtype=dtype)
-        order_dev = torch.as_tensor(np.stack([o[epoch] for o in orders]), device=device)  # (M, n): one copy an epoch
-        for model in models:
-            model.train()
-        for s in range(0, n, cfg.batch_size):
-            ids = order_dev[:, s:s + cfg.batch_size]  # (M, B)
-            w = None if weights is None else weights.gather(1, ids)
+    # One recorder per model for the whole run (hooks on its layers), unless stacked or untracked.
+    recorders = [ImportanceRecorder(m) if track and stack is None else None for m in models]
+    for model, rec in zip(models, recorders):
+        if rec is not None and hasattr(model, "layer_names"):
+            assert len(rec.layer_names) == len(model.layer_names), (rec.layer_names, model.layer_names)
+    try:
+        results: list[FitResult | DivergenceError | None] = [None] * M
+        live = [True] * M
+        histories: list[list[dict[str, float]]] = [[] for _ in range(M)]
+        for epoch in range(start_epoch, cfg.epochs):
+            start = time.perf_counter()
+            # Per-epoch buffers indexed by (model, sample_id), filled on the device, copied to the host once.
+            importance = torch.zeros(M, n, layers, device=device, dtype=dtype)
+            loss = torch.zeros(M, n, device=device, dtype=dtype)
+            logits = torch.zeros(M, n, classes, device=device, dtype=dtype)
+            order_dev = torch.as_tensor(np.stack([o[epoch] for o in orders]), device=device)  # (M, n): one copy an epoch
+            for model in models:
+                model.train()
+            for s in range(0, n, cfg.batch_size):
+                ids = order_dev[:, s:s + cfg.batch_size]  # (M, B)
+                w = None if weights is None else weights.gather(1, ids)
+                if stack is not None:
+                    rec = stack.step(x_train[ids], y_train.gather(1, ids), track=track, weight=w)
+                    _store((rows, ids), rec, importance, loss, logits, track)
+                    continue
+                for m in (m for m in range(M) if live[m]):
+                    if on_batch is not None:
+                        on_batch(models[m], ids[m])
+                    rec = sgd_step(models[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]], cfgs[m].lr,
+                                   track=track, weight=None if w is None else w[m], recorder=recorders[m])
+                    _store((m, ids[m]), rec, importance, loss, logits, track)
             if stack is not None:
-                rec = stack.step(x_train[ids], y_train.gather(1, ids), track=track, weight=w)
-                _store((rows, ids), rec, importance, loss, logits, track)
-                continue
+                stack.write_back()
+            seconds = time.perf_counter() - start
+            p_true, correct, error_l2 = sample_statistics(logits, loss, y_train)
+            host = [_host32(t) for t in (importance, loss, p_true, error_l2)] + [correct.cpu().numpy()]
+            # End-of-epoch evaluation of the training set (one extra forward pass; a backward pass too at
+            # early_epoch), each array stacked over models and copied to the host once.
+            start = time.perf_counter()
+            evaluated = [m for m in range(M) if track and live[m] and cfgs[m].eval_train]
+            for m in evaluated:
+                models[m].eval()
+            evals = [evaluate_train(models[m], x_train, y_train[m], epoch + 1 == cfgs[m].early_epoch,
+                                    recorder=recorders[m]) for m in evaluated]
+            evals = _to_host(evaluated, evals)
+            eval_seconds = time.perf_counter() - start
+            finished = []
             for m in (m for m in range(M) if live[m]):
-                if on_batch is not None:
-                    on_batch(models[m], ids[m])
-                rec = sgd_step(models[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]], cfgs[m].lr,
-                               track=track, weight=None if w is None else w[m])
-                _store((m, ids[m]), rec, importance, loss, logits, track)
-        if stack is not None:
-            stack.write_back()
-        seconds = time.perf_counter() - start
-        p_true, correct, error_l2 = sample_statistics(logits, loss, y_train)
-        host = [_host32(t) for t in (importance, loss, p_true, error_l2)] + [correct.cpu().numpy()]
-        # End-of-epoch evaluation of the training set (one extra forward pass; a backward pass too at
-        # early_epoch), each array stacked over models and copied to the host once.
-        start = time.perf_counter()
-        evaluated = [m for m in range(M) if track and live[m] and cfgs[m].eval_train]
-        for m in evaluated:
-            models[m].eval()
-        evals = [evaluate_train(models[m], x_train, y_train[m], epoch + 1 == cfgs[m].early_epoch) for m in evaluated]
-        evals = _to_host(evaluated, evals)
-        eval_seconds = time.perf_counter() - start
-        finished = []
-        for m in (m for m in range(M) if live[m]):
-            record = EpochRecord(epoch, orders[m][epoch], host[0][m], host[1][m], host[2][m], host[4][m], host[3][m])
-            if m in evals:
-                record.eval_loss, record.eval_p_true, record.eval_correct, record.eval_error_l2, \
-                    record.eval_grad_norm = evals[m]
-            try:
-                _check_finite(record, cfg.batch_size)
-            except DivergenceError as exc:
-                results[m], live[m] = exc, False
-                continue
-            model = models[m]
-            model.eval()
-            test_loss, test_correct = evaluate(model, x_test, y_test)
-            layer_totals = record.importance.sum(0, dtype=np.float64)  # B_d^t
-            record.metrics = {
-                "train_loss": float(record.loss.mean(dtype=np.float64)),
-                "train_error": float(1.0 - record.correct.mean()),
-                "test_loss": float(test_loss.double().mean()),
-                "test_error": float(1.0 - test_correct.double().mean()),
-                "importance_total": float(layer_totals.sum()),  # A^t
-                **{f"importance_{name}": float(v) for name, v in zip(model.layer_names, layer_totals)},
-                "epoch_seconds": seconds,  # of the whole loop: all M models
-                "samples_per_second": n / seconds,  # per model
-            }
-            if record.eval_loss is not None:
-                record.metrics |= {
-                    "eval_train_loss": float(record.eval_loss.mean(dtype=np.float64)),  # end-of-epoch parameters
-                    "eval_train_error": float(1.0 - record.eval_correct.mean()),
-                    "eval_seconds": eval_seconds,  # the end-of-epoch evaluation of all M models
+                record = EpochRecord(epoch, orders[m][epoch], host[0][m], host[1][m], host[2][m], host[4][m], host[3][m])
+                if m in evals:
+                    record.eval_loss, record.eval_p_true, record.eval_correct, record.eval_error_l2, \
+                        record.eval_grad_norm = evals[m]
+                try:
+                    _check_finite(record, cfg.batch_size)
+                except DivergenceError as exc:
+                    results[m], live[m] = exc, False
+                    continue
+                model = models[m]
+                model.eval()
+                test_loss, test_correct = evaluate(model, x_test, y_test)
+                layer_totals = record.importance.sum(0, dtype=np.float64)  # B_d^t
+                record.metrics = {
+                    "train_loss": float(record.loss.mean(dtype=np.float64)),
+                    "train_error": float(1.0 - record.correct.mean()),
+                    "test_loss": float(test_loss.double().mean()),
+                    "test_error": float(1.0 - test_correct.double().mean()),
+                    "importance_total": float(layer_totals.sum()),  # A^t
+                    **{f"importance_{name}": float(v) for name, v in zip(model.layer_names, layer_totals)},
+                    "epoch_seconds": seconds,  # of the whole loop: all M models
+                    "samples_per_second": n / seconds,  # per model
                 }
-            histories[m].append(record.metrics)
-            finished.append(record.metrics)
-            if on_epoch is not None and on_epoch(m, record) is False:
-                live[m] = False
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, finished)
-        if not any(live):
-            break
+                if record.eval_loss is not None:
+                    record.metrics |= {
+                        "eval_train_loss": float(record.eval_loss.mean(dtype=np.float64)),  # end-of-epoch parameters
+                        "eval_train_error": float(1.0 - record.eval_correct.mean()),
+                        "eval_seconds": eval_seconds,  # the end-of-epoch evaluation of all M models
+                    }
+                histories[m].append(record.metrics)
+                finished.append(record.metrics)
+                if on_epoch is not None and on_epoch(m, record) is False:
+                    live[m] = False
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, finished)
+            if not any(live):
+                break
 
-    for m in (m for m in range(M) if live[m]):
-        models[m].eval()
-        final_loss, _ = evaluate(models[m], x_train, y_train[m])
-        results[m] = FitResult(models[m], final_loss.cpu().numpy().astype(np.float32), histories[m])
-    return results
+        for m in (m for m in range(M) if live[m]):
+            models[m].eval()
+            final_loss, _ = evaluate(models[m], x_train, y_train[m])
+            results[m] = FitResult(models[m], final_loss.cpu().numpy().astype(np.float32), histories[m])
+        return results
+    finally:
+        for rec in recorders:
+            if rec is not None:
+                rec.close()
 
 
 def _store(where, rec, importance, loss, logits, track: bool) -> None:

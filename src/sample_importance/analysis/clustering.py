@@ -61,12 +61,14 @@ def summarize_clusters(assignment: np.ndarray, importance: np.ndarray, loss: np.
 
 
 def cluster_claim(summary: ClusterSummary, layer_names: list[str]) -> tuple[Claim, dict[str, float]]:
-    """Claim 5: easy clusters peak early and in Out, hard clusters late and in lower layers.
+    """Claim 5: easy clusters peak early and in the output layer, hard clusters late and in lower layers.
 
     Measured as Spearman correlations across clusters between difficulty (mean NLL) and (a) the peak
-    epoch, (b) the share of importance in L1 (the lowest layer); both must be positive."""
+    epoch, (b) the share of importance in the first layer (by order; L1 of the paper's MLP); both must
+    be positive. The output layer is the last."""
     lower = summary.layer_share[:, 0]
-    out = summary.layer_share[:, layer_names.index("Out")]
+    first_name, out_name = layer_names[0], layer_names[-1]
+    out = summary.layer_share[:, -1]
     rho_peak = spearmanr(summary.difficulty, summary.peak_epoch)
     rho_lower = spearmanr(summary.difficulty, lower)
     rho_out = spearmanr(summary.difficulty, out)
@@ -79,7 +81,8 @@ def cluster_claim(summary: ClusterSummary, layer_names: list[str]) -> tuple[Clai
     claim = Claim(5, "Easy clusters peak early and in the output layer; hard clusters peak late and in lower layers",
                   f"across {len(summary.size)} clusters, Spearman of difficulty with peak epoch "
                   f"{stats['rho_difficulty_peak_epoch']:+.2f} (p={stats['p_difficulty_peak_epoch']:.2g}), "
-                  f"with L1 share {stats['rho_difficulty_lower_share']:+.2f} "
-                  f"(p={stats['p_difficulty_lower_share']:.2g}), with Out share {stats['rho_difficulty_out_share']:+.2f}",
+                  f"with {first_name} share {stats['rho_difficulty_lower_share']:+.2f} "
+                  f"(p={stats['p_difficulty_lower_share']:.2g}), with {out_name} share "
+                  f"{stats['rho_difficulty_out_share']:+.2f}",
                   bool(holds), "figures/clusters.png")
     return claim, stats

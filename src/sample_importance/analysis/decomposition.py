@@ -57,14 +57,14 @@ def peak_epochs(totals: np.ndarray) -> np.ndarray:
 
 
 def per_parameter_claim(totals: np.ndarray, parameter_counts: list[int], layer_names: list[str]) -> Claim:
-    """Claim 2: the output layer has the largest importance per parameter, and peaks early
-    (no later than any other layer, within the first quarter of training)."""
+    """Claim 2: the output layer (the last layer, by order) has the largest importance per
+    parameter, and peaks early (no later than any other layer, within the first quarter of training)."""
     E = totals.shape[0]
     avg = per_parameter(totals, parameter_counts).mean(axis=0)
     peaks = peak_epochs(totals)
-    out = layer_names.index("Out")
+    out = len(layer_names) - 1  # the output layer: the last recorded
     largest = layer_names[int(np.argmax(avg))]
-    holds = bool(largest == "Out" and peaks[out] <= peaks.min() and peaks[out] <= max(1, E // 4))
+    holds = bool(largest == layer_names[out] and peaks[out] <= peaks.min() and peaks[out] <= max(1, E // 4))
     return Claim(2, "The output layer has the largest importance per parameter and its importance peaks early",
                  f"largest per-parameter importance: {largest}; peak epoch per layer "
                  + ", ".join(f"{n} {p}" for n, p in zip(layer_names, peaks)) + f" (of {E})",
@@ -72,8 +72,9 @@ def per_parameter_claim(totals: np.ndarray, parameter_counts: list[int], layer_n
 
 
 def top_share_claim(shares: np.ndarray, layer_names: list[str]) -> Claim:
-    """Claim 3: the top 20% of samples carry most of the importance, more so in lower layers."""
-    out, first = layer_names.index("Out"), 0
+    """Claim 3: the top 20% of samples carry most of the importance, more so in lower layers
+    (the first layer, by order, against the last)."""
+    out, first = len(layer_names) - 1, 0
     holds = bool((shares > 0.5).all() and shares[first] >= shares[out])
     return Claim(3, "The top 20% of samples carry most of the importance, more so in lower layers",
                  "share carried by the top 20%: " + ", ".join(f"{n} {s:.2f}" for n, s in zip(layer_names, shares)),

@@ -1,0 +1,401 @@
+"""ImportanceRecorder: exact per-sample, per-layer sample importance for any nn.Module.
+
+Gao & Jojic (section 2.2): with sample weights v_i in the batch loss (1/B) sum_i v_i L_i, the
+affectibility of sample i is phi_i = d(delta theta)/d v_i of the step actually taken, and its
+importance for layer d is beta_{i,d} = sum over layer d's parameters of phi_i^2. With g_i the
+gradient of sample i's own loss (from the batch's forward pass) and B the batch size:
+
+- plain SGD, learning rate lr:              phi_i = -(lr / B) g_i
+- SGD with momentum mu, dampening tau (buf <- mu buf + (1 - tau) g; the first step buf <- g;
+  delta theta = -lr buf):                   phi_i = -(lr / B) c g_i, c = 1 on a parameter's first
+                                            step, (1 - tau) afterwards
+- Nesterov (delta theta = -lr (g + mu buf)): c = 1 + mu on the first step, 1 + mu (1 - tau) after
+- Adam / AdamW (torch.optim's step, bias-corrected, no amsgrad): the step is nonlinear in g but
+  elementwise, so phi_i = f * g_i / B with f = d(delta theta)/dg the exact elementwise derivative
+      f = -(lr / bc1) [ (1 - b1) / den - m (1 - b2) g / (den^2 sqrt(bc2) sqrt(v)) ],
+  m, v the moments after this step, den = sqrt(v / bc2) + eps, bc_k = 1 - b_k^t (the second term
+  is 0 where v = 0). g is the gradient the optimizer sees (with Adam's L2 weight decay added).
+Weight decay never enters phi: it does not depend on v_i (PHI_CONVENTION).
+
+The per-sample gradients come from the registered rules (`rules.py`), from the module's inputs
+(forward hooks) and the gradient of the mean loss at its outputs (tensor hooks), in the same single
+backward pass that fills `.grad` exactly as `loss_i.mean().backward()` does. BatchNorm in training
+mode couples the samples (L_i depends on every sample through the batch statistics); it is refused
+by default, and with batchnorm="exact" the full per-sample gradients g_i = dL_i/d theta are taken
+through batched vector-Jacobian products of the B losses (`autograd.grad(is_grads_batched=True)`,
+i.e. torch.func.vmap over vjp): exact, at several times the cost of one backward pass.
+"""
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..errors import UserError
+from .rules import Call, batch_norm_couples, fallback_grads, rule_for
+
+BATCHNORM_CHOICES = ("refuse", "exact")
+ROOT = "_root"  # the name of parameters the model itself owns (an MLflow-safe name)
+
+
+class ImportanceRecorder:
+    """Hooks on a model that record beta (B, L) per backward pass; the model itself is not changed.
+
+    Args:
+        model: any nn.Module. A *layer* is a module that owns parameters directly (named by its
+            path in `model.named_modules()`); nn.MultiheadAttention is one layer with its out_proj.
+        batchnorm: "refuse" (default) raises when a BatchNorm normalises with batch statistics;
+            "exact" computes exact phi_i through batched VJPs (costly).
+        groups: None, an int (group layers by the first `groups` components of their names), a
+            mapping {layer name: group name} or a callable layer name -> group name; `group_names`
+            and `grouped(importance)` then give per-group sums.
+    """
+
+    def __init__(self, model: nn.Module, batchnorm: str = "refuse",
+                 groups: int | Mapping[str, str] | Callable[[str], str] | None = None):
+        if batchnorm not in BATCHNORM_CHOICES:
+            raise UserError(f"batchnorm={batchnorm!r} is not one of {', '.join(BATCHNORM_CHOICES)}.")
+        self.model, self.batchnorm = model, batchnorm
+        self._layers: list[tuple[str, nn.Module, object, list[str]]] = []  # (name, module, rule, param names)
+        claimed: list[str] = []
+        for name, module in model.named_modules():
+            if any(c == "" or name == c or name.startswith(c + ".") for c in claimed):
+                continue
+            rule = rule_for(module)
+            recurse = rule is not None and rule.recurse
+            names = [n for n, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+            if recurse:
+                claimed.append(name)
+            if names:
+                self._layers.append((name or ROOT, module, rule, names))
+        if not self._layers:
+            raise UserError("The model has no parameter that requires a gradient: there is nothing to record.")
+        # Which layer owns each parameter (the first that lists it: tied weights belong to one layer).
+        self._owner: dict[int, int] = {}
+        for d, (_, module, _, names) in enumerate(self._layers):
+            for n in names:
+                self._owner.setdefault(id(module.get_parameter(n)), d)
+        # (name in the module, parameter) of each layer, looked up once
+        self._named = [[(n, module.get_parameter(n)) for n in names] for _, module, _, names in self._layers]
+        self._calls: dict[str, list[Call]] = {name: [] for name, *_ in self._layers}
+        self._coupled: set[str] = set()
+        self._capturing = True  # forward hooks record calls
+        self._in_backward = False  # output gradients are taken only inside recorder.backward
+        self._reached: set[int] = set()
+        self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, name)), with_kwargs=True)
+                         for name, module, _, _ in self._layers]
+        for p in self._params():
+            self._handles.append(p.register_hook(_Hook(partial(self._on_param_grad, id(p)))))
+        fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers if rule is None]
+        if fallback:
+            warnings.warn("ImportanceRecorder: no exact rule for " + ", ".join(fallback) +
+                          "; their per-sample gradients use the exact but slower torch.func fallback.",
+                          stacklevel=2)
+        self._set_groups(groups)
+
+    # ------------------------------------------------------------ public API
+    @property
+    def layer_names(self) -> list[str]:
+        return [name for name, *_ in self._layers]
+
+    def layer_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of layer `name` (for a parameter count, or a reference computation)."""
+        for n, module, _, names in self._layers:
+            if n == name:
+                return [module.get_parameter(p) for p in names]
+        raise UserError(f"No layer {name!r}: the layers are {', '.join(self.layer_names)}.")
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self._group_names)
+
+    def grouped(self, importance: torch.Tensor) -> torch.Tensor:
+        """Sum (B, L) importance over each group's layers: (B, G), in `group_names` order."""
+        out = importance.new_zeros(importance.shape[0], len(self._group_names))
+        return out.index_add_(1, self._group_index.to(importance.device), importance)
+
+    @property
+    def grouping(self) -> dict[str, str]:
+        """{layer name: group name}: what the artifact contract stores."""
+        return {n: self._group_names[g] for n, g in zip(self.layer_names, self._group_index.tolist())}
+
+    def close(self) -> None:
+        """Remove every hook; the model is as before."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._clear()
+
+    def __enter__(self) -> "ImportanceRecorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def backward(self, loss_i: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                 lr: float | None = None) -> torch.Tensor:
+        """Backpropagate loss_i.mean() (filling .grad exactly as loss_i.mean().backward() does) and
+        return beta (B, L) of the step the optimizer is about to take (call before optimizer.step()).
+
+        Args:
+            loss_i: (B,) per-sample losses of the batch, from one forward pass of the model.
+            optimizer: torch.optim.SGD (momentum, Nesterov), Adam or AdamW; or
+            lr: for plain SGD, instead of the optimizer.
+        """
+        try:
+            if not isinstance(loss_i, torch.Tensor) or loss_i.dim() != 1 or not loss_i.requires_grad:
+                raise UserError("recorder.backward needs the (B,) per-sample losses with gradients, e.g. "
+                                "F.cross_entropy(model(x), y, reduction='none').")
+            if (optimizer is None) == (lr is None):
+                raise UserError("recorder.backward needs exactly one of optimizer= or lr= (lr only for plain SGD).")
+            if optimizer is not None:
+                _check_optimizer(optimizer)
+            B = loss_i.shape[0]
+            self._reached = set()
+            full = None
+            if self._coupled:
+                full = self._batched_vjp(loss_i)
+            self._in_backward = full is None
+            loss_i.mean().backward()
+            self._in_backward = False
+            factors = self._factors(optimizer, lr)
+            return self._importance(B, factors, full, loss_i)
+        finally:
+            self._capturing, self._in_backward = True, False
+            self._clear()
+
+    # ------------------------------------------------------------ hooks
+    def _on_forward(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if not self._capturing or not torch.is_grad_enabled():
+            return
+        if batch_norm_couples(module):
+            if self.batchnorm == "refuse":
+                bn = [n for n, m, *_ in self._layers if batch_norm_couples(m)]
+                raise UserError(
+                    f"BatchNorm normalising with batch statistics ({', '.join(bn)}) couples the samples of a "
+                    "batch, so per-sample importance has no outer-product rule: pass batchnorm='exact' (exact, "
+                    "slower), use GroupNorm, or put the BatchNorm layers in eval mode.")
+            self._coupled.add(name)
+        outs = [output] if isinstance(output, torch.Tensor) else \
+            [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        if kwargs:
+            kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, kwargs)
+        call = Call(args, kwargs, [None] * len(outs))
+        for k, t in enumerate(outs):
+            if t.requires_grad:
+                t.register_hook(partial(self._on_output_grad, call, k))
+        self._calls[name].append(call)
+
+    def _on_output_grad(self, call: Call, k: int, grad: torch.Tensor) -> None:
+        if self._in_backward:  # not another backward pass of the user's (a stale call stays without grads)
+            call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
+
+    def _on_param_grad(self, pid: int, grad: torch.Tensor) -> None:
+        self._reached.add(pid)
+
+    def _clear(self) -> None:
+        for calls in self._calls.values():
+            calls.clear()
+        self._coupled = set()
+
+    # ------------------------------------------------------------ the computation
+    def _params(self) -> list[nn.Parameter]:
+        """Every recorded parameter once (tied ones too), in layer order."""
+        return list({id(p): p for named in self._named for _, p in named}.values())
+
+    def _batched_vjp(self, loss_i: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{param id: (B, *shape) g_i / B}: row i of the Jacobian of the losses, exact under any
+        coupling of the samples (training-mode BatchNorm)."""
+        B = loss_i.shape[0]
+        params = self._params()
+        self._capturing = False
+        eye = torch.eye(B, dtype=loss_i.dtype, device=loss_i.device)
+        jac = torch.autograd.grad(loss_i, params, grad_outputs=eye, retain_graph=True, is_grads_batched=True,
+                                  allow_unused=True)
+        return {id(p): (torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if j is None else j / B)
+                for p, j in zip(params, jac)}
+
+    def _factors(self, optimizer, lr) -> dict[int, float | torch.Tensor]:
+        """d(delta theta)/dg per parameter: a number (SGD family) or an elementwise tensor (Adam)."""
+        if optimizer is None:
+            return {id(p): -float(lr) for p in self._params()}
+        out: dict[int, float | torch.Tensor] = {}
+        adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if adam:
+                    if p.grad is not None:
+                        out[id(p)] = _adam_factor(p, group, state, isinstance(optimizer, torch.optim.AdamW))
+                    continue
+                mu, tau = group["momentum"], group["dampening"]
+                first = state.get("momentum_buffer") is None
+                if mu == 0:
+                    c = 1.0
+                elif group["nesterov"]:
+                    c = 1.0 + mu * (1.0 if first else 1.0 - tau)
+                else:
+                    c = 1.0 if first else 1.0 - tau
+                out[id(p)] = -float(group["lr"]) * c
+        return out  # parameters the optimizer does not update are absent: phi = 0
+
+    def _importance(self, B: int, factors: dict, full: dict | None, loss_i: torch.Tensor) -> torch.Tensor:
+        L = len(self._layers)
+        beta = torch.zeros(B, L, dtype=loss_i.dtype, device=loss_i.device)
+        if full is not None:
+            for pid, G in full.items():
+                f = factors.get(id_ := pid)
+                if f is not None and id_ in self._owner:
+                    beta[:, self._owner[pid]] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
+            return beta.detach()
+        # Sources of each parameter's per-sample gradient: (layer, call, name in the layer's module).
+        sources: dict[int, list[tuple[int, Call, str]]] = {}
+        used: set[int] = set()
+        for d, (name, module, rule, names) in enumerate(self._layers):
+            calls = [c for c in self._calls[name] if any(g is not None for g in c.grads)]
+            for c in calls:
+                self._check_call(name, module, c, B)
+            if calls:
+                used.add(d)
+            for n, p in self._named[d]:
+                for c in calls:
+                    sources.setdefault(id(p), []).append((d, c, n))
+        missing = [self._layers[self._owner[pid]][0] for pid in self._reached
+                   if pid in self._owner and pid not in sources]
+        if missing:
+            raise UserError("Parameters of " + ", ".join(sorted(set(missing))) + " received gradients without a "
+                            "recorded call of their module (used directly by another module): ImportanceRecorder "
+                            "needs each parameter used only inside its own module's forward.")
+        norms: dict[tuple[int, int], dict] = {}
+        grads: dict[tuple[int, int], dict] = {}
+        for pid, srcs in sources.items():
+            f = factors.get(pid)
+            if f is None:
+                continue
+            d = self._owner[pid]
+            if isinstance(f, float) and len(srcs) == 1 and self._layers[srcs[0][0]][2] is not None \
+                    and self._layers[srcs[0][0]][2].sq_norms is not None:
+                sd, c, n = srcs[0]
+                key = (sd, id(c))
+                if key not in norms:
+                    _, module, rule, _ = self._layers[sd]
+                    norms[key] = rule.sq_norms(module, c)
+                beta[:, d] += (f * f) * norms[key][n].to(beta.dtype)
+                continue
+            if not isinstance(f, float) and len(srcs) == 1 and self._layers[srcs[0][0]][2] is not None \
+                    and self._layers[srcs[0][0]][2].weighted_sq_norms is not None:
+                sd, c, n = srcs[0]
+                _, module, rule, _ = self._layers[sd]
+                got = rule.weighted_sq_norms(module, c, {n: f * f})
+                if got is not None and n in got:
+                    beta[:, d] += got[n].to(beta.dtype)
+                    continue
+            G = None
+            for sd, c, n in srcs:
+                key = (sd, id(c))
+                if key not in grads:
+                    grads[key] = self._grads(sd, c)
+                G = grads[key][n] if G is None else G + grads[key][n]
+            beta[:, d] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
+        return beta.detach()
+
+    def _grads(self, d: int, call: Call) -> dict[str, torch.Tensor]:
+        name, module, rule, names = self._layers[d]
+        if rule is not None:
+            return rule.grads(module, call)
+        self._capturing = False  # the re-run must not record itself
+        try:
+            return fallback_grads(module, call, names)
+        finally:
+            self._capturing = True
+
+    def _check_call(self, name: str, module: nn.Module, call: Call, B: int) -> None:
+        g = next(g for g in call.grads if g is not None)
+        batch_axis = 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
+        if g.dim() == 0 or g.shape[batch_axis] != B:
+            raise UserError(f"The output of {name} does not have the batch of {B} samples on its first axis: "
+                            "the recorder needs batch-first inputs (e.g. batch_first=True for Transformer layers).")
+
+    def _set_groups(self, groups) -> None:
+        if groups is None:
+            of = lambda n: n  # noqa: E731
+        elif isinstance(groups, bool) or (isinstance(groups, int) and groups < 1):
+            raise UserError(f"groups={groups!r}: give a prefix depth of at least 1, a mapping or a function.")
+        elif isinstance(groups, int):
+            of = lambda n: ".".join(n.split(".")[:groups])  # noqa: E731
+        elif isinstance(groups, Mapping):
+            unknown = sorted(set(groups) - set(self.layer_names))
+            missing = [n for n in self.layer_names if n not in groups]
+            if unknown or missing:
+                raise UserError("groups must map exactly the recorded layers: " +
+                                (f"unknown {', '.join(unknown)}; " if unknown else "") +
+                                (f"missing {', '.join(missing)}" if missing else "") +
+                                f" (the layers are {', '.join(self.layer_names)}).")
+            of = groups.__getitem__
+        elif callable(groups):
+            of = groups
+        else:
+            raise UserError(f"groups={groups!r}: give a prefix depth, a mapping or a function.")
+        names: list[str] = []
+        index = []
+        for n in self.layer_names:
+            g = str(of(n))
+            if g not in names:
+                names.append(g)
+            index.append(names.index(g))
+        self._group_names = names
+        self._group_index = torch.tensor(index, dtype=torch.long)
+
+
+class _Hook:
+    """A hook calling the recorder. A copy of the model (copy.deepcopy, pickling) gets a hook that
+    does nothing: the recorder belongs to the original model only."""
+
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return None if self.fn is None else self.fn(*args)
+
+    def __deepcopy__(self, memo) -> "_Hook":
+        return _Hook()
+
+    def __reduce__(self):
+        return _Hook, ()
+
+
+def _check_optimizer(optimizer) -> None:
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        for group in optimizer.param_groups:
+            if group.get("amsgrad") or group.get("maximize"):
+                raise UserError("Adam/AdamW with amsgrad or maximize is not supported by the recorder: construct it "
+                                "with amsgrad=False, maximize=False.")
+        return
+    if type(optimizer) is not torch.optim.SGD:
+        raise UserError(f"The recorder knows the step of torch.optim.SGD (momentum, Nesterov), Adam and AdamW, not "
+                        f"{type(optimizer).__name__}: use one of those.")
+
+
+def _adam_factor(p: torch.Tensor, group: dict, state: dict, adamw: bool) -> torch.Tensor:
+    """Elementwise d(delta theta)/dg of torch.optim.Adam/AdamW's coming step (see module docstring)."""
+    b1, b2 = group["betas"]
+    lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+    g = p.grad.detach()
+    decoupled = adamw or group.get("decoupled_weight_decay", False)
+    if wd and not decoupled:
+        g = g + wd * p.detach()
+    t = float(state["step"]) + 1 if "step" in state else 1.0
+    m_prev = state.get("exp_avg", torch.zeros_like(g))
+    v_prev = state.get("exp_avg_sq", torch.zeros_like(g))
+    m = b1 * m_prev + (1 - b1) * g
+    v = b2 * v_prev + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+    sv = v.sqrt()
+    den = sv / bc2 ** 0.5 + eps
+    second = torch.where(sv > 0, m * (1 - b2) * g / (den * den * bc2 ** 0.5 * sv.clamp_min(1e-300)), torch.zeros_like(g))
+    return -(lr / bc1) * ((1 - b1) / den - second)

@@ -1,0 +1,466 @@
+"""Exact per-sample gradient rules, one small function per module type, in a registry.
+
+A rule turns what the recorder captured for one call of a module -- its inputs and the gradient of
+the batch loss with respect to its output -- into the per-sample gradients of that module's own
+parameters (Gao & Jojic, section 2.2: phi_i is a per-sample gradient scaled by the optimizer).
+With the batch loss the mean over B samples, the output gradient of sample i is dL_i/dz_i / B, so
+every rule returns g_i / B; the recorder multiplies by the optimizer's step factor.
+
+Each rule gives `grads` (per-sample gradients (B, *param.shape) by parameter name) and, where a
+cheaper route exists, `sq_norms` (their squared norms (B,) by parameter name, never materialising
+the per-sample gradients: the outer-product / Gram identities used by per-sample-norm libraries).
+Rules are registered by decorator for an exact module type (`register_rule(nn.Linear)`), as
+Opacus' `register_grad_sampler` and BackPACK's module extensions organise theirs; this code is the
+project's own. Modules without a rule get `fallback_grads` (torch.func, exact, slower).
+
+Every rule assumes the batch is the first axis of the module's inputs and outputs (use
+`batch_first=True` for Transformer layers); nn.MultiheadAttention honours its own `batch_first`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..errors import UserError
+
+
+@dataclass
+class Call:
+    """One call of a recorded module during the forward pass: its arguments (tensors detached: a
+    call never keeps a graph alive) and the gradients of the batch loss with respect to the tensor
+    leaves of its output (pytree order; None where none flowed)."""
+
+    args: tuple
+    kwargs: dict
+    grads: list = field(default_factory=list)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.args[0] if self.args else next(iter(self.kwargs.values()))
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self.grads[0]
+
+
+@dataclass
+class Rule:
+    grads: Callable[[nn.Module, Call], dict[str, torch.Tensor]]
+    sq_norms: Callable[[nn.Module, Call], dict[str, torch.Tensor]] | None = None
+    # ||f * g_i||^2 for an elementwise factor f (Adam): fn(module, call, {name: f^2}) -> {name: (B,)},
+    # or None where the rule has no cheaper route than materialising g_i
+    weighted_sq_norms: Callable[[nn.Module, Call, dict], dict[str, torch.Tensor] | None] | None = None
+    # the module's parameters the rule covers: its own (False) or its children's too (True)
+    recurse: bool = False
+
+
+RULES: dict[type, Rule] = {}
+
+
+def register_rule(*types: type, recurse: bool = False):
+    """Decorator: register `fn(module, call) -> {param name: (B, *shape)}` as the exact rule for
+    modules of exactly these types. A function `fn.sq_norms` set later is the cheap norm route."""
+    def wrap(fn):
+        rule = Rule(fn, recurse=recurse)
+        for t in types:
+            RULES[t] = rule
+        fn.rule = rule
+        return fn
+    return wrap
+
+
+def register_norms(fn_grads):
+    """Decorator: attach `fn(module, call) -> {param name: (B,)}` as the squared-norm route of a rule."""
+    def wrap(fn):
+        fn_grads.rule.sq_norms = fn
+        return fn
+    return wrap
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    return RULES.get(type(module))
+
+
+def _present(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, nn.Parameter) and p.requires_grad
+
+
+# ---------------------------------------------------------------- Linear
+def linear_sq_grad_norms(a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """||dz_i||^2 (||a_i||^2 + 1): weight and bias of a linear layer together, features on the last
+    axis, any leading shape ((B,) for one model, (M, B) for M stacked models): the paper's MLP."""
+    return dz.square().sum(-1) * (a.square().sum(-1) + 1.0)
+
+
+def _tokens(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, in), (B, T, out): every leading axis after the batch is a token axis."""
+    B = a.shape[0]
+    return a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1])
+
+
+def linear_sq_norms_of(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """||sum_t d_t a_t^T||^2 and ||sum_t d_t||^2 per sample from a (B, T, in), d (B, T, out): one
+    token by the outer-product identity ||d||^2 ||a||^2, several by whichever of the Gram route
+    <D D^T, A A^T> (B T^2 (in + out)) or the materialised gradient (B T in out) costs less."""
+    T, n_in, n_out = a.shape[1], a.shape[2], d.shape[2]
+    if T == 1:
+        a, d = a[:, 0], d[:, 0]
+        dn = d.square().sum(-1)
+        return dn * a.square().sum(-1), dn
+    if T * (n_in + n_out) < n_in * n_out:
+        weight = (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
+    else:
+        weight = torch.bmm(d.transpose(1, 2), a).square().sum((1, 2))
+    return weight, d.sum(1).square().sum(-1)
+
+
+@register_rule(nn.Linear)
+def linear_grads(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
+    """z = a W^T + b on (B, *, in): dL_i/dW = sum_t d_t a_t^T, dL_i/db = sum_t d_t."""
+    a, d = _tokens(call.x, call.g)
+    out = {"weight": torch.bmm(d.transpose(1, 2), a)}  # (B, out, in)
+    if _present(module, "bias"):
+        out["bias"] = d.sum(1)  # (B, out)
+    return out
+
+
+@register_norms(linear_grads)
+def linear_sq_norms(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
+    """(B, in) inputs, as in the paper's MLP: ||d_i||^2 ||a_i||^2 and ||d_i||^2 (two row norms);
+    sequences: `linear_sq_norms_of`."""
+    a, d = call.x, call.g
+    if a.dim() == 2:
+        dn = d.square().sum(-1)
+        out = {"weight": dn * a.square().sum(-1)}
+        if _present(module, "bias"):
+            out["bias"] = dn
+        return out
+    w, b = linear_sq_norms_of(*_tokens(a, d))
+    out = {"weight": w}
+    if _present(module, "bias"):
+        out["bias"] = b
+    return out
+
+
+def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[str, torch.Tensor] | None:
+    """Diagonally preconditioned norms on (B, in) inputs: sum_{o,k} F2_ok d_io^2 a_ik^2 is a
+    bilinear form in d_i^2 and a_i^2, one matrix product (B, out) x (out, in); bias: d_i^2 . f2_b."""
+    a, d = call.x, call.g
+    if a.dim() != 2:
+        return None
+    d2 = d.square()  # (B, out)
+    out = {}
+    if "weight" in f2:
+        out["weight"] = ((d2 @ f2["weight"]) * a.square()).sum(-1)  # (B,)
+    if "bias" in f2 and _present(module, "bias"):
+        out["bias"] = d2 @ f2["bias"]
+    return out
+
+
+linear_grads.rule.weighted_sq_norms = linear_weighted_sq_norms
+
+
+# ---------------------------------------------------------------- Convolutions
+def _explicit_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The input as the convolution itself sees it after padding, and the remaining (zero) padding."""
+    n = x.dim() - 2
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * n
+    if module.padding == "valid":
+        return x, (0,) * n
+    if module.padding == "same":
+        pads = []
+        for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0,) * n
+    return x, tuple(module.padding)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_grads(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.Tensor]:
+    """dL_i/dW = the weight gradient of sample i's own convolution: computed for all samples at once
+    as one convolution backward with the batch folded into the channel groups (B * groups groups),
+    which covers every stride, padding, dilation and groups (depthwise included), 1-D to 3-D."""
+    x, padding = _explicit_padding(module, call.x)
+    d = call.g  # (B, O, *out)
+    B, G = x.shape[0], module.groups
+    w = module.weight  # (O, C/G, *k)
+    xf = x.reshape(1, B * x.shape[1], *x.shape[2:])  # (1, B*C, *in)
+    df = d.reshape(1, B * d.shape[1], *d.shape[2:])  # (1, B*O, *out)
+    wf_shape = [B * w.shape[0], *w.shape[1:]]
+    _, gw, _ = torch.ops.aten.convolution_backward(  # only the weight's shape is read
+        df, xf, torch.empty(wf_shape, dtype=w.dtype, device=w.device), None, list(module.stride), list(padding), list(module.dilation), False, [0] * (x.dim() - 2), B * G,
+        [False, True, False])
+    out = {"weight": gw.view(B, *w.shape)}  # (B, O, C/G, *k)
+    if _present(module, "bias"):
+        out["bias"] = d.flatten(2).sum(2)  # (B, O)
+    return out
+
+
+@register_norms(conv_grads)
+def conv_sq_norms(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.Tensor]:
+    """Ungrouped zero-padded 2-D convolutions: from D_i (O, P) and the unfolded patches U_i (CKK, P),
+    ||D_i U_i^T||^2 or <D_i^T D_i, U_i^T U_i>, whichever costs fewer operations; others materialise."""
+    if not (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)):
+        return {k: v.flatten(1).square().sum(1) for k, v in conv_grads(module, call).items()}
+    a, dz = call.x, call.g
+    U = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    D = dz.flatten(2)  # (B, O, P); U: (B, C*k*k, P)
+    O, P, K = D.shape[1], D.shape[2], U.shape[1]
+    if P * P * (O + K) < P * O * K:
+        weight = (torch.bmm(D.transpose(1, 2), D) * torch.bmm(U.transpose(1, 2), U)).sum((1, 2))
+    else:
+        weight = torch.bmm(D, U.transpose(1, 2)).square().sum((1, 2))
+    out = {"weight": weight}
+    if _present(module, "bias"):
+        out["bias"] = D.sum(2).square().sum(1)
+    return out
+
+
+# ---------------------------------------------------------------- Embedding
+@register_rule(nn.Embedding)
+def embedding_grads(module: nn.Embedding, call: Call) -> dict[str, torch.Tensor]:
+    """dL_i/dE[v] = sum of d_t over the tokens t of sample i with index v (none for padding_idx)."""
+    _check_embedding(module)
+    idx, d = _embedding_tokens(module, call)  # (B, T), (B, T, D)
+    B, V = idx.shape[0], module.num_embeddings
+    out = d.new_zeros(B, V, d.shape[-1])
+    out.scatter_add_(1, idx.unsqueeze(-1).expand_as(d), d)
+    return {"weight": out}  # (B, V, D)
+
+
+@register_norms(embedding_grads)
+def embedding_sq_norms(module: nn.Embedding, call: Call) -> dict[str, torch.Tensor]:
+    """Gram route: ||dL_i/dE||^2 = sum_{t,s: idx_t = idx_s} <d_t, d_s>, no (B, V, D) tensor."""
+    _check_embedding(module)
+    idx, d = _embedding_tokens(module, call)
+    same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(d.dtype)  # (B, T, T)
+    return {"weight": (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2))}
+
+
+def _check_embedding(module: nn.Embedding) -> None:
+    if module.scale_grad_by_freq:
+        raise UserError("An nn.Embedding with scale_grad_by_freq=True scales gradients by token counts of the "
+                        "whole batch, which couples the samples: construct it with scale_grad_by_freq=False.")
+
+
+def _embedding_tokens(module: nn.Embedding, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    B = call.x.shape[0]
+    idx = call.x.reshape(B, -1)
+    d = call.g.reshape(B, idx.shape[1], -1)
+    if module.padding_idx is not None:  # the padding row never receives a gradient
+        d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
+    return idx, d
+
+
+# ---------------------------------------------------------------- Normalisation layers
+def _affine(module: nn.Module, d: torch.Tensor, xhat: torch.Tensor, channel_dims: int) -> dict[str, torch.Tensor]:
+    """y = xhat * w + b with w, b over `channel_dims` trailing (LayerNorm) or leading (channels,
+    negative) axes: dL_i/dw = sum over the other axes of d * xhat, dL_i/db = sum of d."""
+    out = {}
+    B = d.shape[0]
+    if channel_dims > 0:  # normalized_shape: the trailing axes
+        shape = d.shape[d.dim() - channel_dims:]
+        reduce = lambda t: t.reshape(B, -1, *shape).sum(1)  # noqa: E731
+    else:  # channels on axis 1
+        reduce = lambda t: t.reshape(B, t.shape[1], -1).sum(2)  # noqa: E731
+    if _present(module, "weight"):
+        out["weight"] = reduce(d * xhat)
+    if _present(module, "bias"):
+        out["bias"] = reduce(d)
+    return out
+
+
+@register_rule(nn.LayerNorm)
+def layer_norm_grads(module: nn.LayerNorm, call: Call) -> dict[str, torch.Tensor]:
+    xhat = F.layer_norm(call.x, module.normalized_shape, eps=module.eps)
+    return _affine(module, call.g, xhat, len(module.normalized_shape))
+
+
+@register_rule(nn.GroupNorm)
+def group_norm_grads(module: nn.GroupNorm, call: Call) -> dict[str, torch.Tensor]:
+    xhat = F.group_norm(call.x, module.num_groups, eps=module.eps)
+    return _affine(module, call.g, xhat, -1)
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instance_norm_grads(module: nn.modules.instancenorm._InstanceNorm, call: Call) -> dict[str, torch.Tensor]:
+    x = call.x
+    if module.training or not module.track_running_stats:  # statistics of each sample's own input
+        xhat = F.instance_norm(x, eps=module.eps)
+    else:
+        xhat = _running_normalised(module, x)
+    return _affine(module, call.g, xhat, -1)
+
+
+def _running_normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+
+
+def batch_norm_couples(module: nn.Module) -> bool:
+    """Whether a BatchNorm normalises with the statistics of the batch (training mode, or no
+    running statistics): then every sample's loss depends on every other sample."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or not module.track_running_stats or module.running_mean is None)
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batch_norm_grads(module: nn.modules.batchnorm._BatchNorm, call: Call) -> dict[str, torch.Tensor]:
+    """Evaluation mode only (running statistics: a per-sample affine map); the recorder routes
+    training-mode BatchNorm to its batched-VJP path or refuses it."""
+    assert not batch_norm_couples(module)
+    return _affine(module, call.g, _running_normalised(module, call.x), -1)
+
+
+# ---------------------------------------------------------------- Multi-head attention
+@register_rule(nn.MultiheadAttention, recurse=True)
+def attention_grads(module: nn.MultiheadAttention, call: Call) -> dict[str, torch.Tensor]:
+    """nn.MultiheadAttention (its in-projection and out_proj): the attention is recomputed from the
+    captured inputs with its query/key/value projections and context exposed, the captured output
+    gradient is pulled back to them (one autograd call for the whole batch: samples never mix in
+    attention), and the Linear rule gives the projections' per-sample gradients."""
+    parts = _attention_parts(module, call)
+    out = {}
+    for name, pieces in parts.items():
+        grads = [torch.bmm(d.transpose(1, 2), a) for a, d in pieces]  # (B, out, in) row blocks
+        out[name] = torch.cat(grads, 1) if len(grads) > 1 else grads[0]
+    for name, pieces in _attention_biases(module, parts).items():
+        out[name] = torch.cat([d.sum(1) for _, d in pieces], 1)
+    return out
+
+
+@register_norms(attention_grads)
+def attention_sq_norms(module: nn.MultiheadAttention, call: Call) -> dict[str, torch.Tensor]:
+    parts = _attention_parts(module, call)
+    out = {}
+    for name, pieces in parts.items():  # disjoint row blocks: squared norms add
+        out[name] = sum(linear_sq_norms_of(a, d)[0] for a, d in pieces)
+    for name, pieces in _attention_biases(module, parts).items():
+        out[name] = sum(d.sum(1).square().sum(-1) for _, d in pieces)
+    return out
+
+
+def _attention_biases(module, parts) -> dict:
+    out = {}
+    if _present(module, "in_proj_bias"):
+        key = "in_proj_weight" if "in_proj_weight" in parts else None
+        pieces = parts[key] if key else parts["q_proj_weight"] + parts["k_proj_weight"] + parts["v_proj_weight"]
+        out["in_proj_bias"] = pieces
+    if _present(module.out_proj, "bias"):
+        out["out_proj.bias"] = parts["out_proj.weight"]
+    return out
+
+
+def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, list]:
+    """{weight name: [(a (B, T, in), d (B, T, out)), ...]} with row blocks in parameter order."""
+    if module.bias_k is not None or module.add_zero_attn:
+        raise UserError("nn.MultiheadAttention with add_bias_kv or add_zero_attn has no exact rule here: "
+                        "construct it without them.")
+    if module.training and module.dropout > 0:
+        raise UserError("nn.MultiheadAttention with dropout > 0 in training mode draws a random mask that cannot "
+                        "be recomputed exactly: set its dropout to 0 (dropout outside attention is fine).")
+    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    q_in, k_in, v_in = a["query"], a["key"], a["value"]
+    g_out = call.grads[0]
+    g_w = call.grads[1] if len(call.grads) > 1 else None
+    if not module.batch_first:  # (L, B, E) -> (B, L, E)
+        q_in, k_in, v_in, g_out = (t.transpose(0, 1) for t in (q_in, k_in, v_in, g_out))
+    B, L, E = q_in.shape
+    S, H = k_in.shape[1], module.num_heads
+    hd = E // H
+    if module._qkv_same_embed_dim:
+        Wq, Wk, Wv = module.in_proj_weight.chunk(3)
+    else:
+        Wq, Wk, Wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+    bq = bk = bv = None
+    if module.in_proj_bias is not None:
+        bq, bk, bv = module.in_proj_bias.chunk(3)
+    with torch.enable_grad():
+        Wq, Wk, Wv = (w.detach() for w in (Wq, Wk, Wv))
+        q = F.linear(q_in.detach(), Wq, None if bq is None else bq.detach()).requires_grad_()
+        k = F.linear(k_in.detach(), Wk, None if bk is None else bk.detach()).requires_grad_()
+        v = F.linear(v_in.detach(), Wv, None if bv is None else bv.detach()).requires_grad_()
+        qh = q.view(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
+        kh = k.view(B, S, H, hd).transpose(1, 2)
+        vh = v.view(B, S, H, hd).transpose(1, 2)
+        scores = qh @ kh.transpose(-1, -2) / math.sqrt(hd)  # (B, H, L, S)
+        scores = scores + _attention_bias(a["attn_mask"], a["key_padding_mask"], B, H, L, S, scores.dtype)
+        attn = torch.softmax(scores, -1)
+        ctx = (attn @ vh).transpose(1, 2).reshape(B, L, E)  # (B, L, E), before out_proj
+        # out = ctx W_o^T + b_o, so d(ctx) = g_out W_o; the rest by autograd
+        d_ctx = g_out @ module.out_proj.weight.detach()  # (B, L, E)
+        outputs, grads = [ctx], [d_ctx]
+        if g_w is not None:  # the returned attention weights were used too
+            outputs.append(attn.mean(1) if a["average_attn_weights"] else attn)
+            grads.append(g_w)
+        dq, dk, dv = torch.autograd.grad(outputs, [q, k, v], grads, allow_unused=True)
+    zero = lambda t, ref: torch.zeros_like(ref) if t is None else t  # noqa: E731
+    dq, dk, dv = zero(dq, q), zero(dk, k), zero(dv, v)
+    pieces = [(q_in, dq), (k_in, dk), (v_in, dv)]
+    parts = ({"in_proj_weight": pieces} if module._qkv_same_embed_dim else
+             {"q_proj_weight": pieces[:1], "k_proj_weight": pieces[1:2], "v_proj_weight": pieces[2:]})
+    parts = {n: [(x.detach(), dd.detach()) for x, dd in p] for n, p in parts.items() if _present(module, n)}
+    if _present(module.out_proj, "weight"):
+        parts["out_proj.weight"] = [(ctx.detach(), g_out)]
+    return parts
+
+
+def _attention_bias(attn_mask, key_padding_mask, B, H, L, S, dtype) -> torch.Tensor | float:
+    """The additive mask F.multi_head_attention_forward builds: bool True = not allowed (-inf)."""
+    bias = 0.0
+    if attn_mask is not None:
+        m = attn_mask
+        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool \
+            else m.to(dtype)
+        bias = bias + (m.view(B, H, L, S) if m.dim() == 3 else m.view(1, 1, L, S))
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool \
+            else m.to(dtype)
+        bias = bias + m.view(B, 1, 1, S)
+    return bias
+
+
+# ---------------------------------------------------------------- The fallback
+def fallback_grads(module: nn.Module, call: Call, names: list[str]) -> dict[str, torch.Tensor]:
+    """Exact per-sample gradients of `names` (the module's own parameters) for any module whose
+    samples do not interact: the module is re-run one sample at a time under torch.func.vmap with
+    its parameters as inputs, and each sample's output is pulled back along its captured output
+    gradient (torch.func.grad of <output_i, grad_i>). Tensor arguments whose first axis is the
+    batch are split by sample; all else is shared."""
+    from torch.func import functional_call, grad, vmap
+
+    B = call.g.shape[0]
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    batched = [k for k, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B]
+    params = {n: module.get_parameter(n).detach() for n in names}
+    grads = [g if g is not None else None for g in call.grads]
+
+    def one(p, xs, gs):
+        full = list(leaves)
+        for k, t in zip(batched, xs):
+            full[k] = t.unsqueeze(0)
+        args, kwargs = tree_unflatten(full, spec)
+        out = functional_call(module, p, args, kwargs)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        return sum((o * g.unsqueeze(0)).sum() for o, g in zip(outs, gs) if g is not None)
+
+    xs = [leaves[k].detach() for k in batched]
+    try:
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, xs, grads)
+    except Exception:  # a forward vmap cannot batch (data-dependent control flow, ...): one sample at a time
+        per = [grad(one)(params, [x[i] for x in xs], [None if g is None else g[i] for g in grads]) for i in range(B)]
+        return {n: torch.stack([p[n] for p in per]) for n in names}

@@ -1,0 +1,550 @@
+"""ImportanceRecorder against per-sample gradients taken one sample at a time (float64).
+
+The reference backpropagates each sample's loss L_i from the same batch forward pass with plain
+autograd and squares (lr / B) g_i per layer; the optimizer factors are checked separately by
+finite differences of the actual torch.optim step in the sample weight v_i.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sample_importance import ImportanceRecorder
+from sample_importance.errors import UserError
+from sample_importance.importance.rules import RULES
+
+LR = 0.3
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def reference_beta(model: nn.Module, loss_fn, recorder: ImportanceRecorder, lr: float = LR) -> torch.Tensor:
+    """(B, L): (lr / B)^2 ||dL_i/d theta_d||^2, L_i backpropagated alone from one batch forward."""
+    loss_i = loss_fn(model)
+    B = loss_i.shape[0]
+    layers = []
+    for name in recorder.layer_names:  # a layer's own parameters (attention: with its out_proj)
+        module = model.get_submodule(name) if name != "_root" else model
+        own = module.parameters(recurse=isinstance(module, nn.MultiheadAttention))
+        layers.append([p for p in own if p.requires_grad])
+    params = [p for ps in layers for p in ps]
+    out = torch.zeros(B, len(layers))
+    for i in range(B):  # sample i's own loss, backpropagated alone from the batch forward
+        gs = torch.autograd.grad(loss_i[i], params, retain_graph=True, allow_unused=True)
+        sq = {id(p): torch.zeros(()) if g is None else g.square().sum() for p, g in zip(params, gs)}
+        for d, ps in enumerate(layers):
+            out[i, d] = sum(sq[id(p)] for p in ps) * (lr / B) ** 2
+    return out
+
+
+@contextlib.contextmanager
+def materialised():
+    """Every rule without its squared-norm shortcuts: beta from the per-sample gradients `grads`."""
+    saved = {t: (r.sq_norms, r.weighted_sq_norms) for t, r in RULES.items()}
+    for r in RULES.values():
+        r.sq_norms = r.weighted_sq_norms = None
+    try:
+        yield
+    finally:
+        for t, (n, w) in saved.items():
+            RULES[t].sq_norms, RULES[t].weighted_sq_norms = n, w
+
+
+def check(model: nn.Module, loss_fn, expect_fallback: bool = False, **kw) -> ImportanceRecorder:
+    """Recorder vs reference (rel. error <= 1e-6 per layer, every layer non-zero); .grad as loss.mean().
+    Both routes of every rule: the squared-norm shortcut and the materialised per-sample gradients."""
+    original = copy.deepcopy(model)
+    with materialised():
+        _check(copy.deepcopy(original), loss_fn, expect_fallback, **kw)
+    return _check(model, loss_fn, expect_fallback, **kw)
+
+
+def _check(model: nn.Module, loss_fn, expect_fallback: bool = False, **kw) -> ImportanceRecorder:
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = ImportanceRecorder(model, **kw)
+    assert any("fallback" in str(w.message) for w in caught) == expect_fallback
+    beta = rec.backward(loss_fn(model), lr=LR)
+    expected = reference_beta(twin, loss_fn, rec)
+    assert beta.shape == expected.shape
+    assert (expected.amax(0) > 0).all(), "a layer without importance tests nothing"
+    rel = ((beta - expected).abs().amax(0) / expected.abs().amax(0))
+    assert rel.max() <= 1e-6, dict(zip(rec.layer_names, rel.tolist()))
+    twin.zero_grad()
+    loss_fn(twin).mean().backward()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-14), n
+    rec.close()
+    return rec
+
+
+def ce(x, y):
+    return lambda m: F.cross_entropy(m(x), y, reduction="none")
+
+
+B = 5
+Y = torch.tensor([0, 2, 1, 2, 0])
+
+
+class Head(nn.Module):
+    """A module under test followed by a flatten and a linear classifier to 3 classes."""
+
+    def __init__(self, body: nn.Module, features: int, pre=None):
+        super().__init__()
+        self.body, self.out, self.pre = body, nn.Linear(features, 3), pre
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.pre is not None:
+            h = self.pre(h)
+        return self.out(torch.tanh(h).flatten(1))
+
+
+def seeded(seed=0):
+    torch.manual_seed(seed)
+
+
+def test_linear_flat_and_sequence():
+    seeded()
+    check(Head(nn.Linear(4, 6), 6), ce(torch.randn(B, 4), Y))
+    seeded(1)
+    check(Head(nn.Linear(4, 6), 7 * 6), ce(torch.randn(B, 7, 4), Y))  # per-token: sum_t d_t a_t^T
+    seeded(2)
+    check(Head(nn.Linear(40, 30), 2 * 3 * 30), ce(torch.randn(B, 2, 3, 40), Y))  # outer-product route
+    seeded(3)
+    check(Head(nn.Linear(4, 6, bias=False), 9 * 6), ce(torch.randn(B, 9, 4), Y))
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2), (B, 3, 11)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (B, 3, 6, 6)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2), (B, 4, 7, 7)),
+    (lambda: nn.Conv2d(4, 8, 3, groups=4, padding=2, dilation=2), (B, 4, 6, 6)),  # depthwise (x2)
+    (lambda: nn.Conv2d(3, 4, (3, 2), padding="same", padding_mode="reflect"), (B, 3, 5, 6)),
+    (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=(1, 0, 1)), (B, 2, 4, 5, 3)),
+    (lambda: nn.Conv3d(3, 3, 3, groups=3, padding="same", bias=False), (B, 3, 4, 4, 4)),
+])
+def test_convolutions(conv, shape):
+    seeded()
+    body = conv()
+    features = body(torch.randn(*shape)).flatten(1).shape[1]
+    check(Head(body, features), ce(torch.randn(*shape), Y))
+
+
+def test_embedding_with_padding_index():
+    seeded()
+    idx = torch.tensor([[1, 2, 1, 0], [0, 0, 3, 3], [4, 1, 2, 3], [2, 2, 2, 2], [0, 4, 4, 1]])
+    model = Head(nn.Embedding(5, 3, padding_idx=0), 4 * 3)
+    check(model, ce(idx, Y))
+    seeded(1)
+    check(Head(nn.Embedding(5, 3), 4 * 3), ce(idx, Y))
+
+
+@pytest.mark.parametrize("norm, shape", [
+    (lambda: nn.LayerNorm(4), (B, 3, 4)),
+    (lambda: nn.LayerNorm((3, 4)), (B, 3, 4)),
+    (lambda: nn.GroupNorm(2, 4), (B, 4, 3, 3)),
+    (lambda: nn.InstanceNorm2d(3, affine=True), (B, 3, 4, 4)),
+    (lambda: nn.InstanceNorm1d(3, affine=True, track_running_stats=True), (B, 3, 6)),
+    (lambda: nn.BatchNorm2d(3).eval(), (B, 3, 4, 4)),
+    (lambda: nn.BatchNorm1d(3).eval(), (B, 3)),
+])
+def test_normalisation_layers(norm, shape):
+    seeded()
+    body = norm()
+    with torch.no_grad():  # non-trivial affine parameters and running statistics
+        for name, t in list(body.named_parameters()) + list(body.named_buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5)
+    pre = nn.Linear(shape[-1], shape[-1])  # something before it, so its input is not the data
+    model = Head(nn.Sequential(pre, body), int(torch.tensor(shape[1:]).prod()))
+    check(model, ce(torch.randn(*shape), Y))
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first: bool, kdim=None, use_weights=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.batch_first, self.use_weights = batch_first, use_weights
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x, kv, kpm, mask):
+        if not self.batch_first:
+            x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+        h, w = self.attn(x, kv, kv, key_padding_mask=kpm, attn_mask=mask, need_weights=self.use_weights)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        logits = self.out(h.mean(1))
+        if self.use_weights:
+            logits = logits + w.sum((1, 2)).unsqueeze(1) * torch.arange(3.0) + w[:, 0, :3]
+        return logits
+
+
+@pytest.mark.parametrize("batch_first, kdim, use_weights, float_mask",
+                         [(True, None, False, False), (False, None, False, True), (True, 4, True, False)])
+def test_multihead_attention_with_masks(batch_first, kdim, use_weights, float_mask):
+    seeded()
+    model = Attention(batch_first, kdim, use_weights)
+    x, kv = torch.randn(B, 4, 6), torch.randn(B, 5, kdim or 6)
+    kpm = torch.zeros(B, 5, dtype=torch.bool)
+    kpm[0, 3:] = True
+    kpm[2, 1] = True
+    mask = torch.triu(torch.ones(4, 5, dtype=torch.bool), diagonal=2)
+    if float_mask:
+        mask = torch.zeros(4, 5).masked_fill(mask, float("-inf")) + 0.1 * torch.randn(4, 5)
+    rec = check(model, lambda m: F.cross_entropy(m(x, kv, kpm, mask), Y, reduction="none"))
+    assert rec.layer_names == ["attn", "out"]  # out_proj belongs to the attention layer
+
+
+class Scaled(nn.Module):
+    """No rule: owns parameters it uses itself and a child Linear (its own layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+        self.shift = nn.Parameter(torch.randn(4))
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x * self.scale + self.shift.square()) * self.scale.sum()
+
+
+def test_fallback_exact_and_warned():
+    seeded()
+    model = Head(Scaled(), 4)
+    rec = check(model, ce(torch.randn(B, 4), Y), expect_fallback=True)
+    assert rec.layer_names == ["body", "body.inner", "out"]
+
+
+class Branchy(nn.Module):
+    """No rule, and a forward vmap cannot batch (control flow on a tensor's value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return x * self.w if float(x.sum()) > -1e9 else x
+
+
+def test_fallback_one_sample_at_a_time_where_vmap_cannot():
+    seeded()
+    check(Head(Branchy(), 4), ce(torch.randn(B, 4), Y), expect_fallback=True)
+
+
+class Affine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_a_rule_registered_by_the_user():
+    from sample_importance.importance import register_rule
+
+    @register_rule(Affine)
+    def affine_grads(module, call):  # y = x * s: dL_i/ds = d_i * x_i
+        return {"scale": call.g * call.x}
+
+    try:
+        seeded()
+        check(Head(Affine(), 4), ce(torch.randn(B, 4), Y), expect_fallback=False)
+    finally:
+        del RULES[Affine]
+
+
+def test_module_called_twice_and_tied_weights():
+    seeded()
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+    check(Twice(), ce(torch.randn(B, 4), Y))
+
+
+class TwoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.c2, self.bn2 = nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)
+        self.out = nn.Linear(3 * 2 * 2, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.c1(x)))
+        return self.out(torch.relu(self.bn2(self.c2(h))).flatten(1))
+
+
+def test_batchnorm_training_refused_by_default():
+    seeded()
+    model, x = TwoBN(), torch.randn(B, 2, 4, 4)
+    rec = ImportanceRecorder(model)
+    with pytest.raises(UserError, match="bn1, bn2.*batchnorm='exact'.*GroupNorm.*eval"):
+        model(x)
+    model.eval()
+    rec.backward(F.cross_entropy(model(x), Y, reduction="none"), lr=LR)  # eval mode: a per-sample rule
+    rec.close()
+
+
+def test_batchnorm_training_exact():
+    seeded()
+    model, x = TwoBN(), torch.randn(B, 2, 4, 4)
+    twin = copy.deepcopy(model)
+    rec = ImportanceRecorder(model, batchnorm="exact")
+    beta = rec.backward(F.cross_entropy(model(x), Y, reduction="none"), lr=LR)
+    expected = reference_beta(twin, ce(x, Y), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+    # not the per-sample rules' answer: coupling matters
+    twin2 = copy.deepcopy(twin).eval()
+    assert not torch.allclose(beta, reference_beta(twin2, ce(x, Y), rec), rtol=1e-3)
+    twin.zero_grad()
+    F.cross_entropy(twin(x), Y, reduction="none").mean().backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------ optimizers: finite differences of the real step
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.norm = nn.LayerNorm(3)
+        self.out = nn.Linear(3 * 4, 3)
+
+    def forward(self, x):
+        h = self.conv(x).transpose(1, 2)  # (B, 4, 3)
+        return self.out(torch.tanh(self.norm(h)).flatten(1))
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.2, weight_decay=0.01),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    "nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, nesterov=True),
+    # eps large enough that the first step (nearly lr * sign(g)) has a derivative finite
+    # differences can resolve; the formula does not depend on it
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, weight_decay=0.05, eps=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.05, eps=1e-3),
+}
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_optimizer_beta_is_the_derivative_of_the_actual_step(kind, warmup):
+    seeded()
+    model = Small()
+    opt = OPTIMIZERS[kind](model.parameters())
+    xs = [torch.randn(B, 2, 6) for _ in range(warmup + 1)]
+    for x in xs[:warmup]:  # optimizer state from earlier steps (momentum buffers, Adam moments)
+        opt.zero_grad()
+        F.cross_entropy(model(x), Y).backward()
+        opt.step()
+    x = xs[-1]
+
+    def delta(v: torch.Tensor) -> list[torch.Tensor]:
+        """delta theta per layer of one real optimizer step on the v-weighted mean loss."""
+        m = copy.deepcopy(model)
+        o = OPTIMIZERS[kind](m.parameters())
+        o.load_state_dict(copy.deepcopy(opt.state_dict()))
+        before = [p.detach().clone() for p in m.parameters()]
+        o.zero_grad()
+        (F.cross_entropy(m(x), Y, reduction="none") * v).mean().backward()
+        o.step()
+        return [p.detach() - b for p, b in zip(m.parameters(), before)]
+
+    h = 1e-6
+    expected = torch.zeros(B, 3)
+    owner = [0, 0, 1, 1, 2, 2]  # conv, norm, out: weight and bias each
+    for i in range(B):
+        e = torch.zeros(B)
+        e[i] = h
+        plus, minus = delta(1 + e), delta(1 - e)
+        for k, (a, b) in enumerate(zip(plus, minus)):
+            expected[i, owner[k]] += ((a - b) / (2 * h)).square().sum()
+    rec = ImportanceRecorder(model)
+    opt.zero_grad()
+    beta = rec.backward(F.cross_entropy(model(x), Y, reduction="none"), optimizer=opt)
+    rel = (beta - expected).abs().amax(0) / expected.amax(0)
+    assert rel.max() <= 1e-6, rel
+    rec.close()
+
+
+def test_bad_input_is_one_clear_sentence():
+    seeded()
+    model = Small()
+    with pytest.raises(UserError, match="batchnorm="):
+        ImportanceRecorder(model, batchnorm="approx")
+    rec = ImportanceRecorder(model)
+    loss_i = F.cross_entropy(model(torch.randn(B, 2, 6)), Y, reduction="none")
+    with pytest.raises(UserError, match="exactly one of optimizer= or lr="):
+        rec.backward(loss_i)
+    with pytest.raises(UserError, match="RMSprop"):
+        rec.backward(loss_i, optimizer=torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(UserError, match="per-sample losses"):
+        rec.backward(loss_i.mean(), lr=0.1)
+    with pytest.raises(UserError, match="groups must map exactly"):
+        ImportanceRecorder(model, groups={"conv": "a"})
+    rec.close()
+
+
+def test_grouping_and_close():
+    seeded()
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), nn.Linear(4, 3))
+    x = torch.randn(B, 4)
+    with ImportanceRecorder(model, groups=1) as rec:
+        assert rec.layer_names == ["0.0", "0.1", "1"] and rec.group_names == ["0", "1"]
+        beta = rec.backward(ce(x, Y)(model), lr=LR)
+        grouped = rec.grouped(beta)
+        assert torch.allclose(grouped[:, 0], beta[:, 0] + beta[:, 1]) and torch.equal(grouped[:, 1], beta[:, 2])
+        assert rec.grouping == {"0.0": "0", "0.1": "0", "1": "1"}
+    assert all(not m._forward_hooks for m in model.modules())  # closed: no hooks left
+
+
+# ------------------------------------------------------------ whole models
+def test_torchvision_resnet18_with_group_norm():
+    import torchvision
+
+    seeded()
+    model = torchvision.models.resnet18(num_classes=3, norm_layer=lambda c: nn.GroupNorm(4, c))
+    x = torch.randn(3, 3, 8, 8)  # 20 convolutions, 20 GroupNorms, fc
+    rec = check(model, ce(x, Y[:3]))
+    assert len(rec.layer_names) == 41 and rec.layer_names[:3] == ["conv1", "bn1", "layer1.0.conv1"]
+
+
+class TextClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        pad = tokens == 0
+        h = self.encoder(self.embed(tokens), src_key_padding_mask=pad)  # (B, T, 8)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.out((h * keep).sum(1) / keep.sum(1))
+
+
+def test_transformer_encoder_classifier():
+    seeded()
+    tokens = torch.randint(1, 11, (B, 6))
+    tokens[1, 4:] = 0
+    tokens[3, 2:] = 0
+    rec = check(TextClassifier(), ce(tokens, Y))
+    assert rec.layer_names[:4] == ["embed", "encoder.layers.0.self_attn", "encoder.layers.0.linear1",
+                                   "encoder.layers.0.linear2"]
+
+
+def test_stacked_mlps_equal_the_recorder_on_each_model():
+    """importance/stacked.py keeps its batched kernels: the same beta and step as the recorder alone."""
+    from sample_importance.importance.stacked import StackedMLP
+    from sample_importance.models import build_model
+
+    models = [build_model(6, 3, 2, 5, seed).double() for seed in range(3)]
+    alone = copy.deepcopy(models)
+    lrs, wds = [0.3, 0.1, 0.2], [0.0, 0.01, 0.0]
+    stack = StackedMLP(models, lrs, wds)
+    x, y = torch.randn(3, B, 6), torch.randint(0, 3, (3, B))
+    rec = stack.step(x, y)
+    stack.write_back()
+    for m, model in enumerate(alone):
+        opt = torch.optim.SGD(model.parameters(), lr=lrs[m], weight_decay=wds[m])
+        with ImportanceRecorder(model) as r:
+            beta = r.backward(F.cross_entropy(model(x[m]), y[m], reduction="none"), lr=lrs[m])
+        opt.step()
+        torch.testing.assert_close(rec.importance[m], beta, rtol=1e-12, atol=0)
+        for p, q in zip(models[m].parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+
+
+def test_refusals_name_the_module():
+    seeded()
+
+    class Borrowed(nn.Module):  # uses another module's weight directly
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(F.linear(x, self.lin.weight))
+
+    model = Borrowed()
+    with ImportanceRecorder(model) as rec, pytest.raises(UserError, match="Parameters of lin received gradients"):
+        rec.backward(ce(torch.randn(B, 4), Y)(model), lr=LR)
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    with ImportanceRecorder(model) as rec, pytest.raises(UserError, match="batch of 5 samples on its first axis"):
+        rec.backward(F.cross_entropy(model(torch.randn(3, B, 4)).transpose(0, 1).transpose(1, 2), Y.expand(3, B).T,
+                                     reduction="none").sum(1), lr=LR)
+
+
+def test_copies_of_a_recorded_model_do_not_record():
+    import pickle
+
+    seeded()
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    with ImportanceRecorder(model) as rec:
+        twin = copy.deepcopy(model)
+        again = pickle.loads(pickle.dumps(model))
+        x = torch.randn(B, 4)
+        twin_loss = ce(x, Y)(twin)  # runs the copy's (inert) hooks
+        again(x)
+        beta = rec.backward(ce(x, Y)(model), lr=LR)
+        assert torch.allclose(beta, reference_beta(twin, ce(x, Y), rec), rtol=1e-10)
+        twin_loss.mean().backward()  # the copy trains normally
+        assert all(p.grad is not None for p in twin.parameters())
+
+
+@pytest.mark.cuda
+def test_on_a_cuda_device():
+    """The same checks with model and data on the GPU (float64)."""
+    seeded()
+    tokens = torch.randint(1, 11, (B, 6), device="cuda")
+    tokens[1, 4:] = 0
+    check(TextClassifier().cuda(), ce(tokens, Y.cuda()))
+    model, x = TwoBN().cuda(), torch.randn(B, 2, 4, 4, device="cuda")
+    twin = copy.deepcopy(model)
+    with ImportanceRecorder(model, batchnorm="exact", groups=1) as rec:
+        beta = rec.backward(F.cross_entropy(model(x), Y.cuda(), reduction="none"), lr=LR)
+        assert rec.grouped(beta).shape == (B, 5)
+    expected = reference_beta(twin, ce(x, Y.cuda()), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+
+
+def test_passes_outside_recorder_backward_do_not_count():
+    """A forward/backward of the user's own between steps (a probe, a gradient penalty) and a
+    forward with no backward leave beta of the next recorded step unchanged."""
+    seeded()
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    twin = copy.deepcopy(model)
+    x, other = torch.randn(B, 4), torch.randn(B, 4)
+    with ImportanceRecorder(model) as rec:
+        F.cross_entropy(model(other), Y).backward()
+        torch.autograd.grad(model(other).sum(), list(model.parameters()))
+        model(other)
+        model.zero_grad()
+        beta = rec.backward(ce(x, Y)(model), lr=LR)
+        expected = reference_beta(twin, ce(x, Y), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-10
