@@ -365,6 +365,21 @@ class LearnabilityConfig(AnalysisConfig):
         return self
 
 
+@dataclass(frozen=True)
+class ExploreConfig(AnalysisConfig):
+    """`explore`: one self-contained explorer.html of a train run (more ids: their curves beside it)."""
+
+    early_epoch: int = 2  # 1-based epoch at which EL2N and GraNd are read
+    cluster_run_id: str = ""  # cluster run whose clusters are shown; empty = the newest of the first train run
+    tracking_url: str = ""  # MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)
+
+    def check(self) -> "ExploreConfig":
+        super().check()
+        if self.early_epoch < 1:
+            raise ConfigError(f"early_epoch must be at least 1, got {self.early_epoch}.")
+        return self
+
+
 INFLUENCE_MODES = ("influence", "validate", "breakdown")
 
 
@@ -489,6 +504,8 @@ _FIELD_HELP = {
     "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
     "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
     "early_epoch": "1-based epoch at which EL2N and GraNd are read (early in training)",
+    "cluster_run_id": "explore: cluster run whose clusters are shown; empty = the newest cluster run of the first train run",
+    "tracking_url": "explore: MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)",
     "keep_fractions": "prune: comma-separated fractions of the training set kept",
     "prune_scores": "prune: comma-separated scores that choose the kept samples (columns of scores.csv)",
     "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn",

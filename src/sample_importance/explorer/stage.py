@@ -1,0 +1,126 @@
+"""The `explore` entry point, and the hook `main`, `scores` and `learnability` call at their end:
+one self-contained `explorer.html` for a train run (or several runs of the same samples: other
+seeds or architectures add their curves), with the clusters of a `cluster` run when there is one.
+MLflow is reached only through `mlflow_io`; the page's data comes from `explorer.data`."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import mlflow_io
+from ..analysis import scores as S
+from ..config import ConfigError, ExploreConfig, TrainConfig
+from ..data import load_dataset, training_data
+from ..dynamics import FINAL_STATE, Dynamics, check_aligned
+from ..models import model_for
+from . import data as X
+from .html import render
+
+ARTIFACT = "explorer.html"
+
+
+def final_predictions(d: Dynamics, data) -> np.ndarray:
+    """(n,) the class each training sample gets under the run's final parameters (dynamics/final_state.pt)."""
+    cfg = TrainConfig(**{**d.metadata["config"], "device": "cpu"})
+    model = model_for(cfg, data)
+    model.load_state_dict(torch.load(d.folder / FINAL_STATE, weights_only=True, map_location="cpu"))
+    model.eval()
+    x = torch.as_tensor(data.x_train[np.asarray(d.sample_id)])
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + 8192]).argmax(1) for i in range(0, len(x), 8192)]).numpy()
+
+
+def cluster_payload(n_ids: np.ndarray, clusters: pd.DataFrame, summary: pd.DataFrame) -> tuple[np.ndarray, list[dict]]:
+    """A cluster run's clusters.csv and cluster_summary.csv -> (n,) cluster per sample (-1 = not
+    clustered) and one dict per cluster, easiest first (the cluster step numbers them by rank)."""
+    position = {int(s): k for k, s in enumerate(n_ids)}
+    assign = np.full(len(n_ids), -1, dtype=np.int32)
+    for s, c in zip(clusters["sample_id"], clusters["cluster"]):
+        if int(s) in position:
+            assign[position[int(s)]] = int(c)
+    rows = [{"cluster": int(r.cluster), "rank": k, "size": int(r.size), "difficulty": float(r.difficulty),
+             "peak_epoch": int(r.peak_epoch)} for k, r in enumerate(summary.sort_values("difficulty").itertuples())]
+    return assign, rows
+
+
+def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2,
+                  cluster: tuple[str, pd.DataFrame, pd.DataFrame] | None = None,
+                  links: dict[str, str | None] | None = None, roles: dict[str, str] | None = None) -> str:
+    """The page for `runs` (run id -> dynamics; the first is shown, the others add their curves).
+    `cluster`: (run id, clusters.csv, cluster_summary.csv) of a cluster run of the first run."""
+    check_aligned(runs)
+    run_ids = list(runs)
+    d = runs[run_ids[0]]
+    meta = d.metadata
+    E = int(meta["epochs_completed"])
+    if not 1 <= early_epoch <= E:
+        raise ConfigError(f"early_epoch={early_epoch} is outside the run's {E} epochs: choose 1 to {E}.")
+    table = S.score_table(d, early_epoch)
+    harder = dict(S.HARDER_IS_LARGER)
+    scores = {c: table[c].to_numpy() for c in table.columns if c not in ("sample_id", "label")}
+    if len(runs) > 1:  # Lee et al.'s learnability: mean p_true over epochs and the runs given
+        scores["learnability"] = S.learnability([np.asarray(r.p_true) for r in runs.values()])
+        harder["learnability"] = False
+    cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": "cpu"})
+    data = training_data(cfg)  # the run's samples, its label noise included
+    ids = np.asarray(d.sample_id)
+    flipped = None
+    if float(meta["config"].get("label_noise", 0.0)) > 0:
+        flipped = np.asarray(d.label) != load_dataset(cfg.dataset, data_dir, cfg.subset).y_train[ids]
+    assign, summary, cluster_run = None, None, None
+    if cluster is not None:
+        cluster_run, clusters, csum = cluster
+        assign, summary = cluster_payload(ids, clusters, csum)
+    others = [{"name": f"seed {r.metadata['seed']}" + ("" if r.layer_names == d.layer_names else
+                                                       f" ({r.metadata['config'].get('model', 'mlp')}, "
+                                                       f"depth {r.metadata['config']['depth']})"),
+               "layers": r.layer_names, "curves": X.run_curves(r.importance, r.loss, r.p_true)}
+              for r in list(runs.values())[1:]]
+    roles = roles or {}
+    links = links or {}
+    run_rows = [{"run_id": rid, "role": roles.get(rid, "train run" if k == 0 else f"seed {runs[rid].metadata['seed']}"),
+                 "url": links.get(rid)} for k, rid in enumerate(run_ids)]
+    if cluster_run:
+        run_rows.append({"run_id": cluster_run, "role": "cluster run", "url": links.get(cluster_run)})
+    title = (f"Sample explorer: {meta['dataset']}, {len(ids):,} training samples, {E} epochs, seed {meta['seed']}"
+             + (f", label noise {meta['config']['label_noise']:g}" if flipped is not None else ""))
+    payload = X.assemble(
+        title=title, dataset=meta["dataset"], layer_names=d.layer_names, sample_id=ids, label=np.asarray(d.label),
+        prediction=final_predictions(d, data), scores=scores, harder_is_larger=harder,
+        curves=X.run_curves(d.importance, d.loss, d.p_true),
+        images=X.sprite_sheets(X.to_uint8_images(data.x_train[ids], meta["image_shape"])),
+        num_classes=int(meta.get("num_classes", data.num_classes)), runs=run_rows, other_curves=others,
+        flipped=flipped, cluster=assign, cluster_summary=summary)
+    if summary is not None:
+        payload["cluster_note"] = (f"k-means on the importance profiles of one class (cluster run {cluster_run}); "
+                                   "ranked by mean in-batch NLL, easiest first; click a title to filter the table")
+    return render(payload)
+
+
+def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, cluster_run_id: str = "",
+                 tracking_url: str = "") -> str:
+    """Build the explorer of these train runs and log it as `explorer.html` of the active run.
+    `cluster_run_id` empty: the newest finished `cluster` run of the first train run, if any."""
+    runs = {rid: mlflow_io.load_dynamics(rid) for rid in train_run_ids}
+    cluster_run_id = cluster_run_id or mlflow_io.find_cluster_run(train_run_ids[0]) or ""
+    cluster = None
+    if cluster_run_id:
+        cluster = (cluster_run_id, mlflow_io.load_table(cluster_run_id, "clusters.csv"),
+                   mlflow_io.load_table(cluster_run_id, "cluster_summary.csv"))
+    base = tracking_url or mlflow_io.tracking_ui_url()
+    links = {rid: mlflow_io.run_link(rid, base) for rid in [*train_run_ids, cluster_run_id] if rid and base}
+    html = explorer_html(runs, data_dir, early_epoch, cluster, links)
+    mlflow_io.log_text(html, ARTIFACT)
+    print(f"explorer: {mlflow_io.artifact_uri(ARTIFACT)} ({len(html) / 1e6:.1f} MB)", flush=True)
+    return html
+
+
+def run_explore(cfg: ExploreConfig) -> str:
+    """The `explore` entry point: the explorer of the given (or matching) train runs."""
+    from ..study import train_runs, start_analysis
+
+    with start_analysis(cfg, "explore", "Every training sample one click away: explorer.html") as run:
+        ids = list(train_runs(cfg, [cfg.seed]))
+        log_explorer(ids, cfg.data_dir, cfg.early_epoch, cfg.cluster_run_id, cfg.tracking_url)
+        return run.info.run_id
