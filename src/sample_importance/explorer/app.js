@@ -4,15 +4,18 @@
 // Written for this project; no network access (everything is in the file).
 "use strict";
 (async function () {
-  const P = JSON.parse(document.getElementById("si-data").textContent);
   const $ = (id) => document.getElementById(id);
   const TYPES = {float32: Float32Array, int32: Int32Array, int16: Int16Array, uint16: Uint16Array,
                  uint8: Uint8Array, int8: Int8Array};
 
   async function inflate(b64) {
-    const bin = atob(b64);
-    const bytes = new Uint8Array(bin.length);
-    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    let bytes;
+    if (Uint8Array.fromBase64) bytes = Uint8Array.fromBase64(b64);  // native where the browser has it
+    else {
+      const bin = atob(b64);
+      bytes = new Uint8Array(bin.length);
+      for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    }
     const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream("deflate"));
     return new Uint8Array(await new Response(stream).arrayBuffer());
   }
@@ -57,9 +60,19 @@
     };
   }
 
+  performance.mark("si-start");
+  const packed = await inflate($("si-plotly").textContent);
+  performance.mark("si-plotly-inflated");
+  // Plotly's own bundle travels compressed: inflate it and run it as an inline script.
+  const plotly = document.createElement("script");
+  plotly.textContent = new TextDecoder().decode(packed);
+  document.head.appendChild(plotly);
+  performance.mark("si-plotly");
+  const P = JSON.parse($("si-data").textContent);
   const n = P.n, E = P.epochs, L = P.layers.length;
   const [sampleId, label, prediction, flipped, cluster] = await Promise.all(
     [P.sample_id, P.label, P.prediction, P.flipped, P.cluster].map(unblob));
+  performance.mark("si-blobs");
   const scoreNames = P.scores.map((s) => s.name);
   const scores = {};
   const sorted = {};  // each score's values sorted from hardest to easiest, for ranks
@@ -93,6 +106,7 @@
     return e;
   };
 
+  performance.mark("si-scores");
   // ---- images: one CSS class per WebP sprite sheet, tiles shown by background position ----
   const im = P.images;
   const style = el("style");
@@ -173,6 +187,7 @@
       const s = el("span", {class: "si-key"}); s.appendChild(el("i", {style: `background:${c}`})); s.append(t); return s;
     }));
   }
+  performance.mark("si-map");
   drawLegend(first.legend);
   $("colour-by").addEventListener("change", () => {
     const t = mapTrace($("colour-by").value);
@@ -217,7 +232,7 @@
     const v = scores[filters.score];
     return base.filter((i) => (cls === null || label[i] === cls) && (cl === null || cluster[i] === cl) && v[i] >= lo && v[i] <= hi);
   }
-  let lastFilterKey = "";
+  let lastFilterKey = JSON.stringify(filters);  // the map starts with nothing dimmed
   function renderTable() {
     const rows = filtered();
     rows.sort((a, b) => (sortDesc ? key(sortBy, b) - key(sortBy, a) : key(sortBy, a) - key(sortBy, b)) || sampleId[a] - sampleId[b]);
@@ -260,10 +275,12 @@
   });
 
   // ---- the detail panel of one sample ----
+  performance.mark("si-table-setup");
   const [curves, ...otherCurves] = await curvesReady;
   const epochs = Array.from({length: E}, (_, t) => t + 1);
   const LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"];
 
+  performance.mark("si-curves");
   function select(i) {
     selected = i;
     Plotly.restyle($("map"), {x: [[scores[xName][i]]], y: [[scores[yName][i]]]}, [1]);

@@ -153,14 +153,14 @@ def to_uint8_images(x: np.ndarray, image_shape: list[int] | tuple[int, ...]) -> 
 def sprite_sheets(images: np.ndarray, columns: int = 100, rows: int = 100, lossless: bool | None = None,
                   quality: int = 45) -> dict:
     """Images (k, H, W[, 3]) uint8 tiled into sprite sheets of columns x rows tiles, as data URLs the
-    browser decodes itself. Lossless WebP when the pixels are small (<= 4 MB raw, e.g. digits);
+    browser decodes itself. Lossless WebP when the pixels are small (<= 1 MB raw, e.g. digits);
     otherwise lossy AVIF at `quality` (WebP where Pillow lacks AVIF), which keeps 50,000 Fashion-MNIST
     images at about 6 MB: the image is for looking at, no number is read from it."""
     from PIL import Image, features
 
     k, h, w = images.shape[:3]
     if lossless is None:
-        lossless = images.nbytes <= 4_000_000
+        lossless = images.nbytes <= 1_000_000
     fmt = "WEBP" if lossless or not features.check("avif") else "AVIF"
     per_sheet = columns * rows
     sheets = []
@@ -173,7 +173,7 @@ def sprite_sheets(images: np.ndarray, columns: int = 100, rows: int = 100, lossl
             canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
         buf = io.BytesIO()
         if lossless:
-            Image.fromarray(canvas).save(buf, format="WEBP", lossless=True, quality=100, method=6)
+            Image.fromarray(canvas).save(buf, format="WEBP", lossless=True)
         else:
             Image.fromarray(canvas).save(buf, format=fmt, quality=quality)
         sheets.append(f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii"))

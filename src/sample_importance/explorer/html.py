@@ -1,9 +1,12 @@
 """The explorer page: one self-contained HTML file (Plotly's JavaScript, the page's own script and
 style, and the payload of `explorer.data.assemble`), nothing fetched from a network, so it opens
-from disk and inside the MLflow UI's artifact view (an iframe)."""
+from disk and inside the MLflow UI's artifact view (an iframe with sandbox="allow-scripts" whose
+document is a blob: URL: no storage, no network, no pop-ups are used)."""
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -14,6 +17,12 @@ def plotly_js() -> str:
     from plotly.offline import get_plotlyjs
 
     return get_plotlyjs()
+
+
+def packed_plotly_js() -> str:
+    """plotly.min.js zlib-compressed and base64-encoded (1.9 MB instead of 4.8 MB); the page
+    inflates it with DecompressionStream and runs it before its own script."""
+    return base64.b64encode(zlib.compress(plotly_js().encode("utf-8"), 9)).decode("ascii")
 
 
 def _inline_script(text: str) -> str:
@@ -31,4 +40,4 @@ def render(payload: dict) -> str:
     head = head.replace("__TITLE__", title).replace("__CSS__", (HERE / "page.css").read_text())
     before_data, after_data = rest.split("__DATA__")
     after_data = after_data.replace("__APP__", _inline_script((HERE / "app.js").read_text()))
-    return "".join([head, _inline_script(plotly_js()), before_data, data, after_data])
+    return "".join([head, packed_plotly_js(), before_data, data, after_data])
