@@ -431,3 +431,8 @@ def tracking_ui_url() -> str:
 def run_link(run_id: str, base_url: str) -> str:
     """The MLflow UI page of a run under `base_url`."""
     return f"{base_url.rstrip('/')}/#/experiments/{get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
+def run_tag(run_id: str, key: str, default: str = "") -> str:
+    """A tag of a run (the active one or any other)."""
+    return get_run(run_id).data.tags.get(key, default)

@@ -44,11 +44,31 @@ def cluster_payload(n_ids: np.ndarray, clusters: pd.DataFrame, summary: pd.DataF
     return assign, rows
 
 
+def curve_runs(runs: dict[str, Dynamics], limit: int) -> list[Dynamics]:
+    """The runs whose curves the page carries: the first, its other seeds, then the first run of each
+    other architecture, at most `limit` in all (each adds as much to the file as the first)."""
+    first, *rest = runs.values()
+    chosen = [first] + [r for r in rest if same_architecture(r, first)]
+    for r in rest:
+        if not any(same_architecture(r, c) for c in chosen):
+            chosen.append(r)
+    return chosen[:max(1, limit)]
+
+
+def same_architecture(a: Dynamics, b: Dynamics) -> bool:
+    keys = ("model", "depth", "width")
+    return all(a.metadata["config"].get(k) == b.metadata["config"].get(k) for k in keys)
+
+
 def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2,
                   cluster: tuple[str, pd.DataFrame, pd.DataFrame] | None = None,
-                  links: dict[str, str | None] | None = None, roles: dict[str, str] | None = None) -> str:
-    """The page for `runs` (run id -> dynamics; the first is shown, the others add their curves).
-    `cluster`: (run id, clusters.csv, cluster_summary.csv) of a cluster run of the first run."""
+                  links: dict[str, str | None] | None = None, roles: dict[str, str] | None = None,
+                  max_curve_runs: int = 3) -> str:
+    """The page for `runs` (run id -> dynamics of the same samples): the first is shown; the curves
+    of up to `max_curve_runs` - 1 others (other seeds first, then one run per other architecture)
+    are drawn beside its own, and with several runs of its architecture their learnability (Lee et
+    al. 2019, eq. 1) is a score. `cluster`: (run id, clusters.csv, cluster_summary.csv) of a cluster
+    run of the first run."""
     check_aligned(runs)
     run_ids = list(runs)
     d = runs[run_ids[0]]
@@ -59,8 +79,9 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     table = S.score_table(d, early_epoch)
     harder = dict(S.HARDER_IS_LARGER)
     scores = {c: table[c].to_numpy() for c in table.columns if c not in ("sample_id", "label")}
-    if len(runs) > 1:  # Lee et al.'s learnability: mean p_true over epochs and the runs given
-        scores["learnability"] = S.learnability([np.asarray(r.p_true) for r in runs.values()])
+    seeds = [r for r in runs.values() if same_architecture(r, d)]
+    if len(seeds) > 1:  # Lee et al.'s learnability: mean p_true over epochs and the seeds given
+        scores["learnability"] = S.learnability([np.asarray(r.p_true) for r in seeds])
         harder["learnability"] = False
     cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": "cpu"})
     data = training_data(cfg)  # the run's samples, its label noise included
@@ -76,7 +97,7 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
                                                        f" ({r.metadata['config'].get('model', 'mlp')}, "
                                                        f"depth {r.metadata['config']['depth']})"),
                "layers": r.layer_names, "curves": X.run_curves(r.importance, r.loss, r.p_true)}
-              for r in list(runs.values())[1:]]
+              for r in curve_runs(runs, max_curve_runs)[1:]]
     roles = roles or {}
     links = links or {}
     run_rows = [{"run_id": rid, "role": roles.get(rid, "train run" if k == 0 else f"seed {runs[rid].metadata['seed']}"),
@@ -114,6 +135,15 @@ def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, 
     mlflow_io.log_text(html, ARTIFACT)
     print(f"explorer: {mlflow_io.artifact_uri(ARTIFACT)} ({len(html) / 1e6:.1f} MB)", flush=True)
     return html
+
+
+def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_id: str = "") -> None:
+    """The hook at the end of `scores` and `learnability`: the explorer of the train runs the active
+    run analysed (its train-run tag)."""
+    from ..study import TAG_TRAIN_RUNS
+
+    ids = [s for s in mlflow_io.run_tag(mlflow_io.active_run_id(), TAG_TRAIN_RUNS).split(",") if s]
+    log_explorer(ids, data_dir, early_epoch, cluster_run_id)
 
 
 def run_explore(cfg: ExploreConfig) -> str:
