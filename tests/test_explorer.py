@@ -253,3 +253,40 @@ def test_explorer_in_headless_chromium(explored, browser):
 
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+@needs_chromium
+def test_explorer_inside_the_mlflow_ui(tmp_path, monkeypatch, mlflow_server, browser):
+    """MLflow's UI shows an HTML artifact in an iframe (sandbox="allow-scripts", a blob: URL): the
+    page starts there, finds a sample, and links the runs to the server it was logged to."""
+    import mlflow
+    import train as train_entry
+
+    import explore as explore_entry
+    from sample_importance import mlflow_io
+    from selenium.webdriver.common.keys import Keys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        args = ["--subset", "100", "--epochs", "2", "--width", "8", "--batch_size", "50", "--device", "cpu"]
+        train_id = train_entry.main(args)
+        explore_id = explore_entry.main([*args, "--train_run_ids", train_id])
+        experiment = mlflow_io.get_run(explore_id).info.experiment_id
+    finally:
+        mlflow.set_tracking_uri(None)
+    browser.get(f"{mlflow_server}/#/experiments/{experiment}/runs/{explore_id}/artifacts/explorer.html")
+    wait_for(browser, "return document.querySelector('iframe.mlflow-html-iframe') !== null", 90)
+    frame = browser.find_element("css selector", "iframe.mlflow-html-iframe")
+    assert "allow-scripts" in frame.get_attribute("sandbox")
+    browser.switch_to.frame(frame)
+    wait_for(browser, "return document.body && document.body.dataset.ready === '1'", 90)
+    browser.find_element("id", "search").send_keys("7", Keys.ENTER)
+    wait_for(browser, "return document.body.dataset.selected === '7'", 10)
+    assert browser.find_element("id", "detail-sample-id").text == "7"
+    link = browser.find_element("css selector", "#runs a")
+    assert link.text == train_id and link.get_attribute("href").startswith(mlflow_server)
+    browser.switch_to.default_content()
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "blob:" in e["message"]]
+    assert not errors, errors
