@@ -290,3 +290,15 @@ def test_explorer_inside_the_mlflow_ui(tmp_path, monkeypatch, mlflow_server, bro
     browser.switch_to.default_content()
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "blob:" in e["message"]]
     assert not errors, errors
+
+
+def test_explore_refuses_an_early_epoch_beyond_the_run(explored, capsys):
+    import explore as explore_entry
+    from _cli import run_cli
+
+    run_id, _, _, _ = explored
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: explore_entry.main(["--train_run_ids", run_id, "--early_epoch", "9"]))
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert err == ["error: early_epoch=9 is outside the run's 4 epochs: choose 1 to 4."]

@@ -46,7 +46,7 @@ def short_train(tracking):
     return train_entry.main(["--subset", "100", "--epochs", "2", "--width", "8", "--batch_size", "50"])
 
 
-@pytest.mark.parametrize("entry", ["stability", "decompose", "nll", "cluster"])
+@pytest.mark.parametrize("entry", ["stability", "decompose", "nll", "cluster", "explore"])
 def test_analysis_of_a_missing_run_names_it(tracking, capsys, entry):
     from _cli import run_cli
 

@@ -119,12 +119,16 @@ def main() -> None:
             finally:
                 driver.quit()
         with tempfile.TemporaryDirectory() as profile:
-            driver = browser(profile, "1700,1100")
+            driver = browser(profile, "2000,1150")
             try:
                 driver.get(f"{base}/#/experiments/{experiment}/runs/{run_id}/artifacts/explorer.html")
                 wait(driver, "return document.querySelector('iframe.mlflow-html-iframe') !== null")
                 driver.switch_to.frame(driver.find_element("css selector", "iframe.mlflow-html-iframe"))
                 wait(driver, "return document.body && document.body.dataset.ready === '1'")
+                from selenium.webdriver.common.keys import Keys
+
+                driver.find_element("id", "search").send_keys(hardest, Keys.ENTER)
+                wait(driver, f"return document.body.dataset.selected === '{hardest}'")
                 driver.switch_to.default_content()
                 time.sleep(1)
                 driver.save_screenshot(str(out / f"{args.prefix}_in_mlflow.png"))

@@ -330,11 +330,11 @@
       return tr;
     }));
     $("detail-epoch").textContent = String(E);
-    const small = {margin: {l: 55, r: 45, t: 28, b: 35}, legend: {font: {size: 10}}, xaxis: {title: {text: "epoch"}}};
+    const small = {margin: {l: 55, r: 60, t: 28, b: 35}, legend: {font: {size: 10}}, xaxis: {title: {text: "epoch"}}};
     Plotly.react($("beta-plot"), beta, {...small, title: {text: `β per layer, sample ${id}`, font: {size: 13}},
                                         yaxis: {type: "log", exponentformat: "e"}}, {displaylogo: false});
     Plotly.react($("loss-plot"), lossTraces, {...small, title: {text: `in-batch NLL and p_true, sample ${id}`, font: {size: 13}},
-      yaxis: {title: {text: "NLL"}}, yaxis2: {title: {text: "p_true"}, overlaying: "y", side: "right", range: [0, 1]}},
+      yaxis: {title: {text: "NLL"}}, yaxis2: {title: {text: "p_true"}, overlaying: "y", side: "right", range: [0, 1], tickformat: ".1f"}},
       {displaylogo: false});
     for (const tr of document.querySelectorAll("#table tbody tr")) tr.classList.toggle("si-current", Number(tr.dataset.index) === i);
     document.body.dataset.selected = String(id);

@@ -5,6 +5,7 @@ document is a blob: URL: no storage, no network, no pop-ups are used)."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import zlib
 from pathlib import Path
@@ -19,6 +20,7 @@ def plotly_js() -> str:
     return get_plotlyjs()
 
 
+@functools.lru_cache(maxsize=1)
 def packed_plotly_js() -> str:
     """plotly.min.js zlib-compressed and base64-encoded (1.9 MB instead of 4.8 MB); the page
     inflates it with DecompressionStream and runs it before its own script."""
