@@ -135,6 +135,7 @@
 
   // ---- state ----
   let selected = -1;      // the sample shown in the detail panel
+  let curves = null, otherCurves = [], pending = -1;  // curve readers, once decoded; a click that came earlier
   let mapSubset = null;   // indices chosen by box/lasso on the map
   const filters = {cls: "", cluster: "", score: scoreNames[0], lo: "", hi: ""};
   let sortBy = "total_importance" in scores ? "total_importance" : scoreNames[0], sortDesc = true;
@@ -276,12 +277,13 @@
 
   // ---- the detail panel of one sample ----
   performance.mark("si-table-setup");
-  const [curves, ...otherCurves] = await curvesReady;
+  [curves, ...otherCurves] = await curvesReady;
   const epochs = Array.from({length: E}, (_, t) => t + 1);
   const LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"];
 
   performance.mark("si-curves");
   function select(i) {
+    if (!curves) { pending = i; return; }  // still decoding: shown as soon as the curves are there
     selected = i;
     Plotly.restyle($("map"), {x: [[scores[xName][i]]], y: [[scores[yName][i]]]}, [1]);
     const id = sampleId[i], y = label[i], p = prediction[i];
@@ -364,6 +366,7 @@
   }
 
   renderTable();
+  if (pending >= 0) select(pending);
   $("loading").hidden = true;
   window.SI_READY_MS = performance.now();
   document.body.dataset.ready = "1";
