@@ -97,7 +97,7 @@
     while (lo < hi) { const m = (lo + hi) >> 1; if (v[m] < value) lo = m + 1; else hi = m; }
     return lo + 1;
   }
-  const fmt = (x) => (x === 0 ? "0" : Math.abs(x) >= 1e4 || Math.abs(x) < 1e-3 ? x.toExponential(3) : x.toPrecision(4));
+  const fmt = (x) => (Number.isInteger(x) ? String(x) : Math.abs(x) >= 1e4 || Math.abs(x) < 1e-3 ? x.toExponential(3) : x.toPrecision(4));
   const className = (c) => `${c}${P.class_names[c] !== String(c) ? " " + P.class_names[c] : ""}`;
   const el = (tag, attrs = {}, text) => {
     const e = document.createElement(tag);
@@ -335,7 +335,7 @@
     const small = {margin: {l: 55, r: 60, t: 28, b: 35}, legend: {font: {size: 10}}, xaxis: {title: {text: "epoch"}}};
     Plotly.react($("beta-plot"), beta, {...small, title: {text: `β per layer, sample ${id}`, font: {size: 13}},
                                         yaxis: {type: "log", exponentformat: "e"}}, {displaylogo: false});
-    Plotly.react($("loss-plot"), lossTraces, {...small, title: {text: `in-batch NLL and p_true, sample ${id}`, font: {size: 13}},
+    Plotly.react($("loss-plot"), lossTraces, {...small, legend: {font: {size: 10}, x: 1.12}, title: {text: `in-batch NLL and p_true, sample ${id}`, font: {size: 13}},
       yaxis: {title: {text: "NLL"}}, yaxis2: {title: {text: "p_true"}, overlaying: "y", side: "right", range: [0, 1], tickformat: ".1f"}},
       {displaylogo: false});
     for (const tr of document.querySelectorAll("#table tbody tr")) tr.classList.toggle("si-current", Number(tr.dataset.index) === i);
