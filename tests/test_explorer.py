@@ -2,6 +2,7 @@
 (headless Chromium through Selenium) against the run's dynamics/ arrays."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -46,6 +47,9 @@ def test_curve_encoding_is_the_log_grid_within_the_stated_bound():
     assert rel.max() <= X.MAX_RELATIVE_ERROR < 0.01
     assert rel.max() > 0.5 * X.MAX_RELATIVE_ERROR  # the bound is tight, not vacuous
     np.testing.assert_array_equal(shown == 0, curves == 0)
+    chunked = X.encode_curves(curves, chunk=3)  # 7 samples: chunks of 3, 3 and 1
+    assert len(chunked["chunks"]) == 3
+    np.testing.assert_array_equal(X.decode_curves(chunked), shown)
 
 
 def test_curve_encoding_with_one_layer_and_bad_input():
@@ -127,7 +131,8 @@ def explored(tmp_path_factory):
 
     args = ["--dataset", "digits", "--subset", "300", "--epochs", "4", "--depth", "2", "--width", "16",
             "--batch_size", "50", "--device", "cpu"]
-    with module_store(tmp_path_factory, "explorer", args) as (tmp, run_id):
+    with module_store(tmp_path_factory, "explorer", args) as (tmp, run_id), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(X, "CURVE_CHUNK", 64)  # 300 samples: the page reads curves from 5 chunks
         cluster_id = cluster_entry.main([*args, "--train_run_ids", run_id, "--label", "3", "--num_clusters", "3"])
         explore_id = explore_entry.main([*args, "--train_run_ids", run_id])
         path = mlflow_io._local_path(mlflow_io.get_run(explore_id).info.artifact_uri) / "explorer.html"
@@ -140,6 +145,9 @@ def test_the_explorer_is_one_self_contained_file(explored):
     for fetched in ("<script src=", "<link ", "@import", "<iframe"):
         assert fetched not in html, f"the page must not load {fetched}"
     assert 'id="si-plotly"' in html and 'id="si-data"' in html
+    start = html.index('id="si-data">') + len('id="si-data">')
+    payload = json.loads(html[start:html.index("</script>", start)])
+    assert payload["curves"]["curve_shape"] == [2 + 2, 300, 4] and len(payload["curves"]["chunks"]) == 5
 
 
 @pytest.fixture

@@ -32,29 +32,36 @@
   }
 
   // Curves: (Q, n, E) log-grid codes stored as zigzagged residuals of a prediction, in low and high
-  // byte planes (explorer/data.py, encode_curves / decode_curves: the same steps, for one sample).
-  function curveReader(b, planes, table) {
-    const [Q, n, E] = b.curve_shape, N = Q * n * E, L = Q - 2;
+  // byte planes, in chunks of samples (explorer/data.py, encode_curves / decode_curves: the same
+  // steps, for one sample). A chunk is inflated the first time one of its samples is shown.
+  function curveReader(b) {
+    const [Q, n, E] = b.curve_shape, L = Q - 2, per = b.chunk;
+    const chunks = new Map();
+    let table = null;
     const signed = (c) => { c &= 0xffff; return c >= 32768 ? c - 65536 : c; };
-    const residual = (q, i, t) => {
-      const k = (q * n + i) * E + t, u = planes[k] | (planes[N + k] << 8);
-      return u & 1 ? -((u + 1) >> 1) : u >> 1;
-    };
     const value = (s) => (s === P.zero_code ? 0 : Math.exp(s * P.log_step));
-    return function (i) {  // sample index -> Q arrays of E values
+    return async function (i) {  // sample index -> Q arrays of E values
+      const k = Math.floor(i / per), j = i - k * per, m = Math.min(per, n - k * per), N = Q * m * E;
+      if (!chunks.has(k)) chunks.set(k, unblob(b.chunks[k]));
+      if (!table) table = unblob(b.p_table);
+      const [planes, tab] = await Promise.all([chunks.get(k), table]);
+      const residual = (q, t) => {
+        const x = (q * m + j) * E + t, u = planes[x] | (planes[N + x] << 8);
+        return u & 1 ? -((u + 1) >> 1) : u >> 1;
+      };
       const C = Array.from({length: Q}, () => new Int32Array(E));
       for (let q = L - 1; q >= 0; q--) {
         let acc = 0;
         for (let t = 0; t < E; t++) {
-          acc += residual(q, i, t);
+          acc += residual(q, t);
           C[q][t] = signed(acc + (q === L - 1 ? 0 : C[q + 1][t]));
         }
       }
       let acc = 0;
       for (let t = 0; t < E; t++) {
-        acc += residual(L, i, t);
+        acc += residual(L, t);
         C[L][t] = signed(acc + (C[L - 1][t] >> 1));
-        C[L + 1][t] = signed(residual(L + 1, i, t) + table[C[L][t] - b.p_table_start]);
+        C[L + 1][t] = signed(residual(L + 1, t) + tab[C[L][t] - b.p_table_start]);
       }
       return C.map((codes) => Float64Array.from(codes, value));
     };
@@ -81,8 +88,7 @@
     const v = Float64Array.from(scores[s.name]).sort();
     sorted[s.name] = {v, harder_is_larger: s.harder_is_larger};
   }));
-  const curveBlobs = [P.curves, ...P.other_runs.map((o) => o.curves)];
-  const curvesReady = Promise.all(curveBlobs.map(async (b) => curveReader(b, await unblob(b), await unblob(b.p_table))));
+  const [curves, ...otherCurves] = [P.curves, ...P.other_runs.map((o) => o.curves)].map(curveReader);
   const indexOf = new Map();
   for (let i = 0; i < n; i++) indexOf.set(sampleId[i], i);
 
@@ -135,7 +141,7 @@
 
   // ---- state ----
   let selected = -1;      // the sample shown in the detail panel
-  let curves = null, otherCurves = [], pending = -1;  // curve readers, once decoded; a click that came earlier
+  let shownToken = 0;     // the latest selection (a sample's curves are inflated asynchronously)
   let mapSubset = null;   // indices chosen by box/lasso on the map
   const filters = {cls: "", cluster: "", score: scoreNames[0], lo: "", hi: ""};
   let sortBy = "total_importance" in scores ? "total_importance" : scoreNames[0], sortDesc = true;
@@ -276,14 +282,14 @@
   });
 
   // ---- the detail panel of one sample ----
-  performance.mark("si-table-setup");
-  [curves, ...otherCurves] = await curvesReady;
   const epochs = Array.from({length: E}, (_, t) => t + 1);
   const LAYER_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"];
 
-  performance.mark("si-curves");
-  function select(i) {
-    if (!curves) { pending = i; return; }  // still decoding: shown as soon as the curves are there
+  performance.mark("si-table-setup");
+  async function select(i) {
+    const token = ++shownToken;
+    const [mine, ...others] = await Promise.all([curves(i), ...otherCurves.map((reader) => reader(i))]);
+    if (token !== shownToken) return;  // a later selection came first
     selected = i;
     Plotly.restyle($("map"), {x: [[scores[xName][i]]], y: [[scores[yName][i]]]}, [1]);
     const id = sampleId[i], y = label[i], p = prediction[i];
@@ -305,7 +311,6 @@
     $("detail-scores").replaceChildren(...rows);
     const last = [];
     const beta = [];
-    const mine = curves(i);
     P.layers.forEach((name, q) => {
       const c = mine[q];
       beta.push({x: epochs, y: Array.from(c), name: `β ${name}`, mode: "lines", line: {color: LAYER_COLOURS[q % 7]}});
@@ -316,7 +321,7 @@
     const lossTraces = [{x: epochs, y: Array.from(nll), name: "NLL", mode: "lines", line: {color: "#333"}},
                         {x: epochs, y: Array.from(pt), name: "p_true", mode: "lines", yaxis: "y2", line: {color: "#2ca02c"}}];
     P.other_runs.forEach((o, k) => {
-      const theirs = otherCurves[k](i);
+      const theirs = others[k];
       o.layers.forEach((name, q) => beta.push({x: epochs, y: Array.from(theirs[q]), name: `β ${name}, ${o.name}`,
         mode: "lines", line: {color: LAYER_COLOURS[Math.max(0, P.layers.indexOf(name)) % 7], dash: "dot", width: 1}}));
       const ql = o.layers.length;
@@ -366,7 +371,6 @@
   }
 
   renderTable();
-  if (pending >= 0) select(pending);
   $("loading").hidden = true;
   window.SI_READY_MS = performance.now();
   document.body.dataset.ready = "1";

@@ -26,6 +26,7 @@ import numpy as np
 LOG_STEP = 0.0198  # natural-log grid of the curve encoding
 MAX_RELATIVE_ERROR = math.exp(LOG_STEP / 2) - 1  # 0.00995: bound on |shown - recorded| / recorded
 ZERO_CODE = -32768  # int16 code of an exact zero
+CURVE_CHUNK = 1000  # samples per separately compressed chunk of curves (the page inflates one per sample shown)
 
 
 def blob(array: np.ndarray) -> dict:
@@ -83,7 +84,7 @@ def _p_true_table(nll_codes: np.ndarray) -> tuple[int, np.ndarray]:
     return lo, np.clip(np.rint(-nll / LOG_STEP), -32767, 32767).astype(np.int16)
 
 
-def encode_curves(curves: np.ndarray) -> dict:
+def encode_curves(curves: np.ndarray, chunk: int | None = None) -> dict:
     """(L + 2, n, E) curves of `run_curves` (beta of L layers, NLL, p_true; all >= 0) -> a blob.
 
     Every value becomes its int16 log-grid code; what is stored is each code minus a prediction
@@ -96,10 +97,12 @@ def encode_curves(curves: np.ndarray) -> dict:
     exp(-NLL) (the recorded p_true is exp(-NLL) up to float32 rounding), from a table stored
     alongside. Residuals are taken modulo 2^16 as int16, zigzag-mapped to uint16 (0, -1, 1, -2, ... -> 0, 1, 2,
     3, ...) and split into low and high byte planes.
-    `decode_curves` inverts it exactly on the grid."""
+    Samples are stored in chunks of `chunk` (each its own blob), so the page inflates only the chunk
+    of the sample it shows. `decode_curves` inverts it exactly on the grid."""
     Q, n, E = curves.shape
     L = Q - 2
     assert L >= 1, "curves must hold at least one layer, the NLL and p_true"
+    chunk = chunk or CURVE_CHUNK
     C = log_codes(curves).astype(np.int64)  # (Q, n, E)
     R = np.empty_like(C)
     R[L - 1] = np.diff(C[L - 1], axis=1, prepend=0)
@@ -108,12 +111,13 @@ def encode_curves(curves: np.ndarray) -> dict:
     R[L] = np.diff(C[L] - (C[L - 1] >> 1), axis=1, prepend=0)
     lo, table = _p_true_table(C[L])
     R[L + 1] = C[L + 1] - table[C[L] - lo]
-    r = _signed(R).reshape(-1)  # the residual modulo 2^16, as int16
-    flat = np.where(r >= 0, 2 * r, -2 * r - 1)  # zigzag: small magnitudes -> small codes (high byte 0)
-    planes = np.stack([flat & 0xFF, flat >> 8]).astype(np.uint8)  # (2, Q*n*E)
-    out = blob(planes)
-    out.update(curve_shape=[Q, n, E], p_table_start=lo, p_table=blob(table))
-    return out
+    r = _signed(R)  # the residual modulo 2^16, as int16
+    zigzag = np.where(r >= 0, 2 * r, -2 * r - 1)  # small magnitudes -> small codes (high byte 0)
+    chunks = []
+    for start in range(0, n, chunk):
+        flat = zigzag[:, start:start + chunk].reshape(-1)  # (Q * m * E,) for the m samples of the chunk
+        chunks.append(blob(np.stack([flat & 0xFF, flat >> 8]).astype(np.uint8)))  # (2, Q*m*E)
+    return {"curve_shape": [Q, n, E], "chunk": chunk, "chunks": chunks, "p_table_start": lo, "p_table": blob(table)}
 
 
 def decode_curves(b: dict) -> np.ndarray:
@@ -121,8 +125,7 @@ def decode_curves(b: dict) -> np.ndarray:
     (app.js, curveReader) does the same steps for one sample."""
     Q, n, E = b["curve_shape"]
     L = Q - 2
-    planes = unblob(b).astype(np.int64)
-    u = (planes[0] | (planes[1] << 8)).reshape(Q, n, E)
+    u = np.concatenate([_unplanes(c, Q, E) for c in b["chunks"]], axis=1)  # (Q, n, E)
     R = np.where(u & 1, -((u + 1) >> 1), u >> 1)  # undo the zigzag
     C = np.empty_like(R)
     C[L - 1] = _signed(np.cumsum(R[L - 1], axis=1))
@@ -132,6 +135,11 @@ def decode_curves(b: dict) -> np.ndarray:
     table = unblob(b["p_table"]).astype(np.int64)
     C[L + 1] = _signed(R[L + 1] + table[C[L] - b["p_table_start"]])
     return from_codes(C.astype(np.int16))
+
+
+def _unplanes(b: dict, Q: int, E: int) -> np.ndarray:
+    planes = unblob(b).astype(np.int64)
+    return (planes[0] | (planes[1] << 8)).reshape(Q, -1, E)
 
 
 def ranks(values: np.ndarray, harder_is_larger: bool = True) -> np.ndarray:
