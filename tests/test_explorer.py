@@ -147,7 +147,7 @@ def test_the_explorer_is_one_self_contained_file(explored):
     assert 'id="si-plotly"' in html and 'id="si-data"' in html
     start = html.index('id="si-data">') + len('id="si-data">')
     payload = json.loads(html[start:html.index("</script>", start)])
-    assert payload["curves"]["curve_shape"] == [2 + 2, 300, 4] and len(payload["curves"]["chunks"]) == 5
+    assert payload["curves"]["curve_shape"] == [3 + 2, 300, 4] and len(payload["curves"]["chunks"]) == 5
 
 
 @pytest.fixture
