@@ -82,7 +82,7 @@
   performance.mark("si-blobs");
   const scoreNames = P.scores.map((s) => s.name);
   const scores = {};
-  const sorted = {};  // each score's values sorted from hardest to easiest, for ranks
+  const sorted = {};  // each score's values in ascending order, for ranks
   await Promise.all(P.scores.map(async (s) => {
     scores[s.name] = await unblob(s.values);
     const v = Float64Array.from(scores[s.name]).sort();
