@@ -10,7 +10,7 @@ import torch
 
 from .. import mlflow_io
 from ..analysis import scores as S
-from ..config import ConfigError, ExploreConfig, TrainConfig
+from ..config import ConfigError, ExploreConfig, TrainConfig, architecture_name
 from ..data import load_dataset, training_data
 from ..dynamics import FINAL_STATE, Dynamics, check_aligned
 from ..models import model_for
@@ -62,8 +62,7 @@ def same_architecture(a: Dynamics, b: Dynamics) -> bool:
 
 def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2,
                   cluster: tuple[str, pd.DataFrame, pd.DataFrame] | None = None,
-                  links: dict[str, str | None] | None = None, roles: dict[str, str] | None = None,
-                  max_curve_runs: int = 3) -> str:
+                  links: dict[str, str | None] | None = None, max_curve_runs: int = 3) -> str:
     """The page for `runs` (run id -> dynamics of the same samples): the first is shown; the curves
     of up to `max_curve_runs` - 1 others (other seeds first, then one run per other architecture)
     are drawn beside its own, and with several runs of its architecture their learnability (Lee et
@@ -93,15 +92,16 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     if cluster is not None:
         cluster_run, clusters, csum = cluster
         assign, summary = cluster_payload(ids, clusters, csum)
-    others = [{"name": f"seed {r.metadata['seed']}" + ("" if r.layer_names == d.layer_names else
-                                                       f" ({r.metadata['config'].get('model', 'mlp')}, "
-                                                       f"depth {r.metadata['config']['depth']})"),
-               "layers": r.layer_names, "curves": X.run_curves(r.importance, r.loss, r.p_true)}
+    def name(r: Dynamics) -> str:  # "seed 1", or "seed 0, cnn" for another architecture
+        c = r.metadata["config"]
+        arch = "" if same_architecture(r, d) else ", " + architecture_name(c.get("model", "mlp"), c["depth"], c["width"])
+        return f"seed {r.metadata['seed']}{arch}"
+
+    others = [{"name": name(r), "layers": r.layer_names, "curves": X.run_curves(r.importance, r.loss, r.p_true)}
               for r in curve_runs(runs, max_curve_runs)[1:]]
-    roles = roles or {}
     links = links or {}
-    run_rows = [{"run_id": rid, "role": roles.get(rid, "train run" if k == 0 else f"seed {runs[rid].metadata['seed']}"),
-                 "url": links.get(rid)} for k, rid in enumerate(run_ids)]
+    run_rows = [{"run_id": rid, "role": "train run" if k == 0 else name(runs[rid]), "url": links.get(rid)}
+                for k, rid in enumerate(run_ids)]
     if cluster_run:
         run_rows.append({"run_id": cluster_run, "role": "cluster run", "url": links.get(cluster_run)})
     title = (f"Sample explorer: {meta['dataset']}, {len(ids):,} training samples, {E} epochs, seed {meta['seed']}"
