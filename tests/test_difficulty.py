@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sample_importance.errors import UserError
+from sample_importance.explorer import data as X
 
 BASE = ["--subset", "100", "--epochs", "4", "--batch_size", "20", "--device", "cpu"]
 
@@ -30,6 +31,15 @@ def downgrade_to_schema_2(folder) -> None:
 
 def table(run_id: str, name: str) -> pd.DataFrame:
     return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name))
+
+
+def explorer_payload(run_id: str) -> dict:
+    """The data of a run's explorer.html."""
+    import json
+
+    page = mlflow.artifacts.load_text(f"runs:/{run_id}/explorer.html")
+    start = page.index('id="si-data">') + len('id="si-data">')
+    return json.loads(page[start:page.index("</script>", start)])
 
 
 def test_scores_with_label_noise(tracking):
@@ -64,6 +74,8 @@ def test_scores_with_label_noise(tracking):
     assert found.loc["final_nll", "auroc"] > 0.6  # flipped labels keep a high loss, even after 4 epochs
     rho = table(run_id, "rank_correlations.csv").set_index("score")
     assert rho.loc["confidence", "confidence"] == pytest.approx(1.0)
+    page = explorer_payload(run_id)  # the explorer of the scored run, its flipped labels marked
+    assert X.unblob(page["flipped"]).tolist() == s["flipped"].astype(int).tolist()
     figures = {f.path for f in MlflowClient().list_artifacts(run_id, "figures")}
     assert {"figures/data_map.png", "figures/rank_correlations.png"} <= figures
 
@@ -120,6 +132,9 @@ def test_learnability_table_and_mismatch_refusal(tracking):
     run_id = learnability.main(["--train_run_ids", ",".join(ids)] + BASE)
     pairs = table(run_id, "table1.csv")
     assert pairs[["model_a", "model_b"]].values.tolist() == [["mlp:1x16", "cnn"]]
+    page = explorer_payload(run_id)  # the first run, its other seed and the other architecture's curves
+    assert "learnability" in [sc["name"] for sc in page["scores"]]
+    assert [o["layers"] for o in page["other_runs"]] == [["L1", "Out"], ["C1", "C2", "Out"]]
     assert pairs["seeds_a"].item() == 2 and pairs["seeds_b"].item() == 2
     learn = table(run_id, "learnability.csv")
     assert sorted(learn["rank_cnn"]) == pytest.approx(sorted(np.arange(1, 101)), abs=0.5)  # ranks 1..n (ties averaged)

@@ -18,7 +18,8 @@ from test_train_entry import _mlflow_run
 ENTRY_CONFIGS = {"main": C.StudyConfig, "train": C.TrainRunConfig, "stability": C.StabilityConfig,
                  "decompose": C.DecomposeConfig, "nll": C.NllConfig, "cluster": C.ClusterConfig,
                  "ordering": C.OrderingConfig, "sweep": C.SweepConfig, "influence": C.InfluenceConfig,
-                 "scores": C.ScoresConfig, "prune": C.PruneConfig, "learnability": C.LearnabilityConfig}
+                 "scores": C.ScoresConfig, "prune": C.PruneConfig, "learnability": C.LearnabilityConfig,
+                 "explore": C.ExploreConfig}
 
 
 def test_mlproject_parameters_mirror_the_configs():
@@ -45,7 +46,7 @@ def short_train(tracking):
     return train_entry.main(["--subset", "100", "--epochs", "2", "--width", "8", "--batch_size", "50"])
 
 
-@pytest.mark.parametrize("entry", ["stability", "decompose", "nll", "cluster"])
+@pytest.mark.parametrize("entry", ["stability", "decompose", "nll", "cluster", "explore"])
 def test_analysis_of_a_missing_run_names_it(tracking, capsys, entry):
     from _cli import run_cli
 
@@ -116,6 +117,10 @@ def test_main_runs_the_study_once_then_reuses_it(tracking):
     assert html.count('<td class="yes">') + html.count('<td class="no">') == 5
     assert len(re.findall(r'<img src="data:image/png;base64,', html)) >= 10
     assert "does not exist" not in html
+    from test_difficulty import explorer_payload  # the explorer: train run, its other seeds, its clusters
+
+    page = explorer_payload(main.info.run_id)
+    assert len(page["other_runs"]) == 2 and len(page["cluster_summary"]) == 3
     for n in range(1, 6):
         assert re.search(rf"claim {n}: (holds|does not hold) -- ", first.stdout), n
 

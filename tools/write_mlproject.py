@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "scores": (C.ScoresConfig, "Every per-sample difficulty score side by side; label-noise detection (AUROC)"),
     "prune": (C.PruneConfig, "Data pruning: train on the samples each score keeps (hardest, easiest, random)"),
     "learnability": (C.LearnabilityConfig, "Sample-wise learnability across architectures (Lee et al. 2019)"),
+    "explore": (C.ExploreConfig, "A self-contained explorer.html: data map, every sample's scores, curves and image"),
     "influence": (C.InfluenceConfig, "Influence of each training sample (section 4): fixed point, unrolled, validated"),
     "sweep": (C.SweepConfig, "Optuna search over the learning rate, each trial over seeds; resumable, shared by workers"),
 }

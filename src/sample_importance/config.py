@@ -425,6 +425,13 @@ class LearnabilityConfig(AnalysisConfig):
         return self
 
 
+@dataclass(frozen=True)
+class ExploreConfig(AnalysisConfig):
+    """`explore`: one self-contained explorer.html of a train run (more ids: their curves beside it)."""
+
+    cluster_run_id: str = ""  # cluster run whose clusters are shown; empty = the newest of the first train run
+    tracking_url: str = ""  # MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)
+
 INFLUENCE_MODES = ("influence", "validate", "breakdown")
 
 
@@ -561,6 +568,8 @@ _FIELD_HELP = {
     "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
     "eval_train": "1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off",
     "early_epoch": "1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)",
+    "cluster_run_id": "explore: cluster run whose clusters are shown; empty = the newest cluster run of the first train run",
+    "tracking_url": "explore: MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)",
     "keep_fractions": "prune: comma-separated fractions of the training set kept",
     "prune_scores": "prune: comma-separated scores that choose the kept samples (columns of scores.csv)",
     "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn",

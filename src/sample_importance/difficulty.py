@@ -14,6 +14,7 @@ from .analysis import scores as S
 from .config import ConfigError, LearnabilityConfig, PruneConfig, ScoresConfig, TrainConfig, architecture_name
 from .data import load_dataset, training_data
 from .dynamics import Dynamics, DynamicsError
+from .explorer.stage import log_explorer_of_active_run
 from .models import model_for
 from .study import as_images, start_analysis, train_runs
 from .training import fit
@@ -64,6 +65,7 @@ def run_scores(cfg: ScoresConfig) -> str:
             for r in found.itertuples():
                 print(f"label noise {noise:g}: {r.score:<16} AUROC {r.auroc:.3f}  precision@{r.k} "
                       f"{r.precision_at_k:.3f}", flush=True)
+        log_explorer_of_active_run(cfg.data_dir, cfg.early_epoch)
         return run.info.run_id
 
 
@@ -169,4 +171,5 @@ def run_learnability(cfg: LearnabilityConfig) -> str:
             images.append(as_images(data.x_train[chosen], shape))
             titles.append(["\n".join(f"{a}: {R[a][i]:.0f}" for a in archs) for i in chosen])
         mlflow_io.log_figure(plots.extreme_images(images, titles, rows), "figures/easiest_hardest.png")
+        log_explorer_of_active_run(cfg.data_dir, min(2, first.metadata["epochs"]))
         return run.info.run_id

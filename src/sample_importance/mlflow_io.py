@@ -497,3 +497,40 @@ def finish_if_ended(run_id: str) -> None:
     client = MlflowClient()
     if client.get_run(run_id).info.status != "RUNNING":
         client.set_terminated(run_id, "FINISHED")
+
+
+def find_cluster_run(train_run_id: str) -> str | None:
+    """The newest FINISHED `cluster` run of this train run (its train-run tag), if any."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True, output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`{TAG_ENTRY_POINT}` = 'cluster' and tags.`sample_importance.train_run_ids` = "
+                       f"'{train_run_id}' and attributes.status = 'FINISHED'"))
+    return runs[0].info.run_id if runs else None
+
+
+def load_table(run_id: str, name: str):
+    """A CSV artifact of a run as a pandas DataFrame."""
+    import io
+
+    import pandas as pd
+
+    try:
+        return pd.read_csv(io.BytesIO(download_bytes(run_id, name)))
+    except Exception:
+        raise RunLookupError(f"Run {run_id} has no artifact {name}: pass a finished run of the right entry point.") from None
+
+
+def tracking_ui_url() -> str:
+    """The tracking server's URL when it is one (http/https), else "" (a local store has no UI URL)."""
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else ""
+
+
+def run_link(run_id: str, base_url: str) -> str:
+    """The MLflow UI page of a run under `base_url`."""
+    return f"{base_url.rstrip('/')}/#/experiments/{get_run(run_id).info.experiment_id}/runs/{run_id}"
+
+
+def run_tag(run_id: str, key: str, default: str = "") -> str:
+    """A tag of a run (the active one or any other)."""
+    return get_run(run_id).data.tags.get(key, default)

@@ -247,5 +247,9 @@ def run_main(cfg: StudyConfig, project_dir: str | Path) -> str:
                               step=0)
         for c in claims:
             print(f"claim {c['number']}: {'holds' if c['holds'] else 'does not hold'} -- {c['measured']}")
+        from .explorer.stage import log_explorer  # the train run, its other seeds and its clusters
+
+        seeds = [s for s in mlflow_io.run_tag(runs["stability"], TAG_TRAIN_RUNS).split(",") if s and s != runs["train"]]
+        log_explorer([runs["train"], *seeds], cfg.data_dir, min(2, cfg.epochs), runs["cluster"])
         print(f"report: {mlflow_io.artifact_uri('report.html')}", flush=True)
         return run.info.run_id

@@ -1,0 +1,158 @@
+"""The `explore` entry point, and the hook `main`, `scores` and `learnability` call at their end:
+one self-contained `explorer.html` for a train run (or several runs of the same samples: other
+seeds or architectures add their curves), with the clusters of a `cluster` run when there is one.
+MLflow is reached only through `mlflow_io`; the page's data comes from `explorer.data`."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import mlflow_io
+from ..analysis import scores as S
+from ..config import ConfigError, ExploreConfig, TrainConfig, architecture_name
+from ..data import load_dataset, training_data
+from ..dynamics import FINAL_STATE, Dynamics, check_aligned
+from ..models import model_for
+from . import data as X
+from .html import render
+
+ARTIFACT = "explorer.html"
+
+
+def final_predictions(d: Dynamics, data) -> np.ndarray:
+    """(n,) the class each training sample gets under the run's final parameters (dynamics/final_state.pt)."""
+    cfg = TrainConfig(**{**d.metadata["config"], "device": "cpu"})
+    model = model_for(cfg, data)
+    model.load_state_dict(torch.load(d.folder / FINAL_STATE, weights_only=True, map_location="cpu"))
+    model.eval()
+    x = torch.as_tensor(data.x_train[np.asarray(d.sample_id)])
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + 8192]).argmax(1) for i in range(0, len(x), 8192)]).numpy()
+
+
+def cluster_payload(n_ids: np.ndarray, clusters: pd.DataFrame, summary: pd.DataFrame) -> tuple[np.ndarray, list[dict]]:
+    """A cluster run's clusters.csv and cluster_summary.csv -> (n,) cluster per sample (-1 = not
+    clustered) and one dict per cluster, easiest first (the cluster step numbers them by rank)."""
+    position = {int(s): k for k, s in enumerate(n_ids)}
+    assign = np.full(len(n_ids), -1, dtype=np.int32)
+    for s, c in zip(clusters["sample_id"], clusters["cluster"]):
+        if int(s) in position:
+            assign[position[int(s)]] = int(c)
+    rows = [{"cluster": int(r.cluster), "rank": k, "size": int(r.size), "difficulty": float(r.difficulty),
+             "peak_epoch": int(r.peak_epoch)} for k, r in enumerate(summary.sort_values("difficulty").itertuples())]
+    return assign, rows
+
+
+def curve_runs(runs: dict[str, Dynamics], limit: int) -> list[Dynamics]:
+    """The runs whose curves the page carries: the first, its other seeds, then the first run of each
+    other architecture, at most `limit` in all (each adds as much to the file as the first)."""
+    first, *rest = runs.values()
+    chosen = [first] + [r for r in rest if same_architecture(r, first)]
+    for r in rest:
+        if not any(same_architecture(r, c) for c in chosen):
+            chosen.append(r)
+    return chosen[:max(1, limit)]
+
+
+def same_architecture(a: Dynamics, b: Dynamics) -> bool:
+    keys = ("model", "depth", "width")
+    return all(a.metadata["config"].get(k) == b.metadata["config"].get(k) for k in keys)
+
+
+def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2,
+                  cluster: tuple[str, pd.DataFrame, pd.DataFrame] | None = None,
+                  links: dict[str, str | None] | None = None, max_curve_runs: int = 3) -> str:
+    """The page for `runs` (run id -> dynamics of the same samples): the first is shown; the curves
+    of up to `max_curve_runs` - 1 others (other seeds first, then one run per other architecture)
+    are drawn beside its own, and with several runs of its architecture their learnability (Lee et
+    al. 2019, eq. 1) is a score. `cluster`: (run id, clusters.csv, cluster_summary.csv) of a cluster
+    run of the first run."""
+    check_aligned(runs)
+    run_ids = list(runs)
+    d = runs[run_ids[0]]
+    meta = d.metadata
+    E = int(meta["epochs_completed"])
+    if not 1 <= early_epoch <= E:
+        raise ConfigError(f"early_epoch={early_epoch} is outside the run's {E} epochs: choose 1 to {E}.")
+    seeds = [r for r in runs.values() if same_architecture(r, d)]
+    # The scores as their authors define them (analysis.scores.SCORES): EL2N and GraNd averaged over
+    # the seeds given; scores a run cannot give (no end-of-epoch evaluation) are left out.
+    table, _missing = S.score_table(seeds, early_epoch)
+    harder = dict(S.HARDER_IS_LARGER)
+    scores = {c: table[c].to_numpy() for c in table.columns if c not in ("sample_id", "label")}
+    if len(seeds) > 1 and all(r.has_eval for r in seeds):  # Lee et al.'s learnability (eq. 1), end-of-epoch p_true
+        scores["learnability"] = S.learnability([np.asarray(r.eval_p_true) for r in seeds])
+        harder["learnability"] = False
+    cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": "cpu"})
+    data = training_data(cfg)  # the run's samples, its label noise included
+    ids = np.asarray(d.sample_id)
+    flipped = None
+    if float(meta["config"].get("label_noise", 0.0)) > 0:
+        flipped = np.asarray(d.label) != load_dataset(cfg.dataset, data_dir, cfg.subset).y_train[ids]
+    assign, summary, cluster_run = None, None, None
+    if cluster is not None:
+        cluster_run, clusters, csum = cluster
+        assign, summary = cluster_payload(ids, clusters, csum)
+    def name(r: Dynamics) -> str:  # "seed 1", or "seed 0, cnn" for another architecture
+        c = r.metadata["config"]
+        arch = "" if same_architecture(r, d) else ", " + architecture_name(c.get("model", "mlp"), c["depth"], c["width"])
+        return f"seed {r.metadata['seed']}{arch}"
+
+    others = [{"name": name(r), "layers": r.layer_names, "curves": X.run_curves(r.importance, r.loss, r.p_true)}
+              for r in curve_runs(runs, max_curve_runs)[1:]]
+    links = links or {}
+    run_rows = [{"run_id": rid, "role": "train run" if k == 0 else name(runs[rid]), "url": links.get(rid)}
+                for k, rid in enumerate(run_ids)]
+    if cluster_run:
+        run_rows.append({"run_id": cluster_run, "role": "cluster run", "url": links.get(cluster_run)})
+    title = (f"Sample explorer: {meta['dataset']}, {len(ids):,} training samples, {E} epochs, seed {meta['seed']}"
+             + (f", label noise {meta['config']['label_noise']:g}" if flipped is not None else ""))
+    payload = X.assemble(
+        title=title, dataset=meta["dataset"], layer_names=d.layer_names, sample_id=ids, label=np.asarray(d.label),
+        prediction=final_predictions(d, data), scores=scores, harder_is_larger=harder,
+        curves=X.run_curves(d.importance, d.loss, d.p_true),
+        images=X.sprite_sheets(X.to_uint8_images(data.x_train[ids], meta["image_shape"])),
+        num_classes=int(meta.get("num_classes", data.num_classes)), runs=run_rows, other_curves=others,
+        flipped=flipped, cluster=assign, cluster_summary=summary)
+    if summary is not None:
+        payload["cluster_note"] = (f"k-means on the importance profiles of one class (cluster run {cluster_run}); "
+                                   "ranked by mean in-batch NLL, easiest first; click a title to filter the table")
+    return render(payload)
+
+
+def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, cluster_run_id: str = "",
+                 tracking_url: str = "") -> str:
+    """Build the explorer of these train runs and log it as `explorer.html` of the active run.
+    `cluster_run_id` empty: the newest finished `cluster` run of the first train run, if any."""
+    runs = {rid: mlflow_io.load_dynamics(rid) for rid in train_run_ids}
+    cluster_run_id = cluster_run_id or mlflow_io.find_cluster_run(train_run_ids[0]) or ""
+    cluster = None
+    if cluster_run_id:
+        cluster = (cluster_run_id, mlflow_io.load_table(cluster_run_id, "clusters.csv"),
+                   mlflow_io.load_table(cluster_run_id, "cluster_summary.csv"))
+    base = tracking_url or mlflow_io.tracking_ui_url()
+    links = {rid: mlflow_io.run_link(rid, base) for rid in [*train_run_ids, cluster_run_id] if rid and base}
+    html = explorer_html(runs, data_dir, early_epoch, cluster, links)
+    mlflow_io.log_text(html, ARTIFACT)
+    print(f"explorer: {mlflow_io.artifact_uri(ARTIFACT)} ({len(html) / 1e6:.1f} MB)", flush=True)
+    return html
+
+
+def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_id: str = "") -> None:
+    """The hook at the end of `scores` and `learnability`: the explorer of the train runs the active
+    run analysed (its train-run tag)."""
+    from ..study import TAG_TRAIN_RUNS
+
+    ids = [s for s in mlflow_io.run_tag(mlflow_io.active_run_id(), TAG_TRAIN_RUNS).split(",") if s]
+    log_explorer(ids, data_dir, early_epoch, cluster_run_id)
+
+
+def run_explore(cfg: ExploreConfig) -> str:
+    """The `explore` entry point: the explorer of the given (or matching) train runs."""
+    from ..study import train_runs, start_analysis
+
+    with start_analysis(cfg, "explore", "Every training sample one click away: explorer.html") as run:
+        ids = list(train_runs(cfg, [cfg.seed]))
+        log_explorer(ids, cfg.data_dir, cfg.early_epoch, cfg.cluster_run_id, cfg.tracking_url)
+        return run.info.run_id
