@@ -114,7 +114,9 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
         curves=X.run_curves(d.importance, d.loss, d.p_true),
         images=X.sprite_sheets(X.to_uint8_images(data.x_train[ids], meta["image_shape"])),
         num_classes=int(meta.get("num_classes", data.num_classes)), runs=run_rows, other_curves=others,
-        flipped=flipped, cluster=assign, cluster_summary=summary)
+        flipped=flipped, cluster=assign, cluster_summary=summary,
+        # Cartography's axes from the end-of-epoch evaluation; a run without it (schema 2) shows the in-batch ones.
+        map_axes=("variability", "confidence") if "variability" in scores else ("variability_inbatch", "confidence_inbatch"))
     if summary is not None:
         payload["cluster_note"] = (f"k-means on the importance profiles of one class (cluster run {cluster_run}); "
                                    "ranked by mean in-batch NLL, easiest first; click a title to filter the table")
