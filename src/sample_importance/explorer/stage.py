@@ -72,6 +72,9 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     run_ids = list(runs)
     d = runs[run_ids[0]]
     meta = d.metadata
+    if meta.get("source") == "track_run":
+        raise ConfigError(f"Run {run_ids[0]} was made by track_run with the researcher's own model and data, which "
+                          "the explorer cannot rebuild (images, final predictions): explore runs of `train`.")
     E = int(meta["epochs_completed"])
     if not 1 <= early_epoch <= E:
         raise ConfigError(f"early_epoch={early_epoch} is outside the run's {E} epochs: choose 1 to {E}.")
@@ -147,7 +150,11 @@ def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_
     from ..study import TAG_TRAIN_RUNS
 
     ids = [s for s in mlflow_io.run_tag(mlflow_io.active_run_id(), TAG_TRAIN_RUNS).split(",") if s]
-    log_explorer(ids, data_dir, early_epoch, cluster_run_id)
+    try:
+        log_explorer(ids, data_dir, early_epoch, cluster_run_id)
+    except ConfigError as exc:  # the stage's own results stand; say why there is no explorer
+        print(f"note: no explorer.html: {exc}", flush=True)
+        mlflow_io.set_tags({"sample_importance.explorer": f"not made: {exc}"[:5000]})
 
 
 def run_explore(cfg: ExploreConfig) -> str:
