@@ -146,6 +146,21 @@ def test_convolutions(conv, shape):
     check(Head(body, features), ce(torch.randn(*shape), Y))
 
 
+@pytest.mark.parametrize("conv, shape", [
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (B, 3, 6, 6)),  # few positions: the Gram route
+    (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2), (B, 2, 12, 12)),  # the product route
+])
+def test_convolutions_without_materialising_per_sample_gradients(conv, shape, monkeypatch):
+    """Above PER_SAMPLE_LIMIT the rule takes the unfolded-patch routes; checked here by lowering it."""
+    from sample_importance.importance import rules
+
+    monkeypatch.setattr(rules, "PER_SAMPLE_LIMIT", 0)
+    seeded()
+    body = conv()
+    features = body(torch.randn(*shape)).flatten(1).shape[1]
+    check(Head(body, features), ce(torch.randn(*shape), Y))
+
+
 def test_embedding_with_padding_index():
     seeded()
     idx = torch.tensor([[1, 2, 1, 0], [0, 0, 3, 3], [4, 1, 2, 3], [2, 2, 2, 2], [0, 4, 4, 1]])

@@ -185,6 +185,9 @@ def _explicit_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple
     return x, tuple(module.padding)
 
 
+PER_SAMPLE_LIMIT = 2 ** 25  # elements of (B, *weight.shape) a rule may materialise (128 MB in float32)
+
+
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_grads(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.Tensor]:
     """dL_i/dW = the weight gradient of sample i's own convolution: computed for all samples at once
@@ -208,10 +211,14 @@ def conv_grads(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.T
 
 @register_norms(conv_grads)
 def conv_sq_norms(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.Tensor]:
-    """Ungrouped zero-padded 2-D convolutions: from D_i (O, P) and the unfolded patches U_i (CKK, P),
-    ||D_i U_i^T||^2 or <D_i^T D_i, U_i^T U_i>, whichever costs fewer operations; others materialise."""
-    if not (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)):
+    """The per-sample weight gradients of `conv_grads` (one grouped convolution backward, as fast as
+    the batch's own weight gradient: bench/README.md), squared and summed, while they fit in
+    PER_SAMPLE_LIMIT elements; beyond that, for ungrouped zero-padded 2-D convolutions, from D_i (O, P)
+    and the unfolded patches U_i (CKK, P): ||D_i U_i^T||^2 or <D_i^T D_i, U_i^T U_i>, whichever costs
+    fewer operations, without materialising them."""
+    small = call.x.shape[0] * module.weight.numel() <= PER_SAMPLE_LIMIT
+    if small or not (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+                     and not isinstance(module.padding, str)):
         return {k: v.flatten(1).square().sum(1) for k, v in conv_grads(module, call).items()}
     a, dz = call.x, call.g
     U = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
