@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
-from screenshots import api, free_port  # noqa: E402
+from screenshots import api, ui_server  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -59,24 +57,9 @@ def main() -> None:
     args = ap.parse_args()
     if not (shutil.which("chromium") or shutil.which("chromium-browser")) or not shutil.which("chromedriver"):
         sys.exit("error: headless Chromium and its driver are needed: apt-get install chromium chromium-driver.")
-    store = Path(args.store).resolve()
-    if not (store / "mlflow.db").is_file():
-        sys.exit(f"error: {store / 'mlflow.db'} does not exist: pass --store, the folder where you ran the jobs.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-                               "--default-artifact-root", str(store / "mlruns"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=store)
-    try:
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except Exception:
-                time.sleep(0.5)
+    with ui_server(args.store) as base:
         runs = api(base, "runs/search", {"experiment_ids": [e["experiment_id"] for e in api(
             base, "experiments/search", {"max_results": 1000})["experiments"]], "max_results": 1000,
             "order_by": ["attributes.start_time DESC"]})["runs"]
@@ -135,9 +118,6 @@ def main() -> None:
                 print(f"wrote {out / f'{args.prefix}_in_mlflow.png'}")
             finally:
                 driver.quit()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

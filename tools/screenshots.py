@@ -10,6 +10,7 @@ registered model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import socket
@@ -20,6 +21,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 
 def free_port() -> int:
@@ -47,19 +49,13 @@ def shoot(chromium: str, url: str, path: Path, size: str = "1800,1000") -> None:
     print(f"wrote {path}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", default=".", help="folder holding mlflow.db and mlruns/")
-    ap.add_argument("--out", default="docs", help="where the PNG files go")
-    args = ap.parse_args()
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        sys.exit("error: headless Chromium is needed: apt-get install chromium.")
-    store = Path(args.store).resolve()
+@contextlib.contextmanager
+def ui_server(store_arg: str) -> Iterator[str]:
+    """A local `mlflow server` (one worker, loopback) on the tracking store in folder `store_arg`;
+    yields its URL once it answers, and stops it afterwards."""
+    store = Path(store_arg).resolve()
     if not (store / "mlflow.db").is_file():
         sys.exit(f"error: {store / 'mlflow.db'} does not exist: pass --store, the folder where you ran the jobs.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -73,6 +69,23 @@ def main() -> None:
                 break
             except Exception:
                 time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default=".", help="folder holding mlflow.db and mlruns/")
+    ap.add_argument("--out", default="docs", help="where the PNG files go")
+    args = ap.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        sys.exit("error: headless Chromium is needed: apt-get install chromium.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with ui_server(args.store) as base:
         runs = api(base, "runs/search", {"experiment_ids": ["0"], "max_results": 1000,
                                          "order_by": ["attributes.start_time DESC"]})["runs"]
         shoot(chromium, f"{base}/#/experiments/0/runs", out / "runs.png")
@@ -91,9 +104,6 @@ def main() -> None:
         models = api(base, "registered-models/search").get("registered_models", [])
         if models:
             shoot(chromium, f"{base}/#/models/{urllib.parse.quote(models[0]['name'])}", out / "registry.png")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":
