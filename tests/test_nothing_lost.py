@@ -384,3 +384,15 @@ def test_killing_main_ends_its_train_child_and_the_rerun_completes(tmp_path):
         assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("model, depth", [("mlp", 3), ("mlp", 0), ("cnn", 3)])
+def test_the_size_check_counts_the_parameters_the_model_has(model, depth):
+    """check_model_size refuses by a count made without building the model: it must be the real one."""
+    from sample_importance.config import TrainConfig
+    from sample_importance.data import training_data
+    from sample_importance.models import expected_parameters, model_for
+
+    cfg = TrainConfig(model=model, depth=depth, width=16)
+    data = training_data(cfg)
+    assert expected_parameters(cfg, data) == sum(p.numel() for p in model_for(cfg, data).parameters())
