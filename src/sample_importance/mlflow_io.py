@@ -78,11 +78,28 @@ def reap_orphans() -> list[str]:
     for run in runs:
         pid = run.data.tags[TAG_OWNER].rpartition(":")[2]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            client = MlflowClient()
-            client.set_tag(run.info.run_id, TAG_FAILURE, f"its process ({run.data.tags[TAG_OWNER]}) died")
-            client.set_terminated(run.info.run_id, "FAILED")
-            reaped.append(run.info.run_id)
+            if _reap(run.info.run_id, run.data.tags[TAG_OWNER]):
+                reaped.append(run.info.run_id)
     return reaped
+
+
+def _reap(run_id: str, dead_owner: str) -> bool:
+    """Fail one run whose owner died, under the run's lock: a process that is resuming it holds the
+    lock (and has made itself the owner before the run is RUNNING again), so a live run is never
+    failed; two processes reaping the same run at once leave it failed once."""
+    try:
+        with claim(run_id):
+            client = MlflowClient()
+            run = client.get_run(run_id)
+            if run.info.status != "RUNNING" or run.data.tags.get(TAG_OWNER) != dead_owner:
+                return False  # resumed or reaped meanwhile
+            client.set_tag(run_id, TAG_FAILURE, f"its process ({dead_owner}) died")
+            client.set_terminated(run_id, "FAILED")
+            return True
+    except RunBusyError:
+        return False
+    except MlflowException:  # a concurrent write to the same run (e.g. the same tag inserted twice)
+        return False
 
 
 class RunLookupError(UserError):
