@@ -17,10 +17,11 @@ from .errors import UserError
 
 DATASETS = ("digits", "mnist-5k", "fashion-mnist", "mnist", "cifar10")
 DEVICES = ("auto", "cpu", "cuda")
-MODELS = ("mlp", "cnn")
+TRACKS = ("importance", "outputs")
 NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
 # Options added after runs existed: at these values a configuration keeps its older fingerprint.
-LATER_DEFAULTS = {"model": "mlp", "label_noise": 0.0}
+LATER_DEFAULTS = {"model": "mlp", "label_noise": 0.0, "norm": "group", "channels": 0, "track": "importance",
+                  "batchnorm": "refuse", "momentum": 0.0, "nesterov": 0}
 
 
 def _fingerprint(fields: dict) -> str:
@@ -42,7 +43,7 @@ class TrainConfig:
     dataset: str = "digits"  # digits | mnist-5k | fashion-mnist | mnist | cifar10
     data_dir: str = DEFAULT_DATA_DIR  # where torchvision datasets are read (and downloaded to)
     subset: int = 0  # keep the first n training samples; 0 = all
-    model: str = "mlp"  # mlp (depth x width ReLU layers) | cnn (two conv + pool layers, then linear)
+    model: str = "mlp"  # mlp | cnn | resnet20 | vgg16 | mobilenet (models.REGISTRY) | package.module:factory
     depth: int = 3  # hidden layers; 0 = logistic regression
     width: int = 512  # units per hidden layer
     lr: float = 0.1  # SGD step size eta (paper: 0.1)
@@ -55,13 +56,18 @@ class TrainConfig:
     parallel_models: int = 0  # models a multi-run stage trains in one loop: 0 = auto, 1 = each alone, k = k at once
     eval_train: int = 1  # 1 = after every epoch, evaluate each training sample under the end-of-epoch parameters; 0 = off
     early_epoch: int = 2  # 1-based epoch after which GraNd's per-sample gradient norms are recorded, and EL2N/GraNd read
+    norm: str = "group"  # resnet20, vgg16, mobilenet: group (GroupNorm) | batch (BatchNorm, as published)
+    channels: int = 0  # resnet20, vgg16, mobilenet: the first stage's channels; 0 = as published (16, 64, 32)
+    track: str = "importance"  # importance (everything) | outputs (per-sample loss, p_true, correctness, EL2N only)
+    batchnorm: str = "refuse"  # BatchNorm in training mode: refuse | exact (per-sample gradients by batched VJPs)
+    momentum: float = 0.0  # SGD momentum (the paper: 0; Lee et al.'s models: 0.9)
+    nesterov: int = 0  # 1 = Nesterov momentum
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"Unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}.")
-        if self.model not in MODELS:
-            raise ConfigError(f"Unknown model {self.model!r}: choose {' or '.join(MODELS)}.")
+        self._check_model()
         if self.device not in DEVICES:
             raise ConfigError(f"Unknown device {self.device!r}: choose one of {', '.join(DEVICES)}.")
         if not self.lr > 0:
@@ -92,6 +98,35 @@ class TrainConfig:
             if not torch.cuda.is_available():
                 raise ConfigError("device=cuda was requested but no CUDA device is available: use device=auto or cpu.")
         return self
+
+    def _check_model(self) -> None:
+        from .importance.recorder import BATCHNORM_CHOICES
+        from .models import NORMS, REGISTRY, import_factory, is_factory
+
+        if is_factory(self.model):
+            import_factory(self.model)
+        elif self.model not in REGISTRY:
+            raise ConfigError(f"Unknown model {self.model!r}: choose one of {', '.join(REGISTRY)}, or name your own "
+                              "factory as package.module:function.")
+        normed = is_factory(self.model) or REGISTRY[self.model].norm
+        if self.norm not in NORMS:
+            raise ConfigError(f"Unknown norm {self.norm!r}: choose {' or '.join(NORMS)}.")
+        if not normed and (self.norm != "group" or self.channels):
+            raise ConfigError(f"norm and channels apply to {', '.join(n for n, e in REGISTRY.items() if e.norm)}, not "
+                              f"model={self.model}: leave them at their defaults.")
+        if self.channels < 0:
+            raise ConfigError(f"channels must be 0 (as published) or a positive count, got {self.channels}.")
+        if self.track not in TRACKS:
+            raise ConfigError(f"Unknown track {self.track!r}: choose {' or '.join(TRACKS)}.")
+        if self.batchnorm not in BATCHNORM_CHOICES:
+            raise ConfigError(f"Unknown batchnorm {self.batchnorm!r}: choose {' or '.join(BATCHNORM_CHOICES)}.")
+        if self.norm == "batch" and self.track == "importance" and self.batchnorm == "refuse":
+            raise ConfigError(f"norm=batch couples the samples of a batch, so per-sample importance needs "
+                              f"batchnorm=exact (exact, several times slower); or use norm=group, or track=outputs "
+                              "(learnability's statistics at the cost of plain training).")
+        if not 0 <= self.momentum < 1 or self.nesterov not in (0, 1) or (self.nesterov and not self.momentum):
+            raise ConfigError(f"momentum must lie in [0, 1) and nesterov be 0 or 1 (1 needs momentum > 0), got "
+                              f"momentum={self.momentum}, nesterov={self.nesterov}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -381,35 +416,59 @@ class PruneConfig(ScoresConfig):
 
 
 def parse_architecture(spec: str) -> dict:
-    """'mlp:3x512' -> mlp with depth 3, width 512; 'logreg' -> mlp depth 0; 'cnn' -> the CNN."""
+    """'mlp:3x512' -> mlp with depth 3, width 512; 'logreg' -> mlp depth 0; 'cnn'; 'resnet20',
+    'vgg16', 'mobilenet' with ':group' or ':batch' (default group) and ':<channels>' (e.g.
+    'resnet20:group:8'); a BatchNorm model is trained with track=outputs (the statistics learnability
+    reads, at the cost of plain training)."""
+    from .models import REGISTRY
+
     spec = spec.strip()
-    if spec == "cnn":
-        return {"model": "cnn"}
-    if spec == "logreg":
-        return {"model": "mlp", "depth": 0}
-    if spec.startswith("mlp:"):
+    name, *rest = spec.split(":")
+    if spec == "mlp":
+        return {"model": "mlp"}  # the configured depth and width
+    if spec in ("cnn", "logreg") or (name == "mlp" and len(rest) == 1):
+        if spec == "cnn":
+            return {"model": "cnn"}
+        if spec == "logreg":
+            return {"model": "mlp", "depth": 0}
         try:
-            depth, width = (int(v) for v in spec[4:].split("x"))
+            depth, width = (int(v) for v in rest[0].split("x"))
         except ValueError:
             pass
         else:
             if depth >= 0 and width >= 1:
                 return {"model": "mlp", "depth": depth, "width": width}
-    raise ConfigError(f"Unknown architecture {spec!r}: write mlp:<depth>x<width> (e.g. mlp:3x512), logreg or cnn.")
+    elif name in REGISTRY and REGISTRY[name].norm and len(rest) <= 2:
+        norm = rest[0] if rest else "group"
+        channels = rest[1] if len(rest) > 1 else "0"
+        if norm in ("group", "batch") and channels.isdigit():
+            return {"model": name, "norm": norm, "channels": int(channels),
+                    **({"track": "outputs"} if norm == "batch" else {})}
+    normed = "|".join(n for n, e in REGISTRY.items() if e.norm)
+    raise ConfigError(f"Unknown architecture {spec!r}: write mlp:<depth>x<width> (e.g. mlp:3x512), logreg, cnn, or "
+                      f"{normed} with :group or :batch and optionally :<channels> (e.g. resnet20:group).")
 
 
-def architecture_name(model: str, depth: int, width: int) -> str:
+def architecture_name(model: str, depth: int, width: int, norm: str = "group", channels: int = 0) -> str:
     """The inverse of parse_architecture, from a run's settings."""
-    if model == "cnn":
-        return "cnn"
-    return "logreg" if depth == 0 else f"mlp:{depth}x{width}"
+    if model == "cnn" or ":" in model:  # the CNN, or a researcher's factory
+        return model
+    if model == "mlp":
+        return "logreg" if depth == 0 else f"mlp:{depth}x{width}"
+    return f"{model}:{norm}" + (f":{channels}" if channels else "")
+
+
+def architecture_of(config: dict) -> str:
+    """The architecture name of a run, from its config (metadata["config"])."""
+    return architecture_name(config.get("model", "mlp"), config["depth"], config["width"], config.get("norm", "group"),
+                             config.get("channels", 0))
 
 
 @dataclass(frozen=True)
 class LearnabilityConfig(AnalysisConfig):
     """`learnability`: sample-wise learnability across architectures (Lee et al. 2019)."""
 
-    architectures: str = "mlp:3x512,mlp:1x128,logreg,cnn"  # comma-separated: mlp:<depth>x<width> | logreg | cnn
+    architectures: str = "mlp:3x512,mlp:1x128,logreg,cnn"  # comma-separated: mlp:<depth>x<width> | logreg | cnn | resnet20|vgg16|mobilenet[:group|:batch][:<channels>]
     num_seeds: int = 3  # initialisations per architecture (the expectation of eq. 1)
 
     def architecture_list(self) -> list[dict]:
@@ -533,7 +592,13 @@ _FIELD_HELP = {
     "dataset": "digits | mnist-5k (5,000 real MNIST images, offline) | fashion-mnist | mnist | cifar10",
     "data_dir": "folder where torchvision datasets are read (and downloaded to)",
     "subset": "keep the first n training samples; 0 = all",
-    "model": "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear)",
+    "model": "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear) | resnet20 | vgg16 | mobilenet (Lee et al.'s architectures) | package.module:factory (your own: factory(image_shape, num_classes) -> nn.Module)",
+    "norm": "resnet20, vgg16, mobilenet: group (GroupNorm: exact and cheap per-sample importance) | batch (BatchNorm, as published; needs batchnorm=exact or track=outputs)",
+    "channels": "resnet20, vgg16, mobilenet: channels of the first stage (later stages scale with it); 0 = as published (16, 64, 32)",
+    "track": "importance (per-sample importance and every other statistic) | outputs (per-sample loss, p_true, correctness, EL2N only: what learnability needs, at the cost of plain training)",
+    "batchnorm": "BatchNorm in training mode with track=importance: refuse | exact (exact per-sample gradients by batched vector-Jacobian products, several times slower)",
+    "momentum": "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i",
+    "nesterov": "1 = Nesterov momentum (needs momentum > 0)",
     "depth": "hidden layers; 0 = logistic regression",
     "width": "units per hidden layer",
     "lr": "SGD step size (paper: 0.1)",
@@ -572,7 +637,7 @@ _FIELD_HELP = {
     "tracking_url": "explore: MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)",
     "keep_fractions": "prune: comma-separated fractions of the training set kept",
     "prune_scores": "prune: comma-separated scores that choose the kept samples (columns of scores.csv)",
-    "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn",
+    "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn | resnet20, vgg16 or mobilenet with :group or :batch and optionally :<channels> (BatchNorm models train with track=outputs)",
     "mode": "influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)",
     "targets": "comma-separated targets T: test_loss | class_prob | self",
     "test_ids": "comma-separated test-sample indices of the target set; empty = draw num_test",

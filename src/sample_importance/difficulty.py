@@ -11,7 +11,7 @@ import pandas as pd
 
 from . import mlflow_io, plots
 from .analysis import scores as S
-from .config import ConfigError, LearnabilityConfig, PruneConfig, ScoresConfig, TrainConfig, architecture_name
+from .config import ConfigError, LearnabilityConfig, PruneConfig, ScoresConfig, TrainConfig, architecture_of
 from .data import load_dataset, training_data
 from .dynamics import Dynamics, DynamicsError
 from .explorer.stage import log_explorer_of_active_run
@@ -116,11 +116,6 @@ def run_prune(cfg: PruneConfig) -> str:
         return run.info.run_id
 
 
-def _architecture(d: Dynamics) -> str:
-    c = d.metadata["config"]
-    return architecture_name(c.get("model", "mlp"), c["depth"], c["width"])
-
-
 def run_learnability(cfg: LearnabilityConfig) -> str:
     """Train (or read) num_seeds runs of each architecture, then Table 1 and fig. 1 of Lee et al."""
     with start_analysis(cfg, "learnability", "Sample-wise learnability across architectures (Lee et al. 2019)") as run:
@@ -129,7 +124,7 @@ def run_learnability(cfg: LearnabilityConfig) -> str:
                           cfg.architecture_list())
         groups: dict[str, list[Dynamics]] = {}
         for d in runs.values():
-            groups.setdefault(_architecture(d), []).append(d)
+            groups.setdefault(architecture_of(d.metadata["config"]), []).append(d)
         if len(groups) < 2:
             raise ConfigError(f"All runs are of one architecture ({next(iter(groups))}): learnability compares at "
                               "least two; pass runs of different architectures.")

@@ -65,6 +65,17 @@ PER_EPOCH = {"importance": np.float32, "loss": np.float32, "p_true": np.float32,
 # Written only when metadata["eval_train"] is true (the end-of-epoch evaluation, training.evaluate_train).
 PER_EPOCH_EVAL = {"eval_loss": np.float32, "eval_p_true": np.float32, "eval_correct": np.bool_,
                   "eval_error_l2": np.float32, "eval_grad_norm": np.float32}
+
+
+def per_epoch_arrays(metadata: dict) -> dict:
+    """The per-epoch files a run has, by its metadata: no importance for track=outputs, the eval_*
+    files with eval_train."""
+    arrays = {**PER_EPOCH, **(PER_EPOCH_EVAL if metadata.get("eval_train") else {})}
+    if metadata.get("track", "importance") == "outputs":
+        del arrays["importance"]
+    return arrays
+
+
 PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
 PROJECTION = "param_projection"
 REQUIRED_METADATA = ("schema_version", "n", "epochs", "epochs_completed", "complete", "layer_names",
@@ -211,7 +222,7 @@ class DynamicsWriter:
         L = len(metadata["layer_names"])
         if resume:
             metadata = json.loads((self.folder / METADATA).read_text())
-        self.per_epoch = {**PER_EPOCH, **(PER_EPOCH_EVAL if metadata.get("eval_train") else {})}
+        self.per_epoch = per_epoch_arrays(metadata)
         shapes = {name: (epochs, n, L) if name == "importance" else (epochs, n) for name in self.per_epoch}
         shapes[PROJECTION] = (epochs + 1, projection_dim)
         dtypes = {**self.per_epoch, PROJECTION: np.float32}
@@ -321,7 +332,7 @@ class Dynamics:
     """A run's dynamics; per-epoch arrays are memory-mapped and cover the completed epochs."""
 
     metadata: dict
-    importance: np.ndarray  # (E, n, L) float32
+    importance_values: np.ndarray | None  # (E, n, L) float32; None for a track=outputs run (see `importance`)
     loss: np.ndarray  # (E, n) float32
     p_true: np.ndarray  # (E, n) float32
     correct: np.ndarray  # (E, n) bool
@@ -353,6 +364,20 @@ class Dynamics:
     @property
     def layer_names(self) -> list[str]:
         return list(self.metadata["layer_names"])
+
+    @property
+    def has_importance(self) -> bool:
+        """Whether the run recorded sample importance (track=importance, the default)."""
+        return self.importance_values is not None
+
+    @property
+    def importance(self) -> np.ndarray:
+        """beta (E, n, L) float32; a run trained with track=outputs has none, and says so."""
+        if self.importance_values is None:
+            raise DynamicsError(f"Run {self.metadata.get('run_id', self.folder)} was trained with track=outputs and "
+                                "recorded no sample importance: train it with track=importance (the default) for "
+                                "this analysis.")
+        return self.importance_values
 
     def state(self, name: str) -> dict:
         """A state dict of the run (INIT_STATE or FINAL_STATE), checked against its checksum (runs
@@ -398,19 +423,20 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
     n, E, L = meta["n"], meta["epochs"], len(meta["layer_names"])
     done = meta["epochs_completed"]
     path = (lambda name: folder / f"{name}.npy") if complete else (lambda name: _partial(folder, name))
-    arrays = {}
-    per_epoch = {**PER_EPOCH, **(PER_EPOCH_EVAL if meta.get("eval_train") else {})}
+    arrays = {"importance_values": None}  # stays None for a track=outputs run
+    per_epoch = per_epoch_arrays(meta)
     for name, dtype in per_epoch.items():
         shape = (E, n, L) if name == "importance" else (E, n)
-        arrays[name] = _load(path(name), dtype, shape)[:done]
+        arrays["importance_values" if name == "importance" else name] = _load(path(name), dtype, shape)[:done]
     arrays[PROJECTION] = _load(path(PROJECTION), np.float32, (E + 1, meta["projection_dim"]))[:done + 1]
     for name, dtype in PER_SAMPLE.items():
         arrays[name] = _load(folder / f"{name}.npy", dtype, (n,)) if complete else None
     if verify:
         sums = meta["checksums"]
         for name in (*per_epoch, PROJECTION):
-            for row in range(len(arrays[name])):
-                if not isinstance(sums.get(name), dict) or sums[name].get(str(row)) != _digest(arrays[name][row]):
+            rows = arrays["importance_values" if name == "importance" else name]
+            for row in range(len(rows)):
+                if not isinstance(sums.get(name), dict) or sums[name].get(str(row)) != _digest(rows[row]):
                     raise DynamicsError(f"{path(name)} is damaged: row {row} does not match the checksum in "
                                         f"metadata.json; re-run the training run.")
         for name in PER_SAMPLE:

@@ -29,6 +29,9 @@ from .tasks import retrain
 from .training import resolve_device, shuffled_orders
 
 
+INFLUENCE_MODELS = ("mlp", "cnn")  # the models whose parameters are all in `layers` (inf.Flat.blocks)
+
+
 @dataclass
 class Trained:
     """A finished train run, ready to differentiate: float64 model at its final parameters."""
@@ -52,6 +55,10 @@ def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Tr
                                  "id of a train run finished by this version of sample-importance.")
     meta = d.metadata
     cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": device})
+    if cfg.model not in INFLUENCE_MODELS or cfg.momentum:
+        raise inf.InfluenceError(f"Run {run_id} trained model={cfg.model}" + (f" with momentum={cfg.momentum}" if cfg.momentum
+                                 else "") + f": influence (explicit Hessians and the unrolled plain-SGD trajectory) is "
+                                 f"implemented for {' and '.join(INFLUENCE_MODELS)} trained by plain SGD; pass such a run.")
     data = training_data(cfg)
     dev = resolve_device(device)
     model = model_for(cfg, data).double().to(dev)

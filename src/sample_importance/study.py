@@ -74,7 +74,8 @@ def run_decompose(cfg: DecomposeConfig) -> str:
     with start_analysis(cfg, "decompose", "Which samples, classes and layers carry the importance, and when? "
                                   "(paper figs. 2, 3, 10)") as run:
         d = one_run(cfg)
-        names, counts = d.layer_names, list(d.metadata["parameter_counts"].values())
+        names = d.layer_names
+        counts = [d.metadata["parameter_counts"][name] for name in names]  # metadata.json sorts its keys
         totals = decomposition.layer_totals(d.importance)  # (E, L)
         per_param = decomposition.per_parameter(totals, counts)
         tau = d.total_importance

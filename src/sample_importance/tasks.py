@@ -16,15 +16,15 @@ from . import mlflow_io, plots
 from .analysis import ordering
 from .config import ConfigError, TrainConfig, TrainRunConfig
 from .data import Dataset, training_data
-from .models import ParameterProjection, check_model_size, model_for, parameter_counts
-from .tracking import PHI_CONVENTION
+from .models import ParameterProjection, check_model_size, importance_columns, model_for
+from .tracked_run import phi_convention
 from .training import DivergenceError, EpochRecord, FitResult, check_batching, fit, make_optimizer
 
 
 def train_run_name(cfg: TrainConfig) -> str:
     ordering = getattr(cfg, "ordering", "shuffle")
     if ordering == "shuffle":
-        model = "" if cfg.model == "mlp" else f" {cfg.model}"
+        model = "" if cfg.model == "mlp" else f" {cfg.model}" + (f" {cfg.norm}" if cfg.norm != "group" else "")
         return f"train {cfg.dataset}{model} seed={cfg.seed}"
     return f"ordering {ordering} seed={cfg.seed}"  # a variant of the batch-ordering experiment
 
@@ -92,13 +92,15 @@ def _train_in_run(cfg: TrainRunConfig, resume: str | None, run_id: str | None, c
         check_ordering(cfg, data.n_train)
         model = model_for(cfg, data)
         optimizer = make_optimizer(model, cfg)
-        counts = parameter_counts(model)
+        names, grouping, counts = importance_columns(model) if cfg.track == "importance" else ([], {}, {})
         project = ParameterProjection(model)
         metadata = {
             "dataset": cfg.dataset, "subset": cfg.subset, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "weight_decay": cfg.weight_decay, "seed": cfg.seed, "model": cfg.model, "depth": cfg.depth, "width": cfg.width,
             "ordering": cfg.ordering, "reference_run_id": cfg.reference_run_id,
-            "layer_names": model.layer_names, "parameter_counts": counts, "phi_convention": PHI_CONVENTION,
+            "layer_names": names, "parameter_counts": counts, "layer_groups": grouping,
+            "phi_convention": phi_convention(optimizer), "track": cfg.track, "norm": cfg.norm,
+            "momentum": cfg.momentum, "nesterov": bool(cfg.nesterov),
             "image_shape": list(data.image_shape), "num_classes": data.num_classes,
             "run_id": run.info.run_id, "config": cfg.train_config().to_dict(),
             # The end-of-epoch evaluation (dynamics eval_*.npy) and the epoch of its GraNd row.
@@ -149,14 +151,15 @@ def _train_in_run(cfg: TrainRunConfig, resume: str | None, run_id: str | None, c
                 raise
             writer.finish(result.final_loss, data.y_train, data.sample_id, model.state_dict())
 
-            per_layer = np.array([[h[f"importance_{name}"] for name in model.layer_names] for h in history])
+            per_layer = np.array([[h[f"importance_{name}"] for name in names] for h in history])
             mlflow_io.log_metrics_once({"final_train_loss": float(result.final_loss.mean(dtype=np.float64)),
                                         "final_test_error": history[-1]["test_error"],
                                         "final_test_loss": history[-1]["test_loss"]}, step=cfg.epochs)
             mlflow_io.log_figure(plots.error_curves(history), "figures/error_curves.png")
-            mlflow_io.log_figure(plots.layer_importance(per_layer, model.layer_names, list(counts.values())),
-                                 "figures/layer_importance.png")
-            mlflow_io.log_figure(plots.total_importance_histogram(tau), "figures/total_importance_hist.png")
+            if names:
+                mlflow_io.log_figure(plots.layer_importance(per_layer, names, list(counts.values())),
+                                     "figures/layer_importance.png")
+                mlflow_io.log_figure(plots.total_importance_histogram(tau), "figures/total_importance_hist.png")
             if log_model:
                 mlflow_io.log_torch_model(model, data.x_train[:5])
             # Last: until here a kill leaves the checkpoint, and a rerun finishes this run without retraining.

@@ -116,7 +116,8 @@ def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool 
     groups: dict[tuple, list[int]] = {}
     for k in fresh:  # models trained together share inputs, shape and schedule
         c = cfgs[k]
-        groups.setdefault((c.dataset, c.subset, c.model, c.depth, c.width, c.batch_size, c.epochs, c.device), []).append(k)
+        groups.setdefault((c.dataset, c.subset, c.model, c.depth, c.width, c.norm, c.channels, c.track, c.batch_size,
+                           c.epochs, c.device), []).append(k)
     parent = mlflow_io.active_run_id()
     errors, group = [], 0
     for members in groups.values():

@@ -57,7 +57,8 @@ def sample_statistics(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor
 
 
 def checkpoint_sq_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                             recorder: ImportanceRecorder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             recorder: ImportanceRecorder | None = None,
+                             batchnorm: str = "refuse") -> tuple[torch.Tensor, torch.Tensor]:
     """The recorder without a step: ||dL_i/d theta_d||^2 per sample and layer (B, layers) at the current
     parameters (weight decay excluded), and the logits (B, classes). For GraNd at a checkpoint (Paul et
     al. 2021): ||g_i|| = sqrt of the sum over layers. With lr = 1 the recorder returns
@@ -66,7 +67,7 @@ def checkpoint_sq_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     B = len(y)
     with contextlib.ExitStack() as stack, torch.enable_grad():
         if recorder is None:
-            recorder = stack.enter_context(ImportanceRecorder(model))
+            recorder = stack.enter_context(ImportanceRecorder(model, batchnorm=batchnorm))
         logits = model(x)  # (B, C)
         loss_i = F.cross_entropy(logits, y, reduction="none")  # (B,)
         norms = recorder.backward(loss_i, lr=1.0) * (B * B)  # (B, layers)
@@ -94,7 +95,10 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
         loss_i = F.cross_entropy(logits, y, reduction="none")  # (B,)
         weighted = loss_i if weight is None else loss_i * weight
         if track:
-            importance = recorder.backward(weighted, lr=lr)  # (B, layers); .grad as weighted.mean().backward()
+            # (B, columns); .grad as weighted.mean().backward(); the step's own phi under momentum
+            momentum = optimizer.param_groups[0].get("momentum", 0)
+            importance = recorder.backward(weighted, **({"optimizer": optimizer} if momentum else {"lr": lr}))
+            importance = recorder.grouped(importance)
         else:
             weighted.mean().backward()
             importance = None

@@ -18,6 +18,7 @@ from .data import Dataset
 from .errors import UserError
 from .importance import ImportanceRecorder
 from .importance.stacked import StackedMLP
+from .models import importance_columns, importance_groups
 from .tracking import checkpoint_sq_grad_norms, sample_statistics, sgd_step
 
 
@@ -80,7 +81,7 @@ def check_batching(cfg: TrainConfig, n: int) -> None:
 
 
 def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_norm: bool, chunk: int = 1024,
-                   recorder: ImportanceRecorder | None = None) -> tuple[torch.Tensor, ...]:
+                   recorder: ImportanceRecorder | None = None, batchnorm: str = "refuse") -> tuple[torch.Tensor, ...]:
     """Every training sample under the model's current (end-of-epoch) parameters, in chunks on x's
     device: NLL, p(true label), correctness, ||softmax - onehot||_2 (n,) each, and, with `grad_norm`,
     the exact norm of each sample's own loss gradient ||g_i|| (the recorder without a step; else NaN).
@@ -90,7 +91,7 @@ def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, gra
     for s in range(0, len(y), chunk):
         xb, yb = x[s:s + chunk], y[s:s + chunk]
         if grad_norm:
-            sq, out = checkpoint_sq_grad_norms(model, xb, yb, recorder)  # (B, layers), (B, classes)
+            sq, out = checkpoint_sq_grad_norms(model, xb, yb, recorder, batchnorm)  # (B, layers), (B, classes)
             norms.append(sq.sum(1).sqrt())
         else:
             with torch.no_grad():
@@ -116,8 +117,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Plain SGD as in the paper: no momentum, no schedule; weight decay on every parameter."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
+    """SGD with no schedule and weight decay on every parameter: plain as in the paper (momentum 0),
+    or with (Nesterov) momentum as Lee et al.'s models are trained."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov),
+                           weight_decay=cfg.weight_decay)
 
 
 def fit(
@@ -191,9 +194,9 @@ def fit_many(
     cfg = cfgs[0]
     n = datas[0].n_train
     for c, d in zip(cfgs, datas):
-        if (c.epochs, c.batch_size, c.device) != (cfg.epochs, cfg.batch_size, cfg.device) or \
+        if (c.epochs, c.batch_size, c.device, c.track) != (cfg.epochs, cfg.batch_size, cfg.device, cfg.track) or \
                 d.x_train.shape != datas[0].x_train.shape:
-            raise ValueError("fit_many trains models on the same inputs, epochs, batch size and device")
+            raise ValueError("fit_many trains models on the same inputs, epochs, batch size, device and track")
     check_batching(cfg, n)
     orders = [shuffled_orders(n, c.epochs, c.seed) if o is None else np.asarray(o)
               for o, c in zip(orders or [None] * M, cfgs)]
@@ -204,11 +207,13 @@ def fit_many(
         model.to(device)
     optimizers = [make_optimizer(m, c) if o is None else o
                   for m, c, o in zip(models, cfgs, optimizers or [None] * M)]
-    layers, classes = len(models[0].layer_names), datas[0].num_classes
+    classes = datas[0].num_classes
     dtype = next(models[0].parameters()).dtype
-    # Batched where it can be (MLPs of one shape, no per-model probe); otherwise in turn.
-    batched = batched is not False and on_batch is None and StackedMLP.stackable(models)
+    # Batched where it can be (MLPs of one shape, plain SGD, no per-model probe); otherwise in turn.
+    batched = batched is not False and on_batch is None and StackedMLP.stackable(models) and \
+        not any(c.momentum for c in cfgs)
     stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs]) if batched else None
+    importance_on = track and cfg.track == "importance"  # track=outputs: the per-sample statistics alone
 
     # The data and each epoch's presentation orders live on the device; batches are gathered there.
     x_train = torch.as_tensor(datas[0].x_train, device=device, dtype=dtype)  # (n, d)
@@ -221,11 +226,14 @@ def fit_many(
     y_test = torch.as_tensor(datas[0].y_test, device=device)
     rows = torch.arange(M, device=device).unsqueeze(1)  # (M, 1): scatters each model's batch into its row
 
-    # One recorder per model for the whole run (hooks on its layers), unless stacked or untracked.
-    recorders = [ImportanceRecorder(m) if track and stack is None else None for m in models]
-    for model, rec in zip(models, recorders):
-        if rec is not None and hasattr(model, "layer_names"):
-            assert len(rec.layer_names) == len(model.layer_names), (rec.layer_names, model.layer_names)
+    # One recorder per model for the whole run (hooks on its layers, summed into the model's importance
+    # columns), unless stacked or not recording importance.
+    recorders = [ImportanceRecorder(m, batchnorm=c.batchnorm, groups=importance_groups(m))
+                 if importance_on and stack is None else None for m, c in zip(models, cfgs)]
+    columns = importance_columns(models[0])[0] if importance_on else []
+    layers = len(columns)
+    for rec in recorders:
+        assert rec is None or rec.group_names == columns, (rec.group_names, columns)
     try:
         results: list[FitResult | DivergenceError | None] = [None] * M
         live = [True] * M
@@ -243,15 +251,15 @@ def fit_many(
                 ids = order_dev[:, s:s + cfg.batch_size]  # (M, B)
                 w = None if weights is None else weights.gather(1, ids)
                 if stack is not None:
-                    rec = stack.step(x_train[ids], y_train.gather(1, ids), track=track, weight=w)
-                    _store((rows, ids), rec, importance, loss, logits, track)
+                    rec = stack.step(x_train[ids], y_train.gather(1, ids), track=importance_on, weight=w)
+                    _store((rows, ids), rec, importance, loss, logits, importance_on)
                     continue
                 for m in (m for m in range(M) if live[m]):
                     if on_batch is not None:
                         on_batch(models[m], ids[m])
                     rec = sgd_step(models[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]], cfgs[m].lr,
-                                   track=track, weight=None if w is None else w[m], recorder=recorders[m])
-                    _store((m, ids[m]), rec, importance, loss, logits, track)
+                                   track=importance_on, weight=None if w is None else w[m], recorder=recorders[m])
+                    _store((m, ids[m]), rec, importance, loss, logits, importance_on)
             if stack is not None:
                 stack.write_back()
             seconds = time.perf_counter() - start
@@ -263,8 +271,8 @@ def fit_many(
             evaluated = [m for m in range(M) if track and live[m] and cfgs[m].eval_train]
             for m in evaluated:
                 models[m].eval()
-            evals = [evaluate_train(models[m], x_train, y_train[m], epoch + 1 == cfgs[m].early_epoch,
-                                    recorder=recorders[m]) for m in evaluated]
+            evals = [evaluate_train(models[m], x_train, y_train[m], importance_on and epoch + 1 == cfgs[m].early_epoch,
+                                    recorder=recorders[m], batchnorm=cfgs[m].batchnorm) for m in evaluated]
             evals = _to_host(evaluated, evals)
             eval_seconds = time.perf_counter() - start
             finished = []
@@ -288,7 +296,7 @@ def fit_many(
                     "test_loss": float(test_loss.double().mean()),
                     "test_error": float(1.0 - test_correct.double().mean()),
                     "importance_total": float(layer_totals.sum()),  # A^t
-                    **{f"importance_{name}": float(v) for name, v in zip(model.layer_names, layer_totals)},
+                    **{f"importance_{name}": float(v) for name, v in zip(columns, layer_totals)},
                     "epoch_seconds": seconds,  # of the whole loop: all M models
                     "samples_per_second": n / seconds,  # per model
                 }

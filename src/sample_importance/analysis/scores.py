@@ -86,6 +86,12 @@ def grand(importance: np.ndarray, batch_order: np.ndarray, epoch: int, batch_siz
     return np.sqrt(alpha) * batch_sizes(batch_order[epoch - 1], batch_size) / lr
 
 
+def _step_scale(metadata: dict) -> float:
+    """lr times the momentum factor c of the recorder (phi = -(lr / B) c g_i): c = 1 for plain SGD and
+    for momentum without dampening, 1 + momentum for Nesterov (see importance.recorder)."""
+    return metadata["lr"] * (1 + metadata.get("momentum", 0.0) if metadata.get("nesterov") else 1.0)
+
+
 def learnability(p_true_runs: list[np.ndarray]) -> np.ndarray:
     """L_f(x_i): mean over runs (initialisations) of the mean over epochs of p(true label) (Lee et
     al. 2019, eq. 1), with f^(t) the model after epoch t: pass the runs' eval_p_true (E, n)."""
@@ -139,11 +145,16 @@ def score_table(runs, early_epoch: int) -> tuple[pd.DataFrame, dict[str, str]]:
     only; GraNd at the checkpoint needs every run to have recorded it at `early_epoch`."""
     runs = list(runs) if isinstance(runs, (list, tuple)) else [runs]
     d = runs[0]
-    imp = np.asarray(d.importance)
-    table = pd.DataFrame({"sample_id": d.sample_id, "label": d.label,
-                          "total_importance": total_importance(imp),
-                          "final_nll": np.asarray(d.final_loss, np.float64)})
+    table = pd.DataFrame({"sample_id": d.sample_id, "label": d.label})
     missing: dict[str, str] = {}
+    no_importance = [r.metadata.get("run_id", str(r.folder)) for r in runs if not r.has_importance]
+    if d.has_importance:
+        imp = np.asarray(d.importance)
+        table["total_importance"] = total_importance(imp)
+    else:
+        missing["total_importance"] = (f"run {no_importance[0]} was trained with track=outputs (no sample importance): "
+                                       "re-train it with track=importance")
+    table["final_nll"] = np.asarray(d.final_loss, np.float64)
     lacking = [r.metadata.get("run_id", str(r.folder)) for r in runs if not r.has_eval]
     if not lacking:
         p_true = np.asarray(d.eval_p_true)
@@ -170,10 +181,14 @@ def score_table(runs, early_epoch: int) -> tuple[pd.DataFrame, dict[str, str]]:
     table["correctness_inbatch"] = correctness(np.asarray(d.correct))
     table["forgetting"] = forgetting_score(np.asarray(d.correct))
     table["el2n_inbatch"] = mean_at_epoch([r.error_l2 for r in runs], early_epoch)
-    table["grand_inbatch"] = np.mean([grand(np.asarray(r.importance), np.asarray(r.batch_order), early_epoch,
-                                            r.metadata["batch_size"], r.metadata["lr"]) for r in runs], axis=0)
-    for k, name in enumerate(d.layer_names):
-        table[f"importance_{name}"] = layer_importance(imp)[:, k]
+    if no_importance:
+        missing["grand_inbatch"] = (f"run {no_importance[0]} was trained with track=outputs (no sample importance): "
+                                    "re-train it with track=importance")
+    else:
+        table["grand_inbatch"] = np.mean([grand(np.asarray(r.importance), np.asarray(r.batch_order), early_epoch,
+                                                r.metadata["batch_size"], _step_scale(r.metadata)) for r in runs], axis=0)
+        for k, name in enumerate(d.layer_names):
+            table[f"importance_{name}"] = layer_importance(imp)[:, k]
     order = [c for c in ("sample_id", "label", *SCORES) if c in table]
     return table[order + [c for c in table if c not in order]], missing
 

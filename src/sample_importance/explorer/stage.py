@@ -10,7 +10,7 @@ import torch
 
 from .. import mlflow_io
 from ..analysis import scores as S
-from ..config import ConfigError, ExploreConfig, TrainConfig, architecture_name
+from ..config import ConfigError, ExploreConfig, TrainConfig, architecture_of
 from ..data import load_dataset, training_data
 from ..dynamics import FINAL_STATE, Dynamics, check_aligned
 from ..models import model_for
@@ -48,6 +48,7 @@ def curve_runs(runs: dict[str, Dynamics], limit: int) -> list[Dynamics]:
     """The runs whose curves the page carries: the first, its other seeds, then the first run of each
     other architecture, at most `limit` in all (each adds as much to the file as the first)."""
     first, *rest = runs.values()
+    rest = [r for r in rest if r.has_importance]  # a track=outputs run has no importance curve
     chosen = [first] + [r for r in rest if same_architecture(r, first)]
     for r in rest:
         if not any(same_architecture(r, c) for c in chosen):
@@ -56,8 +57,7 @@ def curve_runs(runs: dict[str, Dynamics], limit: int) -> list[Dynamics]:
 
 
 def same_architecture(a: Dynamics, b: Dynamics) -> bool:
-    keys = ("model", "depth", "width")
-    return all(a.metadata["config"].get(k) == b.metadata["config"].get(k) for k in keys)
+    return architecture_of(a.metadata["config"]) == architecture_of(b.metadata["config"])
 
 
 def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2,
@@ -72,6 +72,9 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     run_ids = list(runs)
     d = runs[run_ids[0]]
     meta = d.metadata
+    if not d.has_importance:
+        raise ConfigError(f"Run {run_ids[0]} was trained with track=outputs: the explorer shows sample importance, "
+                          "which it did not record; explore a run trained with track=importance.")
     if meta.get("source") == "track_run":
         raise ConfigError(f"Run {run_ids[0]} was made by track_run with the researcher's own model and data, which "
                           "the explorer cannot rebuild (images, final predictions): explore runs of `train`.")
@@ -83,7 +86,10 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     # the seeds given; scores a run cannot give (no end-of-epoch evaluation) are left out.
     table, _missing = S.score_table(seeds, early_epoch)
     harder = dict(S.HARDER_IS_LARGER)
-    scores = {c: table[c].to_numpy() for c in table.columns if c not in ("sample_id", "label")}
+    # An in-batch variant is left out where its author's definition is there (scores.csv keeps both):
+    # five fewer columns keep a full-size file under 25 MB.
+    scores = {c: table[c].to_numpy() for c in table.columns if c not in ("sample_id", "label")
+              and not (c.endswith("_inbatch") and c.removesuffix("_inbatch") in table)}
     if len(seeds) > 1 and all(r.has_eval for r in seeds):  # Lee et al.'s learnability (eq. 1), end-of-epoch p_true
         scores["learnability"] = S.learnability([np.asarray(r.eval_p_true) for r in seeds])
         harder["learnability"] = False
@@ -98,8 +104,7 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
         cluster_run, clusters, csum = cluster
         assign, summary = cluster_payload(ids, clusters, csum)
     def name(r: Dynamics) -> str:  # "seed 1", or "seed 0, cnn" for another architecture
-        c = r.metadata["config"]
-        arch = "" if same_architecture(r, d) else ", " + architecture_name(c.get("model", "mlp"), c["depth"], c["width"])
+        arch = "" if same_architecture(r, d) else ", " + architecture_of(r.metadata["config"])
         return f"seed {r.metadata['seed']}{arch}"
 
     others = [{"name": name(r), "layers": r.layer_names, "curves": X.run_curves(r.importance, r.loss, r.p_true)}

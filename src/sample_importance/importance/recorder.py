@@ -115,6 +115,8 @@ class ImportanceRecorder:
 
     def grouped(self, importance: torch.Tensor) -> torch.Tensor:
         """Sum (B, L) importance over each group's layers: (B, G), in `group_names` order."""
+        if self._one_per_group:
+            return importance
         out = importance.new_zeros(importance.shape[0], len(self._group_names))
         return out.index_add_(1, self._group_index.to(importance.device), importance)
 
@@ -350,6 +352,7 @@ class ImportanceRecorder:
             index.append(names.index(g))
         self._group_names = names
         self._group_index = torch.tensor(index, dtype=torch.long)
+        self._one_per_group = index == list(range(len(index)))  # grouped() is then the identity
 
 
 class _Hook:
