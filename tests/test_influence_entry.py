@@ -77,6 +77,31 @@ def test_default_damping_is_logged_and_every_solve_converges(store):
     assert "influence_test_loss" in table(run_id, "influence.csv")
 
 
+def test_the_explorer_shows_the_influence_of_the_newest_influence_run(store):
+    """An influence run of a train run adds its influence columns to the run's explorer as scores
+    (the values of influence.csv, per sample id), and the run to the page's list of runs."""
+    import json
+
+    from sample_importance import load_dynamics, mlflow_io
+    from sample_importance.explorer import data as X
+    from sample_importance.explorer.stage import explorer_html
+
+    _, train_id = store
+    inf_id = mlflow_io.find_influence_run(train_id)
+    assert inf_id is not None
+    inf = mlflow_io.load_table(inf_id, "influence.csv").set_index("sample_id")
+    d = load_dynamics(train_id)
+    page = explorer_html({train_id: d}, "", 2, influence=(inf_id, inf.reset_index()))
+    start = page.index('id="si-data">') + len('id="si-data">')
+    payload = json.loads(page[start:page.index("</script>", start)])
+    shown = {s["name"]: s for s in payload["scores"]}
+    for col in ("influence_test_loss", "influence_self", "unrolled_test_loss"):
+        if col in inf:
+            np.testing.assert_allclose(X.unblob(shown[col]["values"]), inf.loc[np.asarray(d.sample_id), col], rtol=1e-6)
+    assert shown["influence_test_loss"]["harder_is_larger"] is True  # rank 1: raises the test loss most
+    assert inf_id in [r["run_id"] for r in payload["runs"]]
+
+
 def test_a_solve_that_did_not_converge_is_not_reported_as_a_result(store, capfd):
     import influence as entry
 

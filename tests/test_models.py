@@ -3,6 +3,7 @@ the researcher's own factory; track=outputs; momentum."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -209,3 +210,30 @@ def test_learnability_on_lee_et_al_architectures(tracking):
     for arch, d in by_arch.items():
         np.testing.assert_allclose(learn[f"learnability_{arch}"], np.asarray(d.eval_p_true, np.float64).mean(0),
                                    rtol=1e-5)
+
+
+def test_an_outputs_run_is_refused_by_importance_analyses(tracking):
+    """track=outputs writes no importance.npy; `decompose` stops with one sentence naming the run and
+    the option (its run ends FAILED, never RUNNING); `scores` gives the other scores and names the rest."""
+    import mlflow
+    import pandas as pd
+
+    import decompose
+    import scores
+    import train
+    from conftest import all_runs
+    from sample_importance import load_dynamics
+    from sample_importance.errors import UserError
+
+    base = ["--subset", "60", "--epochs", "2", "--batch_size", "20", "--device", "cpu"]
+    run_id = train.main(base + ["--model", "resnet20", "--channels", "2", "--norm", "batch", "--track", "outputs"])
+    d = load_dynamics(run_id)
+    assert not (d.folder / "importance.npy").exists() and d.eval_p_true.shape == (2, 60)
+    with pytest.raises(UserError, match=f"Run {run_id} was trained with track=outputs"):
+        decompose.main(["--train_run_ids", run_id] + base)
+    assert {r.info.status for r in all_runs(tracking)} == {"FINISHED", "FAILED"}
+    sc = scores.main(["--train_run_ids", run_id] + base)
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=sc, artifact_path="scores.csv"))
+    assert "total_importance" not in table and np.isfinite(table[["final_nll", "confidence", "el2n"]]).all().all()
+    defs = mlflow.artifacts.load_dict(f"runs:/{sc}/score_definitions.json")
+    assert "track=outputs" in json.dumps(defs)

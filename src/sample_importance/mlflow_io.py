@@ -525,6 +525,15 @@ def find_cluster_run(train_run_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def find_influence_run(train_run_id: str) -> str | None:
+    """The newest FINISHED `influence` run of this train run, if any."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True, output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`{TAG_ENTRY_POINT}` = 'influence' and tags.`sample_importance.train_run_id` = "
+                       f"'{train_run_id}' and attributes.status = 'FINISHED'"))
+    return runs[0].info.run_id if runs else None
+
+
 def load_table(run_id: str, name: str):
     """A CSV artifact of a run as a pandas DataFrame."""
     import io

@@ -160,12 +160,13 @@ class _BasicBlock(nn.Module):
         return torch.relu(out + short)
 
 
-class ResNet20(_ImageNet):
-    """He et al. 2016 (section 4.2): a 3x3 stem, three stages of three basic blocks (c, 2c, 4c channels,
-    c = 16), global average pooling, a linear head; Kaiming-normal weights as the reference CIFAR
-    implementation (akamaster/pytorch_resnet_cifar10) draws them."""
+class CifarResNet(_ImageNet):
+    """He et al. 2016 (section 4.2): a 3x3 stem, three stages of `blocks` basic blocks (c, 2c, 4c
+    channels, c = 16; ResNet-20 has 3 per stage, 6n + 2 layers in all), global average pooling, a
+    linear head; Kaiming-normal weights as the reference CIFAR implementation
+    (akamaster/pytorch_resnet_cifar10) draws them."""
 
-    def __init__(self, image_shape, num_classes: int, norm: str = "group", channels: int = 16):
+    def __init__(self, image_shape, num_classes: int, blocks: int = 3, norm: str = "group", channels: int = 16):
         super().__init__(image_shape)
         c = channels
         self.stem = nn.Sequential()
@@ -173,8 +174,8 @@ class ResNet20(_ImageNet):
         self.stem.add_module("norm", _norm(norm, c))
         widths, cin = (c, 2 * c, 4 * c), c
         for k, cout in enumerate(widths):
-            blocks = [_BasicBlock(cin if j == 0 else cout, cout, 2 if (k and j == 0) else 1, norm) for j in range(3)]
-            self.add_module(f"stage{k + 1}", nn.Sequential(*blocks))
+            stage = [_BasicBlock(cin if j == 0 else cout, cout, 2 if (k and j == 0) else 1, norm) for j in range(blocks)]
+            self.add_module(f"stage{k + 1}", nn.Sequential(*stage))
             cin = cout
         self.head = nn.Linear(cin, num_classes)
         for m in self.modules():
@@ -452,7 +453,7 @@ def _cnn(image_shape, num_classes, o) -> nn.Module:
 
 @register_model("resnet20", "He et al.'s CIFAR ResNet-20: 3 stages of 3 basic blocks, 16/32/64 channels", norm=True)
 def _resnet20(image_shape, num_classes, o) -> nn.Module:
-    return ResNet20(image_shape, num_classes, o.norm, o.channels or 16)
+    return CifarResNet(image_shape, num_classes, blocks=3, norm=o.norm, channels=o.channels or 16)
 
 
 @register_model("vgg16", "the CIFAR VGG-16 with a norm after each of its 13 convolutions, one linear head", norm=True)

@@ -56,18 +56,39 @@ def curve_runs(runs: dict[str, Dynamics], limit: int) -> list[Dynamics]:
     return chosen[:max(1, limit)]
 
 
+# Columns of an influence run's influence.csv shown as scores: dT/dv_i of the whole model (fixed point,
+# and unrolled through the SGD run), for each target; "harder" ranks first: the sample whose up-weighting
+# raises the test loss (or the class probability) most, and for `self` the most negative (the sample
+# that most lowers its own loss: the memorised, atypical ones).
+INFLUENCE_SCORES = {f"{kind}_{target}": target != "self" for kind in ("influence", "unrolled")
+                    for target in ("test_loss", "class_prob", "self")}
+
+
+def influence_scores(n_ids: np.ndarray, table: pd.DataFrame) -> dict[str, np.ndarray]:
+    """An influence run's influence.csv -> {column: (n,) values in the order of `n_ids`} for the
+    columns of INFLUENCE_SCORES it has; nothing when it does not list every sample."""
+    position = pd.Series(np.arange(len(table)), index=table["sample_id"].to_numpy())
+    where = position.reindex(np.asarray(n_ids)).to_numpy()
+    if np.isnan(where).any():
+        return {}
+    rows = where.astype(int)
+    return {col: table[col].to_numpy(np.float64)[rows] for col in INFLUENCE_SCORES if col in table}
+
+
 def same_architecture(a: Dynamics, b: Dynamics) -> bool:
     return architecture_of(a.metadata["config"]) == architecture_of(b.metadata["config"])
 
 
 def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2,
                   cluster: tuple[str, pd.DataFrame, pd.DataFrame] | None = None,
-                  links: dict[str, str | None] | None = None, max_curve_runs: int = 3) -> str:
+                  links: dict[str, str | None] | None = None, max_curve_runs: int = 3,
+                  influence: tuple[str, pd.DataFrame] | None = None) -> str:
     """The page for `runs` (run id -> dynamics of the same samples): the first is shown; the curves
     of up to `max_curve_runs` - 1 others (other seeds first, then one run per other architecture)
     are drawn beside its own, and with several runs of its architecture their learnability (Lee et
     al. 2019, eq. 1) is a score. `cluster`: (run id, clusters.csv, cluster_summary.csv) of a cluster
-    run of the first run."""
+    run of the first run; `influence`: (run id, influence.csv) of an influence run of it, whose
+    influence columns become scores."""
     check_aligned(runs)
     run_ids = list(runs)
     d = runs[run_ids[0]]
@@ -96,6 +117,9 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": "cpu"})
     data = training_data(cfg)  # the run's samples, its label noise included
     ids = np.asarray(d.sample_id)
+    if influence is not None:
+        for col, values in influence_scores(ids, influence[1]).items():
+            scores[col], harder[col] = values, INFLUENCE_SCORES[col]
     flipped = None
     if float(meta["config"].get("label_noise", 0.0)) > 0:
         flipped = np.asarray(d.label) != load_dataset(cfg.dataset, data_dir, cfg.subset).y_train[ids]
@@ -114,6 +138,8 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
                 for k, rid in enumerate(run_ids)]
     if cluster_run:
         run_rows.append({"run_id": cluster_run, "role": "cluster run", "url": links.get(cluster_run)})
+    if influence is not None:
+        run_rows.append({"run_id": influence[0], "role": "influence run", "url": links.get(influence[0])})
     title = (f"Sample explorer: {meta['dataset']}, {len(ids):,} training samples, {E} epochs, seed {meta['seed']}"
              + (f", label noise {meta['config']['label_noise']:g}" if flipped is not None else ""))
     payload = X.assemble(
@@ -134,16 +160,20 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
 def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, cluster_run_id: str = "",
                  tracking_url: str = "") -> str:
     """Build the explorer of these train runs and log it as `explorer.html` of the active run.
-    `cluster_run_id` empty: the newest finished `cluster` run of the first train run, if any."""
+    `cluster_run_id` empty: the newest finished `cluster` run of the first train run, if any; the
+    influence columns of its newest finished `influence` run are shown as scores."""
     runs = {rid: mlflow_io.load_dynamics(rid) for rid in train_run_ids}
     cluster_run_id = cluster_run_id or mlflow_io.find_cluster_run(train_run_ids[0]) or ""
     cluster = None
     if cluster_run_id:
         cluster = (cluster_run_id, mlflow_io.load_table(cluster_run_id, "clusters.csv"),
                    mlflow_io.load_table(cluster_run_id, "cluster_summary.csv"))
+    influence_run_id = mlflow_io.find_influence_run(train_run_ids[0]) or ""
+    influence = (influence_run_id, mlflow_io.load_table(influence_run_id, "influence.csv")) if influence_run_id else None
     base = tracking_url or mlflow_io.tracking_ui_url()
-    links = {rid: mlflow_io.run_link(rid, base) for rid in [*train_run_ids, cluster_run_id] if rid and base}
-    html = explorer_html(runs, data_dir, early_epoch, cluster, links)
+    links = {rid: mlflow_io.run_link(rid, base) for rid in [*train_run_ids, cluster_run_id, influence_run_id]
+             if rid and base}
+    html = explorer_html(runs, data_dir, early_epoch, cluster, links, influence=influence)
     mlflow_io.log_text(html, ARTIFACT)
     print(f"explorer: {mlflow_io.artifact_uri(ARTIFACT)} ({len(html) / 1e6:.1f} MB)", flush=True)
     return html
