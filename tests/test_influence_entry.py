@@ -86,9 +86,12 @@ def test_the_explorer_shows_the_influence_of_the_newest_influence_run(store):
     from sample_importance.explorer import data as X
     from sample_importance.explorer.stage import explorer_html
 
+    import influence as entry
+
     _, train_id = store
-    inf_id = mlflow_io.find_influence_run(train_id)
-    assert inf_id is not None
+    inf_id = entry.main(["--train_run_ids", train_id, "--targets", "test_loss,self", "--num_test", "20", "--device",
+                         "cpu"])
+    assert mlflow_io.find_influence_run(train_id) == inf_id  # the newest finished one
     inf = mlflow_io.load_table(inf_id, "influence.csv").set_index("sample_id")
     d = load_dynamics(train_id)
     page = explorer_html({train_id: d}, "", 2, influence=(inf_id, inf.reset_index()))
@@ -96,9 +99,9 @@ def test_the_explorer_shows_the_influence_of_the_newest_influence_run(store):
     payload = json.loads(page[start:page.index("</script>", start)])
     shown = {s["name"]: s for s in payload["scores"]}
     for col in ("influence_test_loss", "influence_self", "unrolled_test_loss"):
-        if col in inf:
-            np.testing.assert_allclose(X.unblob(shown[col]["values"]), inf.loc[np.asarray(d.sample_id), col], rtol=1e-6)
+        np.testing.assert_allclose(X.unblob(shown[col]["values"]), inf.loc[np.asarray(d.sample_id), col], rtol=1e-6)
     assert shown["influence_test_loss"]["harder_is_larger"] is True  # rank 1: raises the test loss most
+    assert shown["influence_self"]["harder_is_larger"] is False
     assert inf_id in [r["run_id"] for r in payload["runs"]]
 
 

@@ -518,19 +518,19 @@ def finish_if_ended(run_id: str) -> None:
 
 def find_cluster_run(train_run_id: str) -> str | None:
     """The newest FINISHED `cluster` run of this train run (its train-run tag), if any."""
-    runs = mlflow.search_runs(
-        search_all_experiments=True, output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
-        filter_string=(f"tags.`{TAG_ENTRY_POINT}` = 'cluster' and tags.`sample_importance.train_run_ids` = "
-                       f"'{train_run_id}' and attributes.status = 'FINISHED'"))
-    return runs[0].info.run_id if runs else None
+    return _newest_finished("cluster", "sample_importance.train_run_ids", train_run_id)
 
 
 def find_influence_run(train_run_id: str) -> str | None:
     """The newest FINISHED `influence` run of this train run, if any."""
+    return _newest_finished("influence", "sample_importance.train_run_id", train_run_id)
+
+
+def _newest_finished(entry_point: str, tag: str, value: str) -> str | None:
     runs = mlflow.search_runs(
         search_all_experiments=True, output_format="list", max_results=1, order_by=["attributes.start_time DESC"],
-        filter_string=(f"tags.`{TAG_ENTRY_POINT}` = 'influence' and tags.`sample_importance.train_run_id` = "
-                       f"'{train_run_id}' and attributes.status = 'FINISHED'"))
+        filter_string=(f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and tags.`{tag}` = '{value}' and "
+                       "attributes.status = 'FINISHED'"))
     return runs[0].info.run_id if runs else None
 
 

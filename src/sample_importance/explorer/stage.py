@@ -60,8 +60,8 @@ def curve_runs(runs: dict[str, Dynamics], limit: int) -> list[Dynamics]:
 # and unrolled through the SGD run), for each target; "harder" ranks first: the sample whose up-weighting
 # raises the test loss (or the class probability) most, and for `self` the most negative (the sample
 # that most lowers its own loss: the memorised, atypical ones).
-INFLUENCE_SCORES = {f"{kind}_{target}": target != "self" for kind in ("influence", "unrolled")
-                    for target in ("test_loss", "class_prob", "self")}
+INFLUENCE_SCORES = {"influence_test_loss": True, "influence_class_prob": True, "influence_self": False,
+                    "unrolled_test_loss": True, "unrolled_class_prob": True}
 
 
 def influence_scores(n_ids: np.ndarray, table: pd.DataFrame) -> dict[str, np.ndarray]:
