@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from .analysis import ordering as ordering_methods
 from .errors import UserError
 
 DATASETS = ("digits", "mnist-5k", "fashion-mnist", "mnist", "cifar10")
@@ -24,14 +25,27 @@ LATER_DEFAULTS = {"model": "mlp", "label_noise": 0.0, "norm": "group", "channels
                   "batchnorm": "refuse", "momentum": 0.0, "nesterov": 0}
 
 
+def fingerprint_of(key: dict) -> str:
+    """The one fingerprint function: a short hash of a JSON-able key (how finished runs are found)."""
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _fingerprint(fields: dict) -> str:
     """Hash of the fields that determine a result (those in NOT_RESULT and later options at their
     defaults left out)."""
-    key = {k: v for k, v in fields.items() if k not in NOT_RESULT and LATER_DEFAULTS.get(k, object()) != v}
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint_of({k: v for k, v in fields.items() if k not in NOT_RESULT and LATER_DEFAULTS.get(k, object()) != v})
 DEFAULT_DATA_DIR = str(Path.home() / ".cache" / "sample-importance")
 MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit integers for torch's and numpy's generators
 MAX_RUNS = 1000  # training runs one stage may ask for (seeds x methods x architectures)
+
+
+SEEDS_HELP = "seeds (seed, seed+1, ...) trained when train_run_ids is empty"  # every stage that trains several
+
+
+def opt(default, help: str):
+    """A configuration field: its default and its one line of help (what the command line and
+    the MLproject show), written once, beside the field."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 class ConfigError(UserError, ValueError):
@@ -40,28 +54,28 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = "digits"  # digits | mnist-5k | fashion-mnist | mnist | cifar10
-    data_dir: str = DEFAULT_DATA_DIR  # where torchvision datasets are read (and downloaded to)
-    subset: int = 0  # keep the first n training samples; 0 = all
-    model: str = "mlp"  # mlp | cnn | resnet20 | vgg16 | mobilenet (models.REGISTRY) | package.module:factory
-    depth: int = 3  # hidden layers; 0 = logistic regression
-    width: int = 512  # units per hidden layer
-    lr: float = 0.1  # SGD step size eta (paper: 0.1)
-    batch_size: int = 100  # samples per SGD step (paper: 100)
-    epochs: int = 50  # passes over the training set (paper: 50)
-    weight_decay: float = 1e-5  # L2 coefficient: the update adds weight_decay * theta to the gradient
-    seed: int = 0  # fixes the initialisation and the per-epoch shuffle
-    label_noise: float = 0.0  # fraction of training labels flipped to another class (drawn with seed)
-    device: str = "auto"  # auto (CUDA if available) | cpu | cuda
-    parallel_models: int = 0  # models a multi-run stage trains in one loop: 0 = auto, 1 = each alone, k = k at once
-    eval_train: int = 1  # 1 = after every epoch, evaluate each training sample under the end-of-epoch parameters; 0 = off
-    early_epoch: int = 2  # 1-based epoch after which GraNd's per-sample gradient norms are recorded, and EL2N/GraNd read
-    norm: str = "group"  # resnet20, vgg16, mobilenet: group (GroupNorm) | batch (BatchNorm, as published)
-    channels: int = 0  # resnet20, vgg16, mobilenet: the first stage's channels; 0 = as published (16, 64, 32)
-    track: str = "importance"  # importance (everything) | outputs (per-sample loss, p_true, correctness, EL2N only)
-    batchnorm: str = "refuse"  # BatchNorm in training mode: refuse | exact (per-sample gradients by batched VJPs)
-    momentum: float = 0.0  # SGD momentum (the paper: 0; Lee et al.'s models: 0.9)
-    nesterov: int = 0  # 1 = Nesterov momentum
+    dataset: str = opt("digits", 'digits | mnist-5k (5,000 real MNIST images, offline) | fashion-mnist | mnist | cifar10')
+    data_dir: str = opt(DEFAULT_DATA_DIR, 'folder where torchvision datasets are read (and downloaded to)')
+    subset: int = opt(0, 'keep the first n training samples; 0 = all')
+    model: str = opt("mlp", "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear) | resnet20 | vgg16 | mobilenet (Lee et al.'s architectures) | package.module:factory (your own: factory(image_shape, num_classes) -> nn.Module)")
+    depth: int = opt(3, 'hidden layers; 0 = logistic regression')
+    width: int = opt(512, 'units per hidden layer')
+    lr: float = opt(0.1, 'SGD step size (paper: 0.1)')
+    batch_size: int = opt(100, 'samples per SGD step (paper: 100)')
+    epochs: int = opt(50, 'passes over the training set (paper: 50)')
+    weight_decay: float = opt(1e-5, 'L2 coefficient added to the gradient as weight_decay * theta')
+    seed: int = opt(0, 'fixes the initialisation and the per-epoch shuffle')
+    label_noise: float = opt(0.0, 'fraction of training labels flipped to another class, drawn with seed (label-noise experiment)')
+    device: str = opt("auto", 'auto (CUDA if available) | cpu | cuda')
+    parallel_models: int = opt(0, 'models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)')
+    eval_train: int = opt(1, '1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off')
+    early_epoch: int = opt(2, '1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)')
+    norm: str = opt("group", 'resnet20, vgg16, mobilenet: group (GroupNorm: exact and cheap per-sample importance) | batch (BatchNorm, as published; needs batchnorm=exact or track=outputs)')
+    channels: int = opt(0, 'resnet20, vgg16, mobilenet: channels of the first stage (later stages scale with it); 0 = as published (16, 64, 32)')
+    track: str = opt("importance", 'importance (per-sample importance and every other statistic) | outputs (per-sample loss, p_true, correctness, EL2N only: what learnability needs, at the cost of plain training)')
+    batchnorm: str = opt("refuse", 'BatchNorm in training mode with track=importance: refuse | exact (exact per-sample gradients by batched vector-Jacobian products, several times slower)')
+    momentum: float = opt(0.0, "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i")
+    nesterov: int = opt(0, '1 = Nesterov momentum (needs momentum > 0)')
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
@@ -144,25 +158,25 @@ class TrainConfig:
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """One line of help per field, for the command line."""
-        return {f.name: _FIELD_HELP[f.name] for f in dataclasses.fields(cls)}
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
 
-ORDERINGS = ("shuffle", "rand", "nlo", "rnlo", "nlm", "sio", "rsio", "sim")
+ORDERINGS = ordering_methods.METHODS
 
 
 @dataclass(frozen=True)
 class TrainRunConfig(TrainConfig):
     """The `train` entry point: training plus the presentation order (paper section 3.6)."""
 
-    ordering: str = "shuffle"  # shuffle (new order every epoch) | rand | nlo | rnlo | nlm | sio | rsio | sim
-    reference_run_id: str = ""  # train run whose final NLL and total importance order the batches (not for shuffle)
-    resume_run_id: str = ""  # continue this interrupted run; empty = resume one with the same configuration if any
+    ordering: str = opt("shuffle", 'shuffle | rand | nlo | rnlo | nlm | sio | rsio | sim (paper section 3.6)')
+    reference_run_id: str = opt("", 'train run whose final NLL and total importance order the batches')
+    resume_run_id: str = opt("", 'continue this interrupted train run; empty = resume one with the same configuration if any')
 
     def check(self) -> "TrainRunConfig":
         super().check()
         if self.ordering not in ORDERINGS:
             raise ConfigError(f"Unknown ordering {self.ordering!r}: choose one of {', '.join(ORDERINGS)}.")
-        if self.ordering not in ("shuffle", "rand") and not self.reference_run_id:
+        if self.ordering in ordering_methods.NEEDS_REFERENCE and not self.reference_run_id:
             raise ConfigError(f"ordering={self.ordering} sorts samples by a reference run's scores: pass "
                               "reference_run_id (the id of a finished train run on the same data).")
         return self
@@ -201,7 +215,7 @@ def check_unique(items: list, name: str) -> None:
 class AnalysisConfig(TrainConfig):
     """An analysis of `train` runs: the given ones, or those matching the training fields."""
 
-    train_run_ids: str = ""  # comma-separated train run ids; empty = find (or launch) runs matching the training fields
+    train_run_ids: str = opt("", 'comma-separated train run ids to analyse; empty = find or launch runs matching the training parameters')
     SINGLE_RUN: ClassVar[bool] = False  # the analysis reads one train run
 
     def run_ids(self) -> list[str]:
@@ -223,15 +237,14 @@ class AnalysisConfig(TrainConfig):
         configuration they are found by."""
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         own = {k: v for k, v in self.to_dict().items() if k not in train_fields and k != "train_run_ids"}
-        key = {"class": type(self).__name__, **own,
-               "runs": self.run_ids() or self.train_config().fingerprint()}
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint_of({"class": type(self).__name__, **own,
+                               "runs": self.run_ids() or self.train_config().fingerprint()})
 
 
 @dataclass(frozen=True)
 class StabilityConfig(AnalysisConfig):
-    num_seeds: int = 3  # seeds trained (seed, seed+1, ...) when train_run_ids is empty
-    every: int = 5  # compare importance every this many epochs (paper: 5)
+    num_seeds: int = opt(3, SEEDS_HELP)
+    every: int = opt(5, 'compare importance every this many epochs (paper: 5)')
 
     def check(self) -> "StabilityConfig":
         super().check()
@@ -258,9 +271,9 @@ class NllConfig(AnalysisConfig):
 @dataclass(frozen=True)
 class ClusterConfig(AnalysisConfig):
     SINGLE_RUN: ClassVar[bool] = True
-    label: int = 5  # the class whose samples are clustered (paper: digit 5 on MNIST)
-    num_clusters: int = 20  # k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)
-    feature_scale: str = "log"  # log | raw: k-means on log10(beta) or on beta itself
+    label: int = opt(5, 'class whose samples are clustered (paper: 5 on MNIST)')
+    num_clusters: int = opt(20, 'k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)')
+    feature_scale: str = opt("log", 'log | raw: cluster log10(beta) profiles or raw beta')
 
     def check(self) -> "ClusterConfig":
         super().check()
@@ -277,19 +290,19 @@ class ClusterConfig(AnalysisConfig):
 class StudyConfig(TrainConfig):
     """`main`: the whole study on one dataset."""
 
-    num_seeds: int = 3
-    every: int = 5
-    label: int = 5
-    num_clusters: int = 20
+    num_seeds: int = opt(3, "stability: " + SEEDS_HELP)
+    every: int = opt(5, "stability: compare importance every this many epochs (paper: 5)")
+    label: int = opt(5, "cluster: class whose samples are clustered (paper: 5 on MNIST)")
+    num_clusters: int = opt(20, "cluster: k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)")
 
 
 @dataclass(frozen=True)
 class OrderingConfig(TrainConfig):
     """`ordering`: every batch construction of paper section 3.6, over several initialisations."""
 
-    reference_run_id: str = ""  # train run whose scores order the batches; empty = find or launch a matching one
-    methods: str = ",".join(ORDERINGS)  # comma-separated batch constructions to compare
-    num_seeds: int = 5  # initialisations (seed, seed+1, ...), shared across methods
+    reference_run_id: str = opt("", 'train run whose final NLL and total importance order the batches')
+    methods: str = opt(",".join(ORDERINGS), 'comma-separated batch constructions: shuffle, rand, nlo, rnlo, nlm, sio, rsio, sim')
+    num_seeds: int = opt(5, SEEDS_HELP)
 
     def method_list(self) -> list[str]:
         return _ids(self.methods)
@@ -307,9 +320,9 @@ class OrderingConfig(TrainConfig):
         return self
 
     def fingerprint(self) -> str:
-        key = {"class": "OrderingConfig", "train": self.train_config().fingerprint(),
-               "reference": self.reference_run_id, "methods": self.method_list(), "num_seeds": self.num_seeds}
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint_of({"class": "OrderingConfig", "train": self.train_config().fingerprint(),
+                               "reference": self.reference_run_id, "methods": self.method_list(),
+                               "num_seeds": self.num_seeds})
 
 
 SWEEP_METRICS = {"final_test_error": "test_error", "final_test_loss": "test_loss", "final_train_loss": "train_loss"}
@@ -319,18 +332,18 @@ SWEEP_METRICS = {"final_test_error": "test_error", "final_test_loss": "test_loss
 class SweepConfig(TrainConfig):
     """`sweep`: Optuna search over the learning rate, each trial repeated over seeds."""
 
-    n_trials: int = 10  # trials this invocation (this worker) adds to the study; 0 = until timeout
-    timeout: float = 0.0  # stop starting trials after this many seconds; 0 = no limit
-    lr_min: float = 0.01  # lower bound of the log-uniform learning-rate range
-    lr_max: float = 0.5  # upper bound
-    seeds: str = "2"  # seeds each trial trains: a count n (seed, ..., seed+n-1) or a comma-separated list
-    metric: str = "final_test_error"  # minimised: final_test_error | final_test_loss | final_train_loss
-    study_name: str = ""  # Optuna study; empty = sweep-<dataset>
-    storage: str = ""  # Optuna storage: empty = optuna-journal.log beside the tracking store; a .log path; or a database URL
-    sampler_seed: int = 0  # seed of the TPE sampler
-    pruner: str = "median"  # median | none
-    reference_lr: float = 0.1  # learning rate whose importance ranking each trial is compared with (paper: 0.1)
-    heartbeat: int = 60  # seconds between trial heartbeats (database storages); stale trials fail after 2x
+    n_trials: int = opt(10, 'trials this invocation (worker) adds to the study; 0 = as many as fit in timeout (which must then be set)')
+    timeout: float = opt(0.0, 'stop starting trials after this many seconds; 0 = no limit')
+    lr_min: float = opt(0.01, 'lower bound of the log-uniform learning-rate range')
+    lr_max: float = opt(0.5, 'upper bound of the log-uniform learning-rate range')
+    seeds: str = opt("2", 'seeds per trial: a count n (seed..seed+n-1) or a comma-separated list')
+    metric: str = opt("final_test_error", 'minimised: final_test_error | final_test_loss | final_train_loss')
+    study_name: str = opt("", 'Optuna study name; empty = sweep-<dataset>')
+    storage: str = opt("", 'Optuna storage: empty = optuna-journal.log beside the tracking store (mlflow.db); a journal .log path (relative: from there); or a database URL')
+    sampler_seed: int = opt(0, 'seed of the TPE sampler')
+    pruner: str = opt("median", 'median | none')
+    reference_lr: float = opt(0.1, "learning rate each trial's importance ranking is compared with (paper: 0.1)")
+    heartbeat: int = opt(60, 'seconds between trial heartbeats on database storages; stale trials fail after twice that')
 
     def seed_list(self) -> list[int]:
         parts = _ids(self.seeds)
@@ -388,9 +401,9 @@ class ScoresConfig(AnalysisConfig):
 class PruneConfig(ScoresConfig):
     """`prune`: train on the fraction of samples each score keeps; test error against the fraction."""
 
-    keep_fractions: str = "0.1,0.3,0.5,0.7,0.9"  # comma-separated fractions of the training set kept
-    prune_scores: str = "total_importance,el2n,grand,forgetting,final_nll,variability"  # scores that choose
-    num_seeds: int = 1  # seeds (seed, seed+1, ...) of each pruned training run
+    keep_fractions: str = opt("0.1,0.3,0.5,0.7,0.9", 'prune: comma-separated fractions of the training set kept')
+    prune_scores: str = opt("total_importance,el2n,grand,forgetting,final_nll,variability", 'prune: comma-separated scores that choose the kept samples (columns of scores.csv)')
+    num_seeds: int = opt(1, SEEDS_HELP)
 
     def fraction_list(self) -> list[float]:
         return parse_floats(self.keep_fractions, "keep_fractions")
@@ -468,8 +481,8 @@ def architecture_of(config: dict) -> str:
 class LearnabilityConfig(AnalysisConfig):
     """`learnability`: sample-wise learnability across architectures (Lee et al. 2019)."""
 
-    architectures: str = "mlp:3x512,mlp:1x128,logreg,cnn"  # comma-separated: mlp:<depth>x<width> | logreg | cnn | resnet20|vgg16|mobilenet[:group|:batch][:<channels>]
-    num_seeds: int = 3  # initialisations per architecture (the expectation of eq. 1)
+    architectures: str = opt("mlp:3x512,mlp:1x128,logreg,cnn", 'comma-separated architectures: mlp:<depth>x<width> | logreg | cnn | resnet20, vgg16 or mobilenet with :group or :batch and optionally :<channels> (BatchNorm models train with track=outputs)')
+    num_seeds: int = opt(3, SEEDS_HELP)
 
     def architecture_list(self) -> list[dict]:
         return [parse_architecture(a) for a in _ids(self.architectures)]
@@ -488,8 +501,8 @@ class LearnabilityConfig(AnalysisConfig):
 class ExploreConfig(AnalysisConfig):
     """`explore`: one self-contained explorer.html of a train run (more ids: their curves beside it)."""
 
-    cluster_run_id: str = ""  # cluster run whose clusters are shown; empty = the newest of the first train run
-    tracking_url: str = ""  # MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)
+    cluster_run_id: str = opt("", 'explore: cluster run whose clusters are shown; empty = the newest cluster run of the first train run')
+    tracking_url: str = opt("", 'explore: MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)')
 
 INFLUENCE_MODES = ("influence", "validate", "breakdown")
 
@@ -507,30 +520,30 @@ class InfluenceConfig(AnalysisConfig):
     (paper section 4), fixed-point and unrolled, optionally validated against retraining."""
 
     SINGLE_RUN: ClassVar[bool] = True
-    mode: str = "influence"  # influence | validate (also retrain to check) | breakdown (linear response vs change, lr, epochs)
-    targets: str = "test_loss,class_prob"  # comma-separated: test_loss | class_prob | self
-    test_ids: str = ""  # comma-separated test-sample indices of the target set; empty = draw num_test
-    num_test: int = 100  # test samples drawn (with seed) when test_ids is empty
-    test_class: int = -1  # draw the target set from this class only; -1 = any class
-    target_class: int = 0  # c of the class_prob target (sum of predicted p(c) over the set)
-    solver: str = "cg"  # direct | cg | lissa
-    damping: str = "auto"  # lambda in (H + lambda I)^-1: auto = 0 where H is positive definite, else just enough to make it so; or a number >= 0
-    max_direct: int = 5000  # largest parameter count the direct solver (explicit Hessian) accepts
-    cg_tol: float = 1e-6  # relative residual at which cg stops
-    cg_maxiter: int = 500  # cg iterations at most
-    lissa_depth: int = 1000  # terms of the LiSSA series
-    lissa_scale: float = 0.0  # LiSSA scale (above the top eigenvalue); 0 = estimated by power iteration
-    lissa_batch: int = 0  # samples per LiSSA Hessian estimate; 0 = all (deterministic)
-    polish_steps: int = 0  # full-batch L-BFGS iterations moving the final parameters towards a fixed point first
-    per_layer: int = 1  # 1 = also influence with H restricted to each layer's block
-    unrolled: int = -1  # exact influence through the SGD trajectory: 1 = yes, 0 = no, -1 = when it fits max_memory_gb
-    max_memory_gb: float = 4.0  # memory the unrolled influence may use
-    num_validate: int = 10  # validate/breakdown: this many most influential samples and as many random ones
-    small_change: float = 1e-6  # validate: the small weight change 1 -> 1 - small_change replayed in float64
-    loo_steps: int = 500  # validate: L-BFGS iterations of each warm-started leave-one-out retraining
-    breakdown_lrs: str = "0.01,0.1"  # breakdown: learning rates compared
-    breakdown_epochs: str = "5,30"  # breakdown: training lengths compared
-    breakdown_changes: str = "1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1"  # breakdown: weight changes (1 = removal)
+    mode: str = opt("influence", 'influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)')
+    targets: str = opt("test_loss,class_prob", 'comma-separated targets T: test_loss | class_prob | self')
+    test_ids: str = opt("", 'comma-separated test-sample indices of the target set; empty = draw num_test')
+    num_test: int = opt(100, 'test samples drawn (with seed) when test_ids is empty')
+    test_class: int = opt(-1, 'draw the target set from this class only; -1 = any class')
+    target_class: int = opt(0, 'class c of the class_prob target (sum of predicted p(c) over the set)')
+    solver: str = opt("cg", 'direct (explicit Hessian) | cg (scipy) | lissa')
+    damping: str = opt("auto", 'lambda added to the Hessian, (H + lambda I)^-1: auto = none where H is positive definite, else just enough to make it so (from its smallest eigenvalue); or a number >= 0, used as given')
+    max_direct: int = opt(5000, 'largest parameter count the direct solver accepts')
+    cg_tol: float = opt(1e-6, 'relative residual at which cg stops')
+    cg_maxiter: int = opt(500, 'cg iterations at most')
+    lissa_depth: int = opt(1000, 'terms of the LiSSA series')
+    lissa_scale: float = opt(0.0, 'LiSSA scale, above the top eigenvalue; 0 = estimated by power iteration')
+    lissa_batch: int = opt(0, 'samples per LiSSA Hessian estimate; 0 = all (deterministic)')
+    polish_steps: int = opt(0, 'full-batch L-BFGS iterations towards a fixed point before the influence')
+    per_layer: int = opt(1, "1 = also influence with the Hessian restricted to each layer's block")
+    unrolled: int = opt(-1, 'exact influence through the SGD trajectory: 1 = yes, 0 = no, -1 = when it fits max_memory_gb')
+    max_memory_gb: float = opt(4.0, 'memory the unrolled influence may use')
+    num_validate: int = opt(10, 'validate/breakdown: this many most influential samples and as many random ones')
+    small_change: float = opt(1e-6, 'validate: weight change 1 -> 1 - small_change replayed in float64')
+    loo_steps: int = opt(500, 'validate: L-BFGS iterations of each warm-started leave-one-out retraining')
+    breakdown_lrs: str = opt("0.01,0.1", 'breakdown: comma-separated learning rates')
+    breakdown_epochs: str = opt("5,30", 'breakdown: comma-separated training lengths in epochs')
+    breakdown_changes: str = opt("1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1", 'breakdown: comma-separated weight changes (1 = removal)')
 
     def target_list(self) -> list[str]:
         return _ids(self.targets)
@@ -558,12 +571,13 @@ class InfluenceConfig(AnalysisConfig):
         super().check()
         if self.mode not in INFLUENCE_MODES:
             raise ConfigError(f"Unknown mode {self.mode!r}: choose one of {', '.join(INFLUENCE_MODES)}.")
-        bad = [t for t in self.target_list() if t not in ("test_loss", "class_prob", "self")]
+        from .analysis.influence import SOLVERS, TARGETS
+
+        bad = [t for t in self.target_list() if t not in TARGETS]
         if bad or not self.target_list():
-            raise ConfigError(f"Unknown target(s) {', '.join(bad) or '(none given)'}: choose from test_loss, "
-                              "class_prob, self.")
-        if self.solver not in ("direct", "cg", "lissa"):
-            raise ConfigError(f"Unknown solver {self.solver!r}: choose direct, cg or lissa.")
+            raise ConfigError(f"Unknown target(s) {', '.join(bad) or '(none given)'}: choose from {', '.join(TARGETS)}.")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"Unknown solver {self.solver!r}: choose {', '.join(SOLVERS)}.")
         self.damping_value()
         if any(i < 0 for i in self.test_id_list()):
             raise ConfigError("test_ids must be indices into the test set (0 or more).")
@@ -585,81 +599,3 @@ class InfluenceConfig(AnalysisConfig):
         if any(v < 1 or v != int(v) for v in parse_floats(self.breakdown_epochs, "breakdown_epochs")):
             raise ConfigError("breakdown_epochs must be positive integers.")
         return self
-
-
-# Help texts mirror the comments above; kept as data so the entry points can show them.
-_FIELD_HELP = {
-    "dataset": "digits | mnist-5k (5,000 real MNIST images, offline) | fashion-mnist | mnist | cifar10",
-    "data_dir": "folder where torchvision datasets are read (and downloaded to)",
-    "subset": "keep the first n training samples; 0 = all",
-    "model": "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear) | resnet20 | vgg16 | mobilenet (Lee et al.'s architectures) | package.module:factory (your own: factory(image_shape, num_classes) -> nn.Module)",
-    "norm": "resnet20, vgg16, mobilenet: group (GroupNorm: exact and cheap per-sample importance) | batch (BatchNorm, as published; needs batchnorm=exact or track=outputs)",
-    "channels": "resnet20, vgg16, mobilenet: channels of the first stage (later stages scale with it); 0 = as published (16, 64, 32)",
-    "track": "importance (per-sample importance and every other statistic) | outputs (per-sample loss, p_true, correctness, EL2N only: what learnability needs, at the cost of plain training)",
-    "batchnorm": "BatchNorm in training mode with track=importance: refuse | exact (exact per-sample gradients by batched vector-Jacobian products, several times slower)",
-    "momentum": "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i",
-    "nesterov": "1 = Nesterov momentum (needs momentum > 0)",
-    "depth": "hidden layers; 0 = logistic regression",
-    "width": "units per hidden layer",
-    "lr": "SGD step size (paper: 0.1)",
-    "batch_size": "samples per SGD step (paper: 100)",
-    "epochs": "passes over the training set (paper: 50)",
-    "weight_decay": "L2 coefficient added to the gradient as weight_decay * theta",
-    "seed": "fixes the initialisation and the per-epoch shuffle",
-    "label_noise": "fraction of training labels flipped to another class, drawn with seed (label-noise experiment)",
-    "device": "auto (CUDA if available) | cpu | cuda",
-    "parallel_models": "models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)",
-    "train_run_ids": "comma-separated train run ids to analyse; empty = find or launch runs matching the training parameters",
-    "num_seeds": "seeds (seed, seed+1, ...) trained when train_run_ids is empty",
-    "every": "compare importance every this many epochs (paper: 5)",
-    "label": "class whose samples are clustered (paper: 5 on MNIST)",
-    "num_clusters": "k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)",
-    "feature_scale": "log | raw: cluster log10(beta) profiles or raw beta",
-    "ordering": "shuffle | rand | nlo | rnlo | nlm | sio | rsio | sim (paper section 3.6)",
-    "reference_run_id": "train run whose final NLL and total importance order the batches",
-    "resume_run_id": "continue this interrupted train run; empty = resume one with the same configuration if any",
-    "methods": "comma-separated batch constructions: shuffle, rand, nlo, rnlo, nlm, sio, rsio, sim",
-    "n_trials": "trials this invocation (worker) adds to the study; 0 = as many as fit in timeout (which must then be set)",
-    "timeout": "stop starting trials after this many seconds; 0 = no limit",
-    "lr_min": "lower bound of the log-uniform learning-rate range",
-    "lr_max": "upper bound of the log-uniform learning-rate range",
-    "seeds": "seeds per trial: a count n (seed..seed+n-1) or a comma-separated list",
-    "metric": "minimised: final_test_error | final_test_loss | final_train_loss",
-    "study_name": "Optuna study name; empty = sweep-<dataset>",
-    "storage": "Optuna storage: empty = optuna-journal.log beside the tracking store (mlflow.db); a journal .log path (relative: from there); or a database URL",
-    "sampler_seed": "seed of the TPE sampler",
-    "pruner": "median | none",
-    "reference_lr": "learning rate each trial's importance ranking is compared with (paper: 0.1)",
-    "heartbeat": "seconds between trial heartbeats on database storages; stale trials fail after twice that",
-    "eval_train": "1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off",
-    "early_epoch": "1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)",
-    "cluster_run_id": "explore: cluster run whose clusters are shown; empty = the newest cluster run of the first train run",
-    "tracking_url": "explore: MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)",
-    "keep_fractions": "prune: comma-separated fractions of the training set kept",
-    "prune_scores": "prune: comma-separated scores that choose the kept samples (columns of scores.csv)",
-    "architectures": "comma-separated architectures: mlp:<depth>x<width> | logreg | cnn | resnet20, vgg16 or mobilenet with :group or :batch and optionally :<channels> (BatchNorm models train with track=outputs)",
-    "mode": "influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)",
-    "targets": "comma-separated targets T: test_loss | class_prob | self",
-    "test_ids": "comma-separated test-sample indices of the target set; empty = draw num_test",
-    "num_test": "test samples drawn (with seed) when test_ids is empty",
-    "test_class": "draw the target set from this class only; -1 = any class",
-    "target_class": "class c of the class_prob target (sum of predicted p(c) over the set)",
-    "solver": "direct (explicit Hessian) | cg (scipy) | lissa",
-    "damping": "lambda added to the Hessian, (H + lambda I)^-1: auto = none where H is positive definite, else just enough to make it so (from its smallest eigenvalue); or a number >= 0, used as given",
-    "max_direct": "largest parameter count the direct solver accepts",
-    "cg_tol": "relative residual at which cg stops",
-    "cg_maxiter": "cg iterations at most",
-    "lissa_depth": "terms of the LiSSA series",
-    "lissa_scale": "LiSSA scale, above the top eigenvalue; 0 = estimated by power iteration",
-    "lissa_batch": "samples per LiSSA Hessian estimate; 0 = all (deterministic)",
-    "polish_steps": "full-batch L-BFGS iterations towards a fixed point before the influence",
-    "per_layer": "1 = also influence with the Hessian restricted to each layer's block",
-    "unrolled": "exact influence through the SGD trajectory: 1 = yes, 0 = no, -1 = when it fits max_memory_gb",
-    "max_memory_gb": "memory the unrolled influence may use",
-    "num_validate": "validate/breakdown: this many most influential samples and as many random ones",
-    "small_change": "validate: weight change 1 -> 1 - small_change replayed in float64",
-    "loo_steps": "validate: L-BFGS iterations of each warm-started leave-one-out retraining",
-    "breakdown_lrs": "breakdown: comma-separated learning rates",
-    "breakdown_epochs": "breakdown: comma-separated training lengths in epochs",
-    "breakdown_changes": "breakdown: comma-separated weight changes (1 = removal)",
-}

@@ -17,7 +17,7 @@ from .tasks import train_run_name
 from .together import train_many
 from .training import check_batching
 
-NEEDS_REFERENCE = ("nlo", "rnlo", "nlm", "sio", "rsio", "sim")
+NEEDS_REFERENCE = ordering.NEEDS_REFERENCE
 
 
 def registered_name(dataset: str) -> str:

@@ -9,6 +9,11 @@ from sklearn.decomposition import PCA
 
 from .claims import Claim
 
+# The one list of batch constructions (section 3.6), in the order the experiment runs them; the
+# configuration, the `ordering` stage and the comparison below import it.
+METHODS = ("shuffle", "rand", "nlo", "rnlo", "nlm", "sio", "rsio", "sim")
+FIXED = METHODS[1:]  # one fixed split into batches, presented in the same order every epoch
+NEEDS_REFERENCE = ("nlo", "rnlo", "nlm", "sio", "rsio", "sim")  # sorted by a reference run's final NLL or tau
 MIXED = ("rand", "nlm", "sim")  # batches with diverse difficulty
 HOMOGENEOUS = ("nlo", "rnlo", "sio", "rsio")  # batches of similar difficulty
 
