@@ -95,7 +95,7 @@ def test_score_table_names_the_scores_a_run_cannot_give():
         importance=rng.uniform(size=(E, n, 2)).astype(np.float32), p_true=rng.uniform(size=(E, n)),
         correct=rng.uniform(size=(E, n)) > 0.5, error_l2=rng.uniform(size=(E, n)),
         batch_order=np.tile(np.arange(n), (E, 1)), final_loss=np.ones(n), label=np.zeros(n, int),
-        sample_id=np.arange(n), layer_names=["L1", "Out"], folder="f", has_eval=True, grand_epoch=2,
+        sample_id=np.arange(n), layer_names=["L1", "Out"], folder="f", has_eval=True, has_importance=True, grand_epoch=2,
         eval_p_true=p_eval, eval_correct=p_eval > 0.5, eval_error_l2=rng.uniform(size=(E, n)),
         eval_grad_norm=grad_norm, metadata={"run_id": "r1", "batch_size": 2, "lr": 0.1, "schema_version": 3})
     table, missing = S.score_table(run, 2)
