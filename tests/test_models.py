@@ -57,7 +57,7 @@ def test_registered_model_importance_matches_per_sample_autograd(name, norm, sha
     model.zero_grad()
     opt = make_optimizer(model, cfg)
     with ImportanceRecorder(model, batchnorm=cfg.batchnorm, groups=importance_groups(model)) as rec:
-        got = sgd_step(model, opt, x, y, 0.1, recorder=rec).importance
+        got = sgd_step(model, opt, x, y, recorder=rec).importance
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-30), (got - want).abs().max()
 

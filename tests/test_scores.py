@@ -49,7 +49,7 @@ def test_recorded_error_l2_is_the_distance_of_softmax_to_the_label():
     x = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))
     y = torch.arange(9) % 4
     expected = (torch.softmax(model(x), 1) - F.one_hot(y, 4)).norm(dim=1)
-    rec = sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 0.1)
+    rec = sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y)
     torch.testing.assert_close(sample_statistics(rec.logits, rec.loss, y)[2], expected.detach(), rtol=1e-5, atol=1e-6)
 
 

@@ -134,7 +134,12 @@ class _ImageNet(nn.Module):
         self.image_shape = tuple(image_shape)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Every child but the head, in the order they were added; ReLU after the stem."""
+        for name, child in self.named_children():
+            if name != "head":
+                x = child(x)
+                x = torch.relu(x) if name == "stem" else x
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x.reshape(len(x), *self.image_shape))  # (B, C', H', W')
@@ -182,10 +187,6 @@ class CifarResNet(_ImageNet):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.stem(x))
-        return self.stage3(self.stage2(self.stage1(h)))
-
 
 class VGG16(_ImageNet):
     """Simonyan & Zisserman's configuration D with normalisation after every convolution, as the
@@ -210,11 +211,6 @@ class VGG16(_ImageNet):
             self.add_module(f"block{k + 1}", block)
         self.head = nn.Linear(cin, num_classes)
         _conv_init_fan_out(self)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        for k in range(1, 6):
-            x = getattr(self, f"block{k}")(x)
-        return x
 
 
 class _Separable(nn.Module):
@@ -254,12 +250,6 @@ class MobileNet(_ImageNet):
             self.add_module(f"stage{k + 1}", nn.Sequential(*blocks))
         self.head = nn.Linear(cin, num_classes)
         _conv_init_fan_out(self)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.stem(x))
-        for k in range(1, len(self.PLAN) + 1):
-            h = getattr(self, f"stage{k}")(h)
-        return h
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,7 @@ def sample_statistics(logits: torch.Tensor, loss: torch.Tensor, y: torch.Tensor
 
 
 def checkpoint_sq_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                             recorder: ImportanceRecorder | None = None,
-                             batchnorm: str = "refuse") -> tuple[torch.Tensor, torch.Tensor]:
+                             recorder: ImportanceRecorder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The recorder without a step: ||dL_i/d theta_d||^2 per sample and layer (B, layers) at the current
     parameters (weight decay excluded), and the logits (B, classes). For GraNd at a checkpoint (Paul et
     al. 2021): ||g_i|| = sqrt of the sum over layers. With lr = 1 the recorder returns
@@ -67,7 +66,7 @@ def checkpoint_sq_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     B = len(y)
     with contextlib.ExitStack() as stack, torch.enable_grad():
         if recorder is None:
-            recorder = stack.enter_context(ImportanceRecorder(model, batchnorm=batchnorm))
+            recorder = stack.enter_context(ImportanceRecorder(model))
         logits = model(x)  # (B, C)
         loss_i = F.cross_entropy(logits, y, reduction="none")  # (B,)
         norms = recorder.backward(loss_i, lr=1.0) * (B * B)  # (B, layers)
@@ -75,7 +74,7 @@ def checkpoint_sq_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return norms.detach(), logits.detach()
 
 
-def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
+def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              track: bool = True, weight: torch.Tensor | None = None,
              recorder: ImportanceRecorder | None = None) -> StepRecord:
     """One SGD step on the mean cross-entropy of the batch (x, y), recording beta when `track`.
@@ -83,8 +82,8 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
     `weight` (B,) multiplies each sample's loss in that mean (the sample weights v_i of paper
     section 4; None = all 1). The optimizer adds weight decay to the gradients it is given; beta
     excludes it, as defined. `recorder`: the model's ImportanceRecorder (one for the whole run);
-    without it a temporary one is made for this step. beta is the recorder's (B, L) for plain SGD
-    with learning rate `lr`.
+    without it a temporary one is made for this step. beta is the recorder's (B, columns) for the
+    optimizer's step (plain SGD, momentum or Nesterov).
     """
     own = track and recorder is None
     if own:
@@ -95,10 +94,8 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
         loss_i = F.cross_entropy(logits, y, reduction="none")  # (B,)
         weighted = loss_i if weight is None else loss_i * weight
         if track:
-            # (B, columns); .grad as weighted.mean().backward(); the step's own phi under momentum
-            momentum = optimizer.param_groups[0].get("momentum", 0)
-            importance = recorder.backward(weighted, **({"optimizer": optimizer} if momentum else {"lr": lr}))
-            importance = recorder.grouped(importance)
+            # (B, columns); .grad as weighted.mean().backward(); phi of the optimizer's own step
+            importance = recorder.grouped(recorder.backward(weighted, optimizer=optimizer))
         else:
             weighted.mean().backward()
             importance = None

@@ -81,7 +81,7 @@ def check_batching(cfg: TrainConfig, n: int) -> None:
 
 
 def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_norm: bool, chunk: int = 1024,
-                   recorder: ImportanceRecorder | None = None, batchnorm: str = "refuse") -> tuple[torch.Tensor, ...]:
+                   recorder: ImportanceRecorder | None = None) -> tuple[torch.Tensor, ...]:
     """Every training sample under the model's current (end-of-epoch) parameters, in chunks on x's
     device: NLL, p(true label), correctness, ||softmax - onehot||_2 (n,) each, and, with `grad_norm`,
     the exact norm of each sample's own loss gradient ||g_i|| (the recorder without a step; else NaN).
@@ -91,7 +91,7 @@ def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, gra
     for s in range(0, len(y), chunk):
         xb, yb = x[s:s + chunk], y[s:s + chunk]
         if grad_norm:
-            sq, out = checkpoint_sq_grad_norms(model, xb, yb, recorder, batchnorm)  # (B, layers), (B, classes)
+            sq, out = checkpoint_sq_grad_norms(model, xb, yb, recorder)  # (B, layers), (B, classes)
             norms.append(sq.sum(1).sqrt())
         else:
             with torch.no_grad():
@@ -257,7 +257,7 @@ def fit_many(
                 for m in (m for m in range(M) if live[m]):
                     if on_batch is not None:
                         on_batch(models[m], ids[m])
-                    rec = sgd_step(models[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]], cfgs[m].lr,
+                    rec = sgd_step(models[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]],
                                    track=importance_on, weight=None if w is None else w[m], recorder=recorders[m])
                     _store((m, ids[m]), rec, importance, loss, logits, importance_on)
             if stack is not None:
@@ -272,7 +272,7 @@ def fit_many(
             for m in evaluated:
                 models[m].eval()
             evals = [evaluate_train(models[m], x_train, y_train[m], importance_on and epoch + 1 == cfgs[m].early_epoch,
-                                    recorder=recorders[m], batchnorm=cfgs[m].batchnorm) for m in evaluated]
+                                    recorder=recorders[m]) for m in evaluated]
             evals = _to_host(evaluated, evals)
             eval_seconds = time.perf_counter() - start
             finished = []
