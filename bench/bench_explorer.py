@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from sample_importance import mlflow_io  # noqa: E402
 from sample_importance.data import load_dataset  # noqa: E402
-from sample_importance.explorer.stage import explorer_html  # noqa: E402
+from sample_importance.stages.explore import explorer_html  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -34,10 +34,15 @@ def parse_config(cls: type[C], argv: list[str] | None, description: str) -> C:
     return cls(**vars(parser.parse_args(argv)))
 
 
-def entry_point(cls: type[C], description: str, run: Callable[[C], str]) -> Callable[[list[str] | None], str]:
-    """An entry point's `main(argv)`: its flags parsed into `cls`, then `run(config)`; returns the run id."""
+def stage_main(name: str) -> Callable[[list[str] | None], str]:
+    """The `main(argv)` of entry point `name`: its flags parsed into the stage's config class, then the
+    stage (`sample_importance.stages.STAGES`); returns the run id."""
+    from sample_importance.stages import STAGES
+
+    stage = STAGES[name]
+
     def main(argv: list[str] | None = None) -> str:
-        return run(parse_config(cls, argv, description))
+        return stage.run(parse_config(stage.config, argv, stage.description), PROJECT)
     return main
 
 

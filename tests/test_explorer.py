@@ -86,7 +86,7 @@ def test_run_curves_order_and_ranks():
 
 
 def test_cluster_payload_maps_sample_ids_and_ranks_clusters_by_difficulty():
-    from sample_importance.explorer.stage import cluster_payload
+    from sample_importance.stages.explore import cluster_payload
 
     clusters = pd.DataFrame({"sample_id": [4, 1, 7], "cluster": [1, 0, 1], "mean_nll": [0.3, 0.1, 0.5]})
     summary = pd.DataFrame({"cluster": [0, 1], "size": [1, 2], "difficulty": [0.1, 0.4], "peak_epoch": [1, 3]})

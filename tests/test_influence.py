@@ -171,7 +171,7 @@ def test_polish_reduces_the_gradient():
 
 def replay_fit(data, cfg, init_state, order, weight=None):
     """The counterfactual retraining `influence` validates with: the training loop, in float64."""
-    from sample_importance.influence import replay
+    from sample_importance.stages.influence import retrained_parameters as replay
 
     return replay(cfg, data, init_state, order, weight)
 

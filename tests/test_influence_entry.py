@@ -84,7 +84,7 @@ def test_the_explorer_shows_the_influence_of_the_newest_influence_run(store):
 
     from sample_importance import load_dynamics, mlflow_io
     from sample_importance.explorer import data as X
-    from sample_importance.explorer.stage import explorer_html
+    from sample_importance.stages.explore import explorer_html
 
     import influence as entry
 

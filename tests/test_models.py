@@ -192,7 +192,7 @@ def test_learnability_on_lee_et_al_architectures(tracking):
 
     import learnability
     from sample_importance import load_dynamics
-    from sample_importance.study import TAG_TRAIN_RUNS
+    from sample_importance.stages.common import TAG_TRAIN_RUNS
 
     archs = "resnet20:group:4,vgg16:group:4,mobilenet:group:4,resnet20:batch:4,mlp:1x16"
     run_id = learnability.main(["--architectures", archs, "--num_seeds", "1", "--subset", "60", "--epochs", "2",

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, all_runs
 from sample_importance import dynamics as dyn
-from sample_importance import load_dynamics, mlflow_io, tasks
+from sample_importance import load_dynamics, mlflow_io
+from sample_importance.stages import train as train_stage
 from sample_importance.config import TrainRunConfig
 from sample_importance.dynamics import DynamicsError
 
@@ -130,39 +131,40 @@ def test_a_kill_at_any_step_of_the_finish_is_completed_by_the_rerun(tracking, mo
             where["in_finish"] = False
 
     figures = {"n": 0}
-    real_metrics, real_figure, real_model, real_discard = (mlflow_io.log_metrics_once, mlflow_io.log_figure,
-                                                           mlflow_io.log_torch_model, dyn.discard_checkpoint)
+    run_class = mlflow_io.OpenRun  # what the train run logs through
+    real_metrics, real_figure, real_model, real_discard = (run_class.log_metrics_once, run_class.log_figure,
+                                                           run_class.log_torch_model, dyn.discard_checkpoint)
 
-    def metrics_once(metrics, step=None):
+    def metrics_once(self, metrics, step=None):
         if "final_train_loss" in metrics:
             kill_at("log", "metrics")
-        return real_metrics(metrics, step=step)
+        return real_metrics(self, metrics, step=step)
 
-    def figure(fig, name):
+    def figure(self, fig, name):
         figures["n"] += 1
         kill_at("log", f"figure{figures['n']}")
-        return real_figure(fig, name)
+        return real_figure(self, fig, name)
 
     monkeypatch.setattr(dyn.os, "replace", replace)
     monkeypatch.setattr(dyn.DynamicsWriter, "finish", finish)
-    monkeypatch.setattr(mlflow_io, "log_metrics_once", metrics_once)
-    monkeypatch.setattr(mlflow_io, "log_figure", figure)
-    monkeypatch.setattr(mlflow_io, "log_torch_model", lambda *a: (kill_at("log", "model"), real_model(*a)))
+    monkeypatch.setattr(run_class, "log_metrics_once", metrics_once)
+    monkeypatch.setattr(run_class, "log_figure", figure)
+    monkeypatch.setattr(run_class, "log_torch_model", lambda *a: (kill_at("log", "model"), real_model(*a)))
     monkeypatch.setattr(dyn, "discard_checkpoint", lambda folder: (kill_at("log", "discard"), real_discard(folder)))
 
-    reference_run = tasks.run_train(cfg, quiet=True, log_model=True)
+    reference_run = train_stage.run_train(cfg, quiet=True, log_model=True)
     reference = _arrays(reference_run)
     finish_steps = where["count"]  # files written or renamed by an uninterrupted finish
     assert finish_steps >= 13
     for point in _kill_points(finish_steps):
         where["point"], figures["n"] = point, 0
         with pytest.raises(Killed):
-            tasks.run_train(cfg, quiet=True, log_model=True)
+            train_stage.run_train(cfg, quiet=True, log_model=True)
         assert where["point"] is None, f"{point} was never reached"
         [killed] = [r for r in all_runs(tracking) if r.info.status != "FINISHED"]
         capsys.readouterr()
         figures["n"] = 0
-        run_id = tasks.run_train(cfg, quiet=True, log_model=True)
+        run_id = train_stage.run_train(cfg, quiet=True, log_model=True)
         out = capsys.readouterr().out
         assert run_id == killed.info.run_id, point  # the same run, not a new one
         assert f"resuming run {run_id} after epoch 2 of 2" in out, point  # no epoch trained again
@@ -214,7 +216,7 @@ def test_two_reruns_of_a_killed_run_at_once_resume_it_once(tmp_path):
 
 @pytest.fixture
 def finished(tracking):
-    return tasks.run_train(TrainRunConfig(**TINY), quiet=True, log_model=False)
+    return train_stage.run_train(TrainRunConfig(**TINY), quiet=True, log_model=False)
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -134,7 +134,7 @@ def test_runs_trained_together_equal_runs_trained_alone(tracking):
 
 
 def test_a_failing_run_fails_alone_in_its_group(tracking):
-    from sample_importance.together import train_many
+    from sample_importance.stages.train import train_many
 
     base = TrainRunConfig(subset=100, epochs=2, batch_size=20, width=16, device="cpu")
     cfgs = [base, dataclasses.replace(base, seed=1, lr=1e4), dataclasses.replace(base, seed=2)]
@@ -168,7 +168,7 @@ def test_models_trained_at_once_on_a_gpu_match_the_cpu():
 
 
 def test_an_interrupted_group_leaves_no_run_running_and_resumes(tracking):
-    from sample_importance.together import train_many
+    from sample_importance.stages.train import train_many
 
     base = TrainRunConfig(subset=100, epochs=3, batch_size=20, width=16, device="cpu")
     cfgs = [base, dataclasses.replace(base, seed=1)]

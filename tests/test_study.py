@@ -39,6 +39,20 @@ def test_mlproject_parameters_mirror_the_configs():
         assert ep["command"].startswith(f"python entry_points/{name}.py ")
 
 
+def test_mlproject_and_entry_point_scripts_are_generated_from_the_stage_registry():
+    import importlib.util
+
+    from sample_importance.stages import STAGES
+
+    spec = importlib.util.spec_from_file_location("write_mlproject", REPO / "tools" / "write_mlproject.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert set(STAGES) == set(ENTRY_CONFIGS) and all(STAGES[n].config is c for n, c in ENTRY_CONFIGS.items())
+    assert (REPO / "MLproject").read_text() == tool.render(), "run python tools/write_mlproject.py"
+    for name in STAGES:
+        assert (REPO / "entry_points" / f"{name}.py").read_text() == tool.script(name), name
+
+
 @pytest.fixture
 def short_train(tracking):
     import train as train_entry

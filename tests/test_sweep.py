@@ -154,7 +154,7 @@ def test_a_single_worker_is_reproducible_and_workers_draw_apart():
     """Two workers of one study ask for a trial at the same moment: with one TPE seed each (as
     before) they draw the same learning rate; TrialSeededTPE draws from (seed, trial number), so
     they differ, and a single worker is reproducible."""
-    from sample_importance.sweep import TrialSeededTPE
+    from sample_importance.stages.sweep import TrialSeededTPE
 
     def two_workers(make_sampler):
         storage = optuna.storages.InMemoryStorage()

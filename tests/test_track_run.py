@@ -56,8 +56,8 @@ def train_own_loop(epochs=2, n=60, batch=20):
 
 
 def test_own_loop_run_feeds_decompose_and_scores(tracking):
-    from sample_importance.difficulty import run_scores
-    from sample_importance.study import run_decompose
+    from sample_importance.stages.scores import run as run_scores
+    from sample_importance.stages.decompose import run as run_decompose
 
     run, ids, y = train_own_loop()
     d = sample_importance.load_dynamics(run.run_id)

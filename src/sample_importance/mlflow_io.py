@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 import numpy as np
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -106,112 +106,187 @@ class RunLookupError(UserError):
     """A run id does not exist or lacks what was asked of it."""
 
 
+class OpenRun:
+    """A run this process works on, addressed by its id: every call logs to that run whether or not
+    it is MLflow's active run, so several runs can be open at once in one thread (many `train` runs
+    trained in one loop). `fluent`: the run is also the active run (opened with none active)."""
+
+    def __init__(self, run_id: str, fluent: bool = False):
+        self.run_id, self.fluent = run_id, fluent
+        self.client = MlflowClient()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_params_once(self, params: dict) -> None:
+        """Log parameters not already on the run (`mlflow run` logs the MLproject parameters itself,
+        as the strings the user gave; logging them again with another spelling would fail)."""
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = {k: v for k, v in params.items() if k not in existing}
+        if fresh:
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in fresh.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+
+    def log_metrics_once(self, metrics: dict[str, float], step: int) -> None:
+        """Log the metrics not yet logged at `step`."""
+        missing = {k: v for k, v in metrics.items()
+                   if not any(m.step == step for m in self.client.get_metric_history(self.run_id, k))}
+        if missing:
+            self.log_metrics(missing, step)
+
+    def log_dict(self, obj, name: str) -> None:
+        self.client.log_dict(self.run_id, obj, name)
+
+    def log_figure(self, fig, name: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(self.run_id, fig, name)
+        plt.close(fig)
+
+    def log_torch_model(self, model, input_example) -> None:
+        """Log the model with its signature and an input example. MLflow stores it as an exported
+        program (`model.pt2`), which loads without this project's code."""
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.cpu().eval()
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(np.asarray(input_example), output),
+            input_example=np.asarray(input_example), run_id=self.run_id,
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+        )
+        self.set_tags({TAG_MODEL_URI: info.model_uri})  # models:/<id>: what the registry registers
+
+    @contextlib.contextmanager
+    def artifact_folder(self, subdir: str) -> Iterator[Path]:
+        """A folder that ends up as artifact `subdir` of the run. With a local artifact store the
+        files are written in place (so a crash leaves what was written visible in the run);
+        otherwise they go to a temporary folder uploaded on exit, also on failure."""
+        local = _local_path(self.client.get_run(self.run_id).info.artifact_uri)
+        if local is not None:
+            folder = local / subdir
+            folder.mkdir(parents=True, exist_ok=True)
+            yield folder
+            return
+        tmp = Path(tempfile.mkdtemp(prefix="si-artifacts-"))
+        try:
+            yield tmp
+        finally:
+            self.client.log_artifacts(self.run_id, str(tmp), subdir)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def end(self, exc: BaseException | None = None) -> None:
+        """FINISHED; or, ended by `exc`, the reason in a tag and KILLED (stopped on purpose, e.g.
+        pruned: not to be resumed; Ctrl-C: resumable) or FAILED."""
+        status = "FINISHED"
+        if exc is not None:
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                self.set_tags({TAG_STOPPED if isinstance(exc, Stopped) else TAG_FAILURE: reason[:5000]})
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Stopped)) else "FAILED"
+        if self.fluent:
+            mlflow.end_run(status)
+        else:
+            self.client.set_terminated(self.run_id, status)
+
+
+def _take_over(run_id: str | None, resume: bool) -> None:
+    """Before a run starts: a resumed run is owned by this process before it is RUNNING again (so
+    no other process's clean-up, `reap_orphans`, sees it RUNNING under its dead owner and fails
+    it), loses its failure tag, and the run `mlflow run` made for this process says where the
+    work went."""
+    reap_orphans()
+    if not resume:
+        return
+    client = MlflowClient()
+    cli_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created for this process
+    if cli_run and cli_run != run_id:
+        client.set_tag(cli_run, TAG_RESUMED_IN, run_id)
+        client.set_tag(cli_run, "mlflow.note.content", f"Resumed the interrupted run {run_id}.")
+    client.set_tag(run_id, TAG_OWNER, owner())
+    with contextlib.suppress(MlflowException):
+        client.delete_tag(run_id, TAG_FAILURE)  # it failed because its process died; now it goes on
+
+
+def _describe(run: OpenRun, run_name: str, entry_point: str, tags: dict[str, str] | None, description: str | None,
+              config: dict | None, resume: bool) -> None:
+    """Name, entry point, owner and creator tags, description, and `config` as parameters and `config.json`."""
+    run.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(),
+                  **({} if resume else {TAG_USER: user()}), **(tags or {})})
+    if description:
+        run.set_tags({"mlflow.note.content": description})
+    if config is not None:
+        run.log_params_once(config)
+        run.log_dict(config, "config.json")
+
+
+def open_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None, description: str | None = None,
+             run_id: str | None = None, config: dict | None = None, resume: bool = False) -> OpenRun:
+    """Start (or, under `mlflow run`, continue) a run without a `with` block; end it with `.end()`.
+
+    `run_id`: a run created beforehand (`create_run`, with its parent), or with `resume` an
+    interrupted run to continue; else a new run nested under the active run, or, with none active,
+    the run `mlflow run` made (or a new one), which then is the active run too."""
+    _take_over(run_id, resume)
+    active = mlflow.active_run()
+    if run_id is None and active is not None:
+        run_id = create_run(active.info.run_id, run_name, tags={})
+    if active is None:
+        run = OpenRun(mlflow.start_run(run_id=run_id).info.run_id, fluent=True)
+    else:
+        run = OpenRun(run_id)
+        run.client.update_run(run_id, status="RUNNING")
+    try:
+        _describe(run, run_name, entry_point, tags, description, config, resume)
+    except BaseException as exc:
+        run.end(exc)
+        raise
+    return run
+
+
 @contextlib.contextmanager
 def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None,
               description: str | None = None, run_id: str | None = None,
               config: dict | None = None, resume: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, continue) a run, nested under the active run if there is one,
-    and log `config` as its parameters and `config.json`. `run_id`: a run created beforehand (with
-    its parent tag), or with `resume` an interrupted run to continue. Any exception marks it FAILED
-    and records why in a tag, so no run is ever left RUNNING and the UI says what went wrong."""
-    reap_orphans()
-    cli_run = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created for this process
-    if resume and cli_run and cli_run != run_id:
-        # Resuming another run: the one `mlflow run` made says where the work went.
-        MlflowClient().set_tag(cli_run, TAG_RESUMED_IN, run_id)
-        MlflowClient().set_tag(cli_run, "mlflow.note.content", f"Resumed the interrupted run {run_id}.")
-    if resume:
-        # This process owns the run before it is RUNNING again, so no other process's clean-up
-        # (reap_orphans) sees it RUNNING under its dead owner and fails it.
-        MlflowClient().set_tag(run_id, TAG_OWNER, owner())
-        with contextlib.suppress(MlflowException):
-            MlflowClient().delete_tag(run_id, TAG_FAILURE)  # it failed because its process died; now it goes on
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as run:
-        mlflow.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(),
-                         **({} if resume else {TAG_USER: user()}), **(tags or {})})
-        if description:
-            mlflow.set_tag("mlflow.note.content", description)
+    """`open_run` as the active run for the block (nested under the active run if there is one).
+    Any exception marks it FAILED (KILLED when stopped or interrupted) and records why in a tag, so
+    no run is ever left RUNNING and the UI says what went wrong."""
+    _take_over(run_id, resume)
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as active:
+        run = OpenRun(active.info.run_id, fluent=True)
         try:
-            if config is not None:
-                log_params_once(config)
-                mlflow.log_dict(config, "config.json")
-            yield run
+            _describe(run, run_name, entry_point, tags, description, config, resume)
+            yield active
         except BaseException as exc:
-            # Stopped on purpose (pruned): KILLED, not to be resumed. Ctrl-C: KILLED, resumable.
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(Exception):
-                mlflow.set_tag(TAG_STOPPED if isinstance(exc, Stopped) else TAG_FAILURE, reason[:5000])
-            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Stopped)) else "FAILED"
-            mlflow.end_run(status)
+            run.end(exc)
             raise
 
 
+def _active() -> OpenRun:
+    return OpenRun(mlflow.active_run().info.run_id, fluent=True)
+
+
 def log_params_once(params: dict) -> None:
-    """Log parameters not already on the active run (`mlflow run` logs the MLproject parameters
-    itself, as the strings the user gave; logging them again with another spelling would fail)."""
-    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
-    fresh = {k: v for k, v in params.items() if k not in existing}
-    if fresh:
-        mlflow.log_params(fresh)
+    _active().log_params_once(params)
 
 
 def log_metrics(metrics: dict[str, float], step: int) -> None:
     mlflow.log_metrics(metrics, step=step)
 
 
-def log_metrics_once(metrics: dict[str, float], step: int) -> None:
-    """Log the metrics not yet logged at `step` on the active run."""
-    client = MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    missing = {k: v for k, v in metrics.items()
-               if not any(m.step == step for m in client.get_metric_history(run_id, k))}
-    if missing:
-        mlflow.log_metrics(missing, step=step)
-
-
 def log_figure(fig, name: str) -> None:
-    import matplotlib.pyplot as plt
-
-    mlflow.log_figure(fig, name)
-    plt.close(fig)
+    _active().log_figure(fig, name)
 
 
-def log_torch_model(model, input_example) -> None:
-    """Log the model with its signature and an input example. MLflow stores it as an exported
-    program (`model.pt2`), which loads without this project's code."""
-    import numpy as np
-    import torch
-    from mlflow.models import infer_signature
-
-    model = model.cpu().eval()
-    with torch.no_grad():
-        output = model(torch.as_tensor(input_example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model, name="model", signature=infer_signature(np.asarray(input_example), output),
-        input_example=np.asarray(input_example),
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-    )
-    mlflow.set_tag(TAG_MODEL_URI, info.model_uri)  # models:/<id>: what the registry registers
-
-
-@contextlib.contextmanager
-def artifact_folder(subdir: str) -> Iterator[Path]:
-    """A folder that ends up as artifact `subdir` of the active run. With a local artifact store the
-    files are written in place (so a crash leaves what was written visible in the run); otherwise
-    they go to a temporary folder uploaded on exit, also on failure."""
-    uri = mlflow.get_artifact_uri()
-    local = _local_path(uri)
-    if local is not None:
-        folder = local / subdir
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="si-artifacts-"))
-    try:
-        yield tmp
-    finally:
-        mlflow.log_artifacts(str(tmp), subdir)
-        shutil.rmtree(tmp, ignore_errors=True)
+def artifact_folder(subdir: str):
+    """`OpenRun.artifact_folder` of the active run."""
+    return _active().artifact_folder(subdir)
 
 
 def _local_path(uri: str) -> Path | None:

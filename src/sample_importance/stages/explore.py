@@ -1,4 +1,4 @@
-"""The `explore` entry point, and the hook `main`, `scores` and `learnability` call at their end:
+"""The `explore` stage, and the hook `main`, `scores` and `learnability` call at their end:
 one self-contained `explorer.html` for a train run (or several runs of the same samples: other
 seeds or architectures add their curves), with the clusters of a `cluster` run when there is one.
 MLflow is reached only through `mlflow_io`; the page's data comes from `explorer.data`."""
@@ -14,8 +14,9 @@ from ..config import ConfigError, ExploreConfig, TrainConfig, architecture_of
 from ..data import load_dataset, training_data
 from ..dynamics import FINAL_STATE, Dynamics, check_aligned
 from ..models import model_for
-from . import data as X
-from .html import render
+from .common import TAG_TRAIN_RUNS, start_analysis, train_runs
+from ..explorer import data as X
+from ..explorer.html import render
 
 ARTIFACT = "explorer.html"
 
@@ -182,8 +183,6 @@ def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, 
 def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_id: str = "") -> None:
     """The hook at the end of `scores` and `learnability`: the explorer of the train runs the active
     run analysed (its train-run tag)."""
-    from ..study import TAG_TRAIN_RUNS
-
     ids = [s for s in mlflow_io.run_tag(mlflow_io.active_run_id(), TAG_TRAIN_RUNS).split(",") if s]
     try:
         log_explorer(ids, data_dir, early_epoch, cluster_run_id)
@@ -192,10 +191,8 @@ def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_
         mlflow_io.set_tags({"sample_importance.explorer": f"not made: {exc}"[:5000]})
 
 
-def run_explore(cfg: ExploreConfig) -> str:
+def run(cfg: ExploreConfig) -> str:
     """The `explore` entry point: the explorer of the given (or matching) train runs."""
-    from ..study import train_runs, start_analysis
-
     with start_analysis(cfg, "explore", "Every training sample one click away: explorer.html") as run:
         ids = list(train_runs(cfg, [cfg.seed]))
         log_explorer(ids, cfg.data_dir, cfg.early_epoch, cfg.cluster_run_id, cfg.tracking_url)

@@ -1,4 +1,4 @@
-"""The `influence` entry point (paper section 4): the influence of every training sample's weight on
+"""The `influence` stage (paper section 4): the influence of every training sample's weight on
 targets of a trained model, fixed-point (eq. 4/5) and unrolled through the recorded SGD run; in
 `validate` mode checked against actual retraining, in `breakdown` mode mapped over the size of the
 weight change, the learning rate and the training length.
@@ -18,15 +18,15 @@ import pandas as pd
 import torch
 from torch.func import grad
 
-from . import dynamics as dyn
-from . import mlflow_io, plots
-from .analysis import influence as inf
-from .config import ConfigError, InfluenceConfig, TrainConfig, parse_floats
-from .data import Dataset, training_data
-from .models import model_for
-from .study import as_images, train_runs
-from .tasks import retrain
-from .training import resolve_device, shuffled_orders
+from .. import dynamics as dyn
+from .. import mlflow_io, plots
+from ..analysis import influence as inf
+from ..config import ConfigError, InfluenceConfig, TrainConfig, parse_floats
+from ..data import Dataset, training_data
+from ..models import model_for
+from ..training import resolve_device, shuffled_orders
+from .common import as_images, train_runs
+from .train import retrain
 
 
 INFLUENCE_MODELS = ("mlp", "cnn")  # the models whose parameters are all in `layers` (inf.Flat.blocks)
@@ -86,7 +86,7 @@ def target_set(data: Dataset, cfg: InfluenceConfig) -> np.ndarray:
     return np.sort(rng.choice(pool, size=min(cfg.num_test, len(pool)), replace=False))
 
 
-def replay(trained_cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray,
+def retrained_parameters(trained_cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray,
            weight: np.ndarray | None = None) -> torch.Tensor:
     """A counterfactual run: retrained in float64 without tracking, from `init_state` in `order`
     with sample weights `weight`; its final flat parameters."""
@@ -102,7 +102,7 @@ def _chosen(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return top, np.sort(rnd)
 
 
-def run_influence(cfg: InfluenceConfig) -> str:
+def run(cfg: InfluenceConfig) -> str:
     cfg.check()
     with mlflow_io.start_run(f"influence {cfg.dataset}" + ("" if cfg.mode == "influence" else f" {cfg.mode}"),
                              "influence", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()},
@@ -292,7 +292,7 @@ def _validate(cfg: InfluenceConfig, trained: Trained, obj: inf.Objective, theta:
     order = np.asarray(trained.dynamics.batch_order)
     tcfg = trained.config
     data = trained.data
-    t0 = float(target.fn(replay(tcfg, data, trained.init_state, order)))
+    t0 = float(target.fn(retrained_parameters(tcfg, data, trained.init_state, order)))
     base, _, base_grad = inf.polish(obj, theta, cfg.loo_steps)
     t_base = float(target.fn(base))
     print(f"validating on {len(chosen)} samples: 2 replays and 1 leave-one-out each "
@@ -301,9 +301,9 @@ def _validate(cfg: InfluenceConfig, trained: Trained, obj: inf.Objective, theta:
     for k, i in enumerate(chosen):
         w = np.ones(n)
         w[i] = 1.0 - cfg.small_change
-        small = float(target.fn(replay(tcfg, data, trained.init_state, order, w))) - t0
+        small = float(target.fn(retrained_parameters(tcfg, data, trained.init_state, order, w))) - t0
         w[i] = 0.0
-        removal = float(target.fn(replay(tcfg, data, trained.init_state, order, w))) - t0
+        removal = float(target.fn(retrained_parameters(tcfg, data, trained.init_state, order, w))) - t0
         wt = torch.ones(n, dtype=torch.float64, device=theta.device)
         wt[i] = 0.0
         loo_theta, _, loo_grad = inf.polish(obj, base, cfg.loo_steps, weight=wt)
@@ -363,14 +363,14 @@ def _breakdown(cfg: InfluenceConfig) -> None:
             influence = influence[0].cpu().numpy()
             # The baseline goes through the same retraining code as the counterfactuals, so their
             # difference is the weight change alone.
-            t0 = float(target.fn(replay(tcfg, data, init, order)))
+            t0 = float(target.fn(retrained_parameters(tcfg, data, init, order)))
             chosen = np.concatenate(_chosen(influence, cfg.num_validate, cfg.seed))
             for change in changes:
                 actual = []
                 for i in chosen:
                     w = np.ones(data.n_train)
                     w[i] = 1.0 - change
-                    actual.append(float(target.fn(replay(tcfg, data, init, order, w))) - t0)
+                    actual.append(float(target.fn(retrained_parameters(tcfg, data, init, order, w))) - t0)
                 predicted = -change * influence[chosen]
                 stats = inf.agreement(predicted, np.array(actual))
                 rows.append({"lr": lr, "epochs": epochs, "change": change, **stats})

@@ -1,4 +1,4 @@
-"""The batch-ordering experiment (paper section 3.6): every construction over several seeds, one
+"""The `ordering` stage: the batch-ordering experiment (paper section 3.6): every construction over several seeds, one
 parent run, every variant's model in the registry."""
 from __future__ import annotations
 
@@ -8,23 +8,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import mlflow_io, plots
-from .analysis import ordering
-from .config import ConfigError, OrderingConfig, TrainRunConfig
-from .data import training_data
-from .dynamics import check_matches
-from .tasks import train_run_name
-from .together import train_many
-from .training import check_batching
-
-NEEDS_REFERENCE = ordering.NEEDS_REFERENCE
-
+from .. import mlflow_io, plots
+from ..analysis import ordering
+from ..config import ConfigError, OrderingConfig, TrainRunConfig
+from ..data import training_data
+from ..dynamics import check_matches
+from ..training import check_batching
+from .train import train_many, train_run_name
 
 def registered_name(dataset: str) -> str:
     return f"ordering-{dataset}"
 
 
-def run_ordering(cfg: OrderingConfig, project_dir: str | Path) -> str:
+def run(cfg: OrderingConfig, project_dir: str | Path) -> str:
     """Train every (method, seed), compare them (figs. 7, 8, table, paired test), register the models."""
     cfg.check()
     methods, seeds = cfg.method_list(), list(range(cfg.seed, cfg.seed + cfg.num_seeds))
@@ -39,7 +35,7 @@ def run_ordering(cfg: OrderingConfig, project_dir: str | Path) -> str:
             raise ConfigError(f"The ordering experiment splits the {data.n_train} training samples into equal "
                               f"batches: choose a batch_size that divides {data.n_train}.")
         reference = cfg.reference_run_id
-        if any(m in NEEDS_REFERENCE for m in methods):
+        if any(m in ordering.NEEDS_REFERENCE for m in methods):
             if reference:
                 check_matches(reference, mlflow_io.load_dynamics(reference), cfg.dataset, data.n_train)
             else:
@@ -50,7 +46,7 @@ def run_ordering(cfg: OrderingConfig, project_dir: str | Path) -> str:
 
         variants = [(method, seed) for seed in seeds for method in methods]
         ids = train_many([TrainRunConfig(**dataclasses.replace(cfg.train_config(), seed=seed).to_dict(), ordering=method,
-                                         reference_run_id=reference if method in NEEDS_REFERENCE else "")
+                                         reference_run_id=reference if method in ordering.NEEDS_REFERENCE else "")
                           for method, seed in variants], cfg.parallel_models)
         runs = pd.DataFrame([{"method": m, "seed": s, "run_id": i} for (m, s), i in zip(variants, ids)])
         for name in ("train_error", "test_error"):

@@ -1,4 +1,4 @@
-"""`sweep`: Optuna search over the learning rate, tracked in MLflow, resumable, shared by workers.
+"""The `sweep` stage: Optuna search over the learning rate, tracked in MLflow, resumable, shared by workers.
 
 One Optuna study (its storage: a journal file on one machine, a database across machines) and one
 MLflow parent run per study, whose id the study keeps as a user attribute. Each trial is a child
@@ -20,12 +20,11 @@ import numpy as np
 import optuna
 from scipy.stats import spearmanr
 
-from . import mlflow_io, plots
-from .config import SWEEP_METRICS, ConfigError, SweepConfig
-from .errors import Stopped
-from .tasks import run_train
-from .together import train_many
-from .training import DivergenceError
+from .. import mlflow_io, plots
+from ..config import SWEEP_METRICS, ConfigError, SweepConfig
+from ..errors import Stopped
+from ..training import DivergenceError
+from .train import run_train, train_many
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots
 
@@ -144,7 +143,7 @@ def tau_spearman(taus: list[np.ndarray]) -> float:
     return float(np.mean(pairs)) if pairs else float("nan")
 
 
-def run_sweep(cfg: SweepConfig) -> str:
+def run(cfg: SweepConfig) -> str:
     """Add cfg.n_trials trials to the study; returns the study's MLflow parent run id."""
     cfg.check()
     study = open_study(cfg)  # before any run: a bad storage fails here, leaving nothing behind
