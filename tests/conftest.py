@@ -68,34 +68,98 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on a loopback port: SQLite backend, proxied artifact store."""
+def start_mlflow_server(folder: Path, backend_uri: str):
+    """A real `mlflow server` on a loopback port with `backend_uri` as its backend store and a
+    proxied artifact store in `folder`; returns (process, URL, log file)."""
     import subprocess
     import time
     import urllib.request
 
     port = free_port()
-    log = open(tmp_path / "server.log", "w")
+    log = open(folder / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+         "--backend-store-uri", backend_uri, "--artifacts-destination", str(folder / "artifacts"),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
+            return proc, url, log
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+                raise RuntimeError("mlflow server did not start: " + (folder / "server.log").read_text()[-2000:])
             time.sleep(0.5)
-    yield url
+
+
+def stop(proc, log=None) -> None:
+    import subprocess
+
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+    if log is not None:
+        log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a loopback port: SQLite backend, proxied artifact store."""
+    proc, url, log = start_mlflow_server(tmp_path, f"sqlite:///{tmp_path}/server.db")
+    yield url
+    stop(proc, log)
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL program: on PATH, or where Debian's `postgresql` package puts it."""
+    import shutil
+
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True)),
+                                       None)
+    if found is None:
+        raise RuntimeError(f"PostgreSQL's {name} is not installed: apt-get install postgresql (.ci/run does).")
+    return str(found)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session: a fresh cluster in a temporary folder on a loopback
+    port, trust authentication, superuser `postgres`. The server refuses to run as root, so as root
+    it runs as the `postgres` user that Debian's package creates. Yields a function that creates a
+    database and returns its SQLAlchemy URL (psycopg2)."""
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="si-postgres-"))  # under /tmp: pytest's folders are closed to other users
+    data, port = folder / "data", free_port()
+    as_user: list[str] = []
+    if os.getuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+
+    def run(*cmd: str) -> None:
+        proc = subprocess.run([*as_user, *cmd], capture_output=True, text=True, cwd=folder)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+
+    run(_postgres_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    run(_postgres_bin("pg_ctl"), "-D", str(data), "-l", str(folder / "server.log"), "-w", "start", "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=200")
+
+    def database(name: str) -> str:
+        run(_postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name)
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{name}"
+
+    try:
+        yield database
+    finally:
+        run(_postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_runs
+from conftest import REPO, all_runs, start_mlflow_server, stop
 
 TINY = ["--subset", "150", "--epochs", "3", "--width", "8", "--batch_size", "50"]
 
@@ -131,15 +131,36 @@ def _trial_accounting(study, client):
     return {t.number: (t.state, by_number[t.number][0].info.status) for t in study.trials}
 
 
-def test_two_workers_share_one_study_through_a_tracking_server(tmp_path, mlflow_server):
-    journal = str(tmp_path / "shared.log")
-    args = ["--storage", journal, "--n_trials", "2", "--pruner", "none", "--study_name", "shared"]
-    workers = [_worker(tmp_path, mlflow_server, *args) for _ in range(2)]
+@pytest.fixture(params=["journal+sqlite", "postgresql"])
+def shared_stores(request, tmp_path):
+    """What workers on several machines share: an Optuna storage and an `mlflow server`. Either a
+    journal file and a server on SQLite, or one real PostgreSQL server holding both (the README's
+    multi-machine recipe with the host names changed). Yields (storage, tracking URL)."""
+    if request.param == "postgresql":
+        database = request.getfixturevalue("postgres")
+        name = tmp_path.name.lower().replace("-", "_")[-40:]
+        storage, backend = database(f"optuna_{name}"), database(f"mlflow_{name}")
+    else:
+        storage, backend = str(tmp_path / "shared.log"), f"sqlite:///{tmp_path}/server.db"
+    proc, url, log = start_mlflow_server(tmp_path, backend)
+    yield storage, url
+    stop(proc, log)
+
+
+def _load(name: str, storage: str) -> optuna.Study:
+    if storage.endswith(".log"):
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_two_workers_share_one_study_through_a_tracking_server(tmp_path, shared_stores):
+    storage, server = shared_stores
+    args = ["--storage", storage, "--n_trials", "2", "--pruner", "none", "--study_name", "shared"]
+    workers = [_worker(tmp_path, server, *args) for _ in range(2)]
     outputs = [w.communicate(timeout=400)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
-    study = optuna.load_study(study_name="shared", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(journal)))
-    mlflow.set_tracking_uri(mlflow_server)
+    study = _load("shared", storage)
+    mlflow.set_tracking_uri(server)
     try:
         states = _trial_accounting(study, MlflowClient())
     finally:
@@ -148,6 +169,52 @@ def test_two_workers_share_one_study_through_a_tracking_server(tmp_path, mlflow_
     assert set(states.values()) == {(optuna.trial.TrialState.COMPLETE, "FINISHED")}
     lrs = [t.params["lr"] for t in study.trials]
     assert len(set(lrs)) == len(lrs), f"a learning rate was trained twice: {lrs}"  # trial-seeded sampler
+
+
+def _wait_for_training_trial(worker, client, timeout: float = 120) -> None:
+    """Until a trial's `train` run has logged an epoch."""
+    deadline = time.time() + timeout
+    while True:
+        assert time.time() < deadline and worker.poll() is None, "no trial started"
+        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+        trials = {r.info.run_id for r in _by_kind(runs, "trial")}
+        if any(r.data.tags.get("mlflow.parentRunId") in trials and r.info.status == "RUNNING"
+               and client.get_metric_history(r.info.run_id, "train_loss") for r in _by_kind(runs, "train")):
+            return
+        time.sleep(0.3)
+
+
+def test_a_killed_worker_s_trial_is_failed_by_heartbeat_on_postgresql(tmp_path, postgres):
+    """PostgreSQL as Optuna's storage and as the tracking server's backend: a worker killed with
+    SIGKILL mid-trial stops beating; the next worker finds its trial stale (heartbeat, not the
+    process-id check of journal files), fails it in both stores, and completes its own trials."""
+    name = tmp_path.name.lower().replace("-", "_")[-40:]
+    storage = postgres(f"optuna_{name}")
+    proc, server, log = start_mlflow_server(tmp_path, postgres(f"mlflow_{name}"))
+    args = ["--storage", storage, "--heartbeat", "1", "--n_trials", "2", "--pruner", "none", "--seeds", "1"]
+    mlflow.set_tracking_uri(server)
+    try:
+        client = MlflowClient()
+        first = _worker(tmp_path, server, *args, "--epochs", "40")  # long enough to be killed inside a trial
+        _wait_for_training_trial(first, client)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        time.sleep(3)  # past the grace period (2 heartbeats)
+        second = _worker(tmp_path, server, *args, "--epochs", "40")
+        out = second.communicate(timeout=600)[0]
+        assert second.returncode == 0, out
+        assert "were interrupted" not in out  # found by its heartbeat, before the process-id check
+        study = _load("sweep-digits", storage)
+        states = _trial_accounting(study, client)
+        assert states[0] == (optuna.trial.TrialState.FAIL, "FAILED")
+        assert [states[1], states[2]] == [(optuna.trial.TrialState.COMPLETE, "FINISHED")] * 2
+        killed = client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+        assert "died" in killed.data.tags["sample_importance.failure"]  # the reason, whichever clean-up came first
+        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                    if r.info.status == "RUNNING"]
+    finally:
+        mlflow.set_tracking_uri(None)
+        stop(proc, log)
 
 
 def test_a_single_worker_is_reproducible_and_workers_draw_apart():

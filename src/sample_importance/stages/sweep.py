@@ -105,8 +105,18 @@ def _storage(cfg: SweepConfig):
     if "://" not in url:
         raise ConfigError(f"storage {url!r} is neither a journal file (*.log) nor a database URL "
                           "(e.g. postgresql://user:pass@host/db, sqlite:///optuna.db).")
-    return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
-                                      heartbeat_stale_trial_callback=_mark_failed)
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
+                                              heartbeat_stale_trial_callback=_mark_failed)
+        except (IntegrityError, ProgrammingError):
+            # Workers started at once on a fresh database race to create Optuna's tables (PostgreSQL
+            # refuses the second CREATE): the schema exists a moment later.
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + attempt)
 
 
 def _mark_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
