@@ -61,22 +61,23 @@ class TrainRun:
 
     Resumes, in the same run, an interrupted run with the same configuration (or cfg.resume_run_id)
     from its last finished epoch. `epoch_callback(epoch, metrics)` runs after each epoch is logged;
-    raising `errors.Stopped` in it ends the run as KILLED (how the sweep prunes a trial). `run_id`: a
-    run created for it (nested under a parent), never resumed."""
+    raising `errors.Stopped` in it ends the run as KILLED (how the sweep prunes a trial)."""
 
     def __init__(self, cfg: TrainConfig, *, log_model: bool = True, quiet: bool = False,
-                 epoch_callback: Callable[[int, dict[str, float]], None] | None = None, run_id: str | None = None):
+                 epoch_callback: Callable[[int, dict[str, float]], None] | None = None):
         if not isinstance(cfg, TrainRunConfig):
             cfg = TrainRunConfig(**cfg.train_config().to_dict())
         cfg.check()
         self.cfg, self.log_model, self.quiet, self.epoch_callback = cfg, log_model, quiet, epoch_callback
-        self.run_id = run_id
+        self.run_id: str | None = None
         self.run: mlflow_io.OpenRun | None = None
         self._held = contextlib.ExitStack()  # the run's lock and its dynamics folder, until it ends
 
-    def open(self) -> TrainRun:
+    def open(self, run_id: str | None = None) -> TrainRun:
+        """`run_id`: a run created for it (nested under a parent), never resumed."""
         cfg = self.cfg
-        resume = None if self.run_id else mlflow_io.resumable_run("train", cfg.fingerprint(), cfg.resume_run_id,
+        self.run_id = run_id
+        resume = None if run_id else mlflow_io.resumable_run("train", cfg.fingerprint(), cfg.resume_run_id,
                                                                  dyn.DIRNAME, dyn.CHECKPOINT)
         try:
             if resume:
@@ -287,9 +288,9 @@ def train_together(cfgs: list[TrainConfig], parent_run_id: str, batched: bool | 
     outcome: list[str | BaseException | None] = [None] * len(cfgs)
     opened: list[tuple[int, TrainRun]] = []
     for k, cfg in enumerate(cfgs):  # one at a time: each creates and sets up its run and data
-        run = TrainRun(cfg, quiet=True, run_id=mlflow_io.create_run(parent_run_id, train_run_name(cfg), tags={}))
         try:
-            opened.append((k, run.open()))
+            run = TrainRun(cfg, quiet=True)  # checks the configuration before a run exists
+            opened.append((k, run.open(mlflow_io.create_run(parent_run_id, train_run_name(run.cfg), tags={}))))
         except Exception as exc:  # noqa: BLE001 - its run is FAILED with the reason; the others go on
             outcome[k] = exc
     runs = [run for _, run in opened]
