@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -116,8 +116,7 @@ class OpenRun:
         self.client = MlflowClient()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_params_once(self, params: dict) -> None:
         """Log parameters not already on the run (`mlflow run` logs the MLproject parameters itself,
@@ -254,7 +253,8 @@ def open_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None
 def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = None,
               description: str | None = None, run_id: str | None = None,
               config: dict | None = None, resume: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """`open_run` as the active run for the block (nested under the active run if there is one).
+    """A run for a `with` block, started as `open_run` starts one and the active run inside the block
+    (nested under the active run if there is one).
     Any exception marks it FAILED (KILLED when stopped or interrupted) and records why in a tag, so
     no run is ever left RUNNING and the UI says what went wrong."""
     _take_over(run_id, resume)
