@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .importance.recorder import ImportanceRecorder
+from .importance.recorder import ImportanceRecorder, batch_loss
 from .importance.rules import Call, rule_for
 
 # The scaling convention recorded in metadata.json, so a reader knows what the numbers mean.
@@ -76,14 +76,16 @@ def checkpoint_sq_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              track: bool = True, weight: torch.Tensor | None = None,
-             recorder: ImportanceRecorder | None = None) -> StepRecord:
+             recorder: ImportanceRecorder | None = None, batch_size: int | None = None,
+             grad_scale: float = 1.0) -> StepRecord:
     """One SGD step on the mean cross-entropy of the batch (x, y), recording beta when `track`.
 
     `weight` (B,) multiplies each sample's loss in that mean (the sample weights v_i of paper
     section 4; None = all 1). The optimizer adds weight decay to the gradients it is given; beta
     excludes it, as defined. `recorder`: the model's ImportanceRecorder (one for the whole run);
     without it a temporary one is made for this step. beta is the recorder's (B, columns) for the
-    optimizer's step (plain SGD, momentum or Nesterov).
+    optimizer's step (plain SGD, momentum or Nesterov). `batch_size`, `grad_scale`: for this
+    process's share of a data-parallel batch (`ImportanceRecorder.backward`).
     """
     own = track and recorder is None
     if own:
@@ -95,9 +97,10 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
         weighted = loss_i if weight is None else loss_i * weight
         if track:
             # (B, columns); .grad as weighted.mean().backward(); phi of the optimizer's own step
-            importance = recorder.grouped(recorder.backward(weighted, optimizer=optimizer))
+            importance = recorder.grouped(recorder.backward(weighted, optimizer=optimizer, batch_size=batch_size,
+                                                            grad_scale=grad_scale))
         else:
-            weighted.mean().backward()
+            batch_loss(weighted, batch_size, grad_scale).backward()
             importance = None
     finally:
         if own:

@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import distributed
 from .config import ConfigError, TrainConfig
 from .data import Dataset
 from .errors import UserError
@@ -78,6 +79,19 @@ def check_batching(cfg: TrainConfig, n: int) -> None:
         raise ConfigError(
             f"batch_size={cfg.batch_size} is larger than the {n} training samples: choose at most {n}."
         )
+
+
+def check_data_parallel(cfg: TrainConfig, n: int, models: int, world: int) -> None:
+    """Data-parallel training splits every batch over the processes: one model, and at least one
+    sample of each batch (the last, smaller one too) for every process."""
+    if models > 1:
+        raise ConfigError(f"Data-parallel training (torchrun, {world} processes) trains one model per run: train the "
+                          "stages that train several runs in one process.")
+    last = n % cfg.batch_size
+    if cfg.batch_size < world or 0 < last < world:
+        raise ConfigError(f"With {world} processes every batch needs at least {world} samples, but batch_size="
+                          f"{cfg.batch_size} over {n} samples leaves a last batch of {last or cfg.batch_size}: choose "
+                          "another batch_size or subset, or fewer processes.")
 
 
 def evaluate_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_norm: bool, chunk: int = 1024,
@@ -209,9 +223,15 @@ def fit_many(
                   for m, c, o in zip(models, cfgs, optimizers or [None] * M)]
     classes = datas[0].num_classes
     dtype = next(models[0].parameters()).dtype
-    # Batched where it can be (MLPs of one shape, plain SGD, no per-model probe); otherwise in turn.
+    rank, world = distributed.rank_and_world()
+    if world > 1:
+        check_data_parallel(cfg, n, M, world)
+    # Batched where it can be (MLPs of one shape, plain SGD, no per-model probe, one process); otherwise in turn.
     batched = batched is not False and on_batch is None and StackedMLP.stackable(models) and \
-        not any(c.momentum for c in cfgs)
+        not any(c.momentum for c in cfgs) and world == 1
+    # Data-parallel (torchrun): each process steps its share of every batch through DDP, which
+    # averages the processes' gradients (grad_scale = world undoes the average's 1/world).
+    steppers = [torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m for m in models]
     stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs]) if batched else None
     importance_on = track and cfg.track == "importance"  # track=outputs: the per-sample statistics alone
 
@@ -249,6 +269,9 @@ def fit_many(
                 model.train()
             for s in range(0, n, cfg.batch_size):
                 ids = order_dev[:, s:s + cfg.batch_size]  # (M, B)
+                size = ids.shape[1]
+                if world > 1:
+                    ids = ids.tensor_split(world, dim=1)[rank]  # (M, B / world): this process's share
                 w = None if weights is None else weights.gather(1, ids)
                 if stack is not None:
                     rec = stack.step(x_train[ids], y_train.gather(1, ids), track=importance_on, weight=w)
@@ -257,11 +280,14 @@ def fit_many(
                 for m in (m for m in range(M) if live[m]):
                     if on_batch is not None:
                         on_batch(models[m], ids[m])
-                    rec = sgd_step(models[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]],
-                                   track=importance_on, weight=None if w is None else w[m], recorder=recorders[m])
+                    rec = sgd_step(steppers[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]],
+                                   track=importance_on, weight=None if w is None else w[m], recorder=recorders[m],
+                                   batch_size=size, grad_scale=world)
                     _store((m, ids[m]), rec, importance, loss, logits, importance_on)
             if stack is not None:
                 stack.write_back()
+            if world > 1:  # every process gets every sample's entries (zeros where another trained it)
+                distributed.sum_over_processes([importance, loss, logits])
             seconds = time.perf_counter() - start
             p_true, correct, error_l2 = sample_statistics(logits, loss, y_train)
             host = [_host32(t) for t in (importance, loss, p_true, error_l2)] + [correct.cpu().numpy()]

@@ -139,7 +139,7 @@ class ImportanceRecorder:
         self.close()
 
     def backward(self, loss_i: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
-                 lr: float | None = None) -> torch.Tensor:
+                 lr: float | None = None, batch_size: int | None = None, grad_scale: float = 1.0) -> torch.Tensor:
         """Backpropagate loss_i.mean() (filling .grad exactly as loss_i.mean().backward() does) and
         return beta (B, L) of the step the optimizer is about to take (call before optimizer.step()).
 
@@ -147,6 +147,12 @@ class ImportanceRecorder:
             loss_i: (B,) per-sample losses of the batch, from one forward pass of the model.
             optimizer: torch.optim.SGD (momentum, Nesterov), Adam or AdamW; or
             lr: for plain SGD, instead of the optimizer.
+            batch_size: when loss_i is this process's share of a larger batch (data-parallel
+                training), that batch's size: the loss is then loss_i.sum() / batch_size and beta
+                that of phi_i = -(lr / batch_size) g_i (default: B).
+            grad_scale: a factor on the backpropagated loss that the gradient the optimizer sees has
+                lost again (DDP averages the processes' gradients: grad_scale = the number of
+                processes); beta is that of the unscaled step.
         """
         try:
             if not isinstance(loss_i, torch.Tensor) or loss_i.dim() != 1 or not loss_i.requires_grad:
@@ -157,15 +163,18 @@ class ImportanceRecorder:
             if optimizer is not None:
                 _check_optimizer(optimizer)
             B = loss_i.shape[0]
+            total = B if batch_size is None else batch_size
             self._reached = set()
             full = None
             if self._coupled:
-                full = self._batched_vjp(loss_i)
+                full = self._batched_vjp(loss_i, total)
             self._in_backward = full is None
-            loss_i.mean().backward()
+            batch_loss(loss_i, batch_size, grad_scale).backward()
             self._in_backward = False
             factors = self._factors(optimizer, lr)
-            return self._importance(B, factors, full, loss_i)
+            beta = self._importance(B, factors, full, loss_i)
+            # The output gradients the rules read carry grad_scale; the batched VJPs do not.
+            return beta if grad_scale == 1 or full is not None else beta / grad_scale ** 2
         finally:
             self._capturing, self._in_backward = True, False
             self._clear()
@@ -210,8 +219,8 @@ class ImportanceRecorder:
         """Every recorded parameter once (tied ones too), in layer order."""
         return list({id(p): p for named in self._named for _, p in named}.values())
 
-    def _batched_vjp(self, loss_i: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{param id: (B, *shape) g_i / B}: row i of the Jacobian of the losses, exact under any
+    def _batched_vjp(self, loss_i: torch.Tensor, total: int) -> dict[int, torch.Tensor]:
+        """{param id: (B, *shape) g_i / total}: row i of the Jacobian of the losses, exact under any
         coupling of the samples (training-mode BatchNorm)."""
         B = loss_i.shape[0]
         params = self._params()
@@ -219,7 +228,7 @@ class ImportanceRecorder:
         eye = torch.eye(B, dtype=loss_i.dtype, device=loss_i.device)
         jac = torch.autograd.grad(loss_i, params, grad_outputs=eye, retain_graph=True, is_grads_batched=True,
                                   allow_unused=True)
-        return {id(p): (torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if j is None else j / B)
+        return {id(p): (torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if j is None else j / total)
                 for p, j in zip(params, jac)}
 
     def _factors(self, optimizer, lr) -> dict[int, float | torch.Tensor]:
@@ -353,6 +362,13 @@ class ImportanceRecorder:
         self._group_names = names
         self._group_index = torch.tensor(index, dtype=torch.long)
         self._one_per_group = index == list(range(len(index)))  # grouped() is then the identity
+
+
+def batch_loss(loss_i: torch.Tensor, batch_size: int | None = None, grad_scale: float = 1.0) -> torch.Tensor:
+    """The loss one step backpropagates: loss_i.mean(), or, for this process's share of a batch of
+    `batch_size` samples, loss_i.sum() / batch_size; times `grad_scale` (see `backward`)."""
+    loss = loss_i.mean() if batch_size is None or batch_size == len(loss_i) else loss_i.sum() / batch_size
+    return loss if grad_scale == 1 else loss * grad_scale
 
 
 class _Hook:

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .. import distributed
 from .. import dynamics as dyn
 from .. import mlflow_io, plots
 from ..analysis import ordering
@@ -52,6 +53,9 @@ def presentation_order(cfg: TrainRunConfig, data: Dataset) -> np.ndarray | None:
     return ordering.presentation_order(cfg.ordering, n, cfg.batch_size, cfg.epochs, nll, tau, seed=cfg.seed)
 
 
+TAG_PROCESSES = "sample_importance.processes"  # a data-parallel run's number of processes
+
+
 class TrainRun:
     """One `train` run, in three steps: `open` finds, resumes or creates the MLflow run and prepares
     data, model, optimizer, presentation order and the `dynamics/` writer; `take_epoch` writes one
@@ -85,8 +89,10 @@ class TrainRun:
                 # run is looked at again under it (another process may have finished it meanwhile).
                 self._held.enter_context(mlflow_io.claim(resume))
                 mlflow_io.check_still_resumable(resume, dyn.DIRNAME, dyn.CHECKPOINT)
+            world = distributed.rank_and_world()[1]
             self.run = mlflow_io.open_run(
-                train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), "ordering": cfg.ordering},
+                train_run_name(cfg), "train", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(), "ordering": cfg.ordering,
+                                                    **({TAG_PROCESSES: str(world)} if world > 1 else {})},
                 description=f"SGD on {cfg.dataset} with per-sample per-layer importance tracking"
                             + ("" if cfg.ordering == "shuffle" else f", batches built by {cfg.ordering}") + ".",
                 run_id=resume or self.run_id, resume=resume is not None, config=cfg.to_dict())
@@ -103,14 +109,21 @@ class TrainRun:
             raise
         return self
 
-    def _prepare(self, resume: bool) -> None:
+    def build(self) -> None:
+        """Data, model, optimizer and presentation order (what every process of a data-parallel run
+        needs; rank 0 alone has the MLflow run)."""
         cfg = self.cfg
         self.data = data = training_data(cfg)
         check_batching(cfg, data.n_train)
         check_model_size(cfg, data)
         check_ordering(cfg, data.n_train)
-        self.model = model = model_for(cfg, data)
-        self.optimizer = make_optimizer(model, cfg)
+        self.model = model_for(cfg, data)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.order = presentation_order(cfg, data)  # (epochs, n) for a fixed order: after the size checks
+
+    def _prepare(self, resume: bool) -> None:
+        self.build()
+        cfg, data, model = self.cfg, self.data, self.model
         self.names, grouping, self.counts = importance_columns(model) if cfg.track == "importance" else ([], {}, {})
         self.project = ParameterProjection(model)
         metadata = {
@@ -144,7 +157,6 @@ class TrainRun:
             self.history, self.tau, self.start_epoch = [], np.zeros(data.n_train), 0
             self.writer = dyn.DynamicsWriter(self.folder, data.n_train, cfg.epochs, metadata, self.project.k)
             self.writer.write_initial(self.project(model), model.state_dict())
-        self.order = presentation_order(cfg, data)  # (epochs, n) for a fixed order: after the size checks
 
     def take_epoch(self, rec: EpochRecord) -> None:
         """Write a finished epoch of this run's model (its parameters are the end-of-epoch ones)."""
@@ -203,6 +215,8 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
     run id."""
     run = TrainRun(cfg, log_model=log_model, quiet=quiet, epoch_callback=epoch_callback).open()
     try:
+        if distributed.active():  # the other processes start where this one resumes (DDP broadcasts the model)
+            distributed.from_rank_zero((run.start_epoch, run.optimizer.state_dict() if run.start_epoch else None))
         result = fit(run.model, run.data, run.cfg, order=run.order, on_epoch=run.take_epoch, optimizer=run.optimizer,
                      start_epoch=run.start_epoch)
     except BaseException as exc:
@@ -211,9 +225,25 @@ def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
     return run.close(result)
 
 
+def follow_train(cfg: TrainConfig) -> None:
+    """A process other than rank 0 of a data-parallel run (torchrun): the same model, order and
+    schedule, trained on its share of every batch; rank 0 records and writes the run."""
+    run = TrainRun(cfg, quiet=True)
+    run.build()
+    start, optimizer_state = distributed.from_rank_zero(None)
+    if optimizer_state is not None:
+        run.optimizer.load_state_dict(optimizer_state)
+    fit(run.model, run.data, run.cfg, order=run.order, optimizer=run.optimizer, start_epoch=start)
+
+
 def run(cfg: TrainRunConfig) -> str:
-    """The `train` entry point."""
-    run_id = run_train(cfg)
+    """The `train` entry point; under torchrun, data-parallel over its processes (rank 0 writes the
+    one run, which reads as if one process had trained it)."""
+    with distributed.process_group(cfg.device) as (rank, _):
+        if rank:
+            follow_train(cfg)
+            return ""
+        run_id = run_train(cfg)
     print(f"train run {run_id} finished")
     return run_id
 

@@ -1,0 +1,110 @@
+"""Data-parallel training (torchrun, gloo on CPU): each process records its share of every batch,
+and the run reads as if one process had trained it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import REPO, all_runs, free_port
+from sample_importance import ImportanceRecorder, load_dynamics
+from sample_importance import dynamics as dyn
+
+ARGS = ["--subset", "200", "--width", "16", "--batch_size", "50", "--device", "cpu"]
+ARRAYS = ["importance_values", "loss", "p_true", "error_l2", "eval_loss", "eval_p_true", "eval_error_l2",
+          "final_loss"]
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def test_shares_of_a_batch_give_the_batch_s_gradient_and_importance():
+    """Two halves of a batch, each backpropagated as a share (batch_size = B, grad_scale = 2) and
+    their gradients averaged as DDP does, give the whole batch's gradient and beta (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with ImportanceRecorder(model) as rec:
+        model.zero_grad()
+        whole = rec.backward(F.cross_entropy(model(x), y, reduction="none"), lr=0.5)
+        grads = [p.grad.clone() for p in model.parameters()]
+        parts, summed = [], [torch.zeros_like(g) for g in grads]
+        for share in (slice(0, 5), slice(5, 8)):  # unequal shares, as the last batch may give
+            model.zero_grad()
+            parts.append(rec.backward(F.cross_entropy(model(x[share]), y[share], reduction="none"), lr=0.5,
+                                      batch_size=8, grad_scale=2))
+            summed = [s + p.grad for s, p in zip(summed, model.parameters())]
+    assert rel(torch.cat(parts), whole) <= 1e-12
+    for s, g in zip(summed, grads):
+        assert rel(s / 2, g) <= 1e-12  # DDP's average over the two processes
+
+
+def torchrun(store, *args: str, processes: int = 2) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                             f"--master_port={free_port()}", str(REPO / "entry_points" / "train.py"), *args],
+                            cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_write_the_run_one_process_writes(tmp_path, tracking):
+    (tmp_path / "ddp").mkdir()
+    proc = torchrun(tmp_path / "ddp", *ARGS, "--epochs", "2")
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    import train as train_entry
+
+    alone = load_dynamics(train_entry.main([*ARGS, "--epochs", "2"]))  # this test's own store
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/ddp/mlflow.db")
+    try:
+        [run] = all_runs(tmp_path / "ddp")
+        assert run.info.status == "FINISHED" and run.data.tags["sample_importance.processes"] == "2"
+        ddp = load_dynamics(run.info.run_id)
+        # Not bit for bit: the processes' gradients are summed by an all-reduce, in another order.
+        assert np.array_equal(ddp.batch_order, alone.batch_order) and np.array_equal(ddp.label, alone.label)
+        for name in ARRAYS:
+            assert rel(getattr(ddp, name), getattr(alone, name)) <= 1e-5, name
+        mine, theirs = ddp.state(dyn.FINAL_STATE), alone.state(dyn.FINAL_STATE)
+        assert all(rel(mine[k], theirs[k]) <= 1e-5 for k in theirs)
+        assert ddp.metadata["layer_names"] == alone.metadata["layer_names"]
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_killed_process_stops_the_run_and_the_same_command_resumes_it(tmp_path):
+    args = [*ARGS, "--subset", "1000", "--width", "128", "--epochs", "40"]
+    proc = torchrun(tmp_path, *args)
+    seen = []
+    for line in proc.stdout:  # until rank 0 reports its first epoch
+        seen.append(line)
+        if line.startswith("epoch   1/40"):
+            break
+    assert proc.poll() is None, "".join(seen)[-3000:]
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    rank = {p: dict(e.split(b"=", 1) for e in open(f"/proc/{p}/environ", "rb").read().split(b"\0") if b"=" in e)
+            .get(b"RANK") for p in workers}
+    os.kill(int(next(p for p, r in rank.items() if r == b"1")), signal.SIGKILL)  # rank 1, mid-training
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        out = proc.communicate(timeout=120)[0]
+        assert proc.returncode != 0
+        [stopped] = all_runs(tmp_path)
+        assert stopped.info.status in ("FAILED", "KILLED"), out[-2000:]
+        again = torchrun(tmp_path, *args)
+        out = again.communicate(timeout=600)[0]
+        assert again.returncode == 0, out[-3000:]
+        assert f"resuming run {stopped.info.run_id} after epoch" in out
+        [run] = all_runs(tmp_path)  # the same run, finished; no second run
+        assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
+        d = load_dynamics(run.info.run_id)
+        assert d.metadata["complete"] and len(d.loss) == 40
+    finally:
+        mlflow.set_tracking_uri(None)
