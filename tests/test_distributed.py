@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import mlflow
+import pytest
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -108,3 +109,18 @@ def test_a_killed_process_stops_the_run_and_the_same_command_resumes_it(tmp_path
         assert d.metadata["complete"] and len(d.loss) == 12
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("change,models,message", [
+    ({}, 2, "trains one model per run"),
+    ({"norm": "batch", "model": "resnet20", "track": "outputs"}, 1, "BatchNorm normalises with each process's"),
+    ({"batch_size": 1}, 1, "every batch needs at least 2 samples"),
+    ({"subset": 101, "batch_size": 50}, 1, "leaves a last batch of 1"),
+])
+def test_data_parallel_refuses_what_it_cannot_do_as_one_process(change, models, message):
+    from sample_importance.config import ConfigError, TrainConfig
+    from sample_importance.training import check_data_parallel
+
+    cfg = TrainConfig(**{"batch_size": 50, **change})
+    with pytest.raises(ConfigError, match=message):
+        check_data_parallel(cfg, cfg.subset or 200, models, 2)

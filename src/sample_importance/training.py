@@ -88,8 +88,8 @@ def check_data_parallel(cfg: TrainConfig, n: int, models: int, world: int) -> No
         raise ConfigError(f"Data-parallel training (torchrun, {world} processes) trains one model per run: train the "
                           "stages that train several runs in one process.")
     if cfg.norm == "batch" or cfg.batchnorm == "exact":
-        raise ConfigError(f"BatchNorm normalises with each process's own share of the batch under data-parallel "
-                          f"training, so the run would differ from one trained in one process: use norm=group (or "
+        raise ConfigError("BatchNorm normalises with each process's own share of the batch under data-parallel "
+                          "training, so the run would differ from one trained in one process: use norm=group (or "
                           "train BatchNorm models in one process).")
     last = n % cfg.batch_size
     if cfg.batch_size < world or 0 < last < world:
