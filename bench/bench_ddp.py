@@ -39,6 +39,23 @@ def one_run(processes: int, args: list[str], threads: int) -> float:
         return time.perf_counter() - start
 
 
+def compare(counts: list[int], rounds: int, threads: int, one_run, what: str) -> None:
+    """`one_run(k, threads)` for every count k, interleaved over the rounds; medians against the first."""
+    cores = os.cpu_count() or 1
+    times: dict[int, list[float]] = {k: [] for k in counts}
+    for r in range(rounds):
+        for k in counts:
+            t = threads or max(1, cores // k)
+            times[k].append(one_run(k, t))
+            print(f"round {r + 1}: {k} process(es), {t} thread(s) each: {times[k][-1]:.1f} s", flush=True)
+    base = statistics.median(times[counts[0]])
+    print(f"\n{cores} cores; {what}")
+    print("processes  median s  vs first")
+    for k in counts:
+        t = statistics.median(times[k])
+        print(f"{k:9d}  {t:8.1f}  {t / base:7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--args", default="--dataset digits --epochs 10 --device cpu", help="train.py flags")
@@ -46,20 +63,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process; 0 = cores / processes")
     a = parser.parse_args()
-    counts = [int(k) for k in a.processes.split(",")]
-    cores = os.cpu_count() or 1
-    times: dict[int, list[float]] = {k: [] for k in counts}
-    for r in range(a.rounds):
-        for k in counts:
-            threads = a.threads or max(1, cores // k)
-            times[k].append(one_run(k, shlex.split(a.args), threads))
-            print(f"round {r + 1}: {k} process(es), {threads} thread(s) each: {times[k][-1]:.1f} s", flush=True)
-    base = statistics.median(times[counts[0]])
-    print(f"\n{cores} cores; train.py {a.args}")
-    print("processes  median s  vs first")
-    for k in counts:
-        t = statistics.median(times[k])
-        print(f"{k:9d}  {t:8.1f}  {t / base:7.2f}x")
+    compare([int(k) for k in a.processes.split(",")], a.rounds, a.threads,
+            lambda k, threads: one_run(k, shlex.split(a.args), threads), f"train.py {a.args}")
 
 
 if __name__ == "__main__":

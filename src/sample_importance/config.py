@@ -207,6 +207,24 @@ def check_unique(items: list, name: str) -> None:
 
 
 @dataclass(frozen=True)
+class SharedRunsConfig:
+    """A multi-run stage whose runs several workers may share (`workers.share`): how, not what, so
+    outside every fingerprint."""
+
+    storage: str = opt("", 'share the runs among workers: an Optuna storage every worker of the same command names (a journal .log path on one machine, a database URL across machines); empty = this process trains them all')
+    heartbeat: int = opt(60, 'seconds between a worker\'s heartbeats on database storages; a claim whose worker is silent for twice that is taken over')
+
+    def check(self):
+        super().check()
+        if self.heartbeat < 1:
+            raise ConfigError(f"heartbeat must be at least 1 second, got {self.heartbeat}.")
+        return self
+
+
+SHARED_RUNS_FIELDS = tuple(f.name for f in dataclasses.fields(SharedRunsConfig))
+
+
+@dataclass(frozen=True)
 class AnalysisConfig(TrainConfig):
     """An analysis of `train` runs: the given ones, or those matching the training fields."""
 
@@ -231,13 +249,14 @@ class AnalysisConfig(TrainConfig):
         """Identifies the analysis: its own fields and either the runs it reads or the training
         configuration they are found by."""
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        own = {k: v for k, v in self.to_dict().items() if k not in train_fields and k != "train_run_ids"}
+        own = {k: v for k, v in self.to_dict().items()
+               if k not in train_fields and k != "train_run_ids" and k not in SHARED_RUNS_FIELDS}
         return fingerprint_of({"class": type(self).__name__, **own,
                                "runs": self.run_ids() or self.train_config().fingerprint()})
 
 
 @dataclass(frozen=True)
-class StabilityConfig(AnalysisConfig):
+class StabilityConfig(SharedRunsConfig, AnalysisConfig):
     num_seeds: int = opt(3, SEEDS_HELP)
     every: int = opt(5, 'compare importance every this many epochs (paper: 5)')
 
@@ -292,7 +311,7 @@ class StudyConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
-class OrderingConfig(TrainConfig):
+class OrderingConfig(SharedRunsConfig, TrainConfig):
     """`ordering`: every batch construction of paper section 3.6, over several initialisations."""
 
     reference_run_id: str = opt("", 'train run whose final NLL and total importance order the batches')
@@ -473,7 +492,7 @@ def architecture_of(config: dict) -> str:
 
 
 @dataclass(frozen=True)
-class LearnabilityConfig(AnalysisConfig):
+class LearnabilityConfig(SharedRunsConfig, AnalysisConfig):
     """`learnability`: sample-wise learnability across architectures (Lee et al. 2019)."""
 
     architectures: str = opt("mlp:3x512,mlp:1x128,logreg,cnn", 'comma-separated architectures: mlp:<depth>x<width> | logreg | cnn | resnet20, vgg16 or mobilenet with :group or :batch and optionally :<channels> (BatchNorm models train with track=outputs)')

@@ -1,18 +1,21 @@
-"""What several stages share: the train runs an analysis reads (found, or trained together), the
-start of an analysis run, the claims artifact, and samples as images."""
+"""What several stages share: the train runs an analysis reads (found, trained together, or shared
+with other workers), the start of an analysis run, its comparison done by one worker, the claims
+artifact, and samples as images."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
-from .. import mlflow_io
-from ..config import AnalysisConfig
+from .. import mlflow_io, workers
+from ..config import AnalysisConfig, SharedRunsConfig, TrainConfig, fingerprint_of
 from ..dynamics import Dynamics, check_aligned
 from .train import train_many
 
 CLAIMS = "claims.json"
 TAG_TRAIN_RUNS = "sample_importance.train_run_ids"
+TAG_AGGREGATED_IN = "sample_importance.aggregated_in"  # on a worker's run: the run that holds the results
 
 
 def train_runs(cfg: AnalysisConfig, seeds: list[int], architectures: list[dict] | None = None
@@ -23,12 +26,43 @@ def train_runs(cfg: AnalysisConfig, seeds: list[int], architectures: list[dict] 
     the same samples."""
     ids = cfg.run_ids()
     if not ids:
-        ids = train_many([dataclasses.replace(cfg.train_config(), seed=seed, **arch)
-                          for arch in architectures or [{}] for seed in seeds], cfg.parallel_models)
+        ids = train_shared(cfg, [dataclasses.replace(cfg.train_config(), seed=seed, **arch)
+                                 for arch in architectures or [{}] for seed in seeds])
     mlflow_io.set_tags({TAG_TRAIN_RUNS: ",".join(ids)})
     runs = {run_id: mlflow_io.load_dynamics(run_id) for run_id in ids}
     check_aligned(runs)
     return runs
+
+
+def train_shared(cfg: TrainConfig, cfgs: list[TrainConfig]) -> list[str]:
+    """`train_many` with the stage's options: trained here, or shared with the other workers of the
+    same command when cfg has a `storage`."""
+    shared = isinstance(cfg, SharedRunsConfig) and cfg.storage
+    return train_many(cfgs, cfg.parallel_models, **({"storage": cfg.storage, "heartbeat": cfg.heartbeat} if shared else {}))
+
+
+def compare_once(cfg: TrainConfig, entry_point: str, run_ids: list[str], compare: Callable[[], None]) -> bool:
+    """Run `compare` (the stage's comparison of its train runs, logged to the active run) here, or,
+    when cfg has a `storage`, in exactly one of the workers of the same command: the first to find
+    every run finished (`workers.share`; another worker takes it over if that one dies). True where it
+    ran; a worker whose run holds no results tags it with the run that does and renames its entry
+    point `<entry_point>-worker` (so it is never reused as a finished `<entry_point>` run)."""
+    if not (isinstance(cfg, SharedRunsConfig) and cfg.storage):
+        compare()
+        return True
+    me = mlflow_io.active_run_id()
+    name = f"{entry_point}-{fingerprint_of([cfg.fingerprint(), *run_ids])}"
+
+    def work(_: int, record_run: Callable[[str], None]) -> None:
+        record_run(me)
+        compare()
+
+    if workers.share(name, cfg.storage, cfg.heartbeat, 1, work):
+        return True
+    holder = workers.complete_runs(name, cfg.storage, cfg.heartbeat).get(0, "")
+    mlflow_io.set_tags({mlflow_io.TAG_ENTRY_POINT: f"{entry_point}-worker", TAG_AGGREGATED_IN: holder})
+    print(f"this worker's runs are done; the comparison is in run {holder}", flush=True)
+    return False
 
 
 def start_analysis(cfg: AnalysisConfig, entry_point: str, description: str):

@@ -14,7 +14,8 @@ from ..config import ConfigError, OrderingConfig, TrainRunConfig
 from ..data import training_data
 from ..dynamics import check_matches
 from ..training import check_batching
-from .train import train_many, train_run_name
+from .common import compare_once, train_shared
+from .train import train_run_name
 
 def registered_name(dataset: str) -> str:
     return f"ordering-{dataset}"
@@ -38,6 +39,8 @@ def run(cfg: OrderingConfig, project_dir: str | Path) -> str:
         if any(m in ordering.NEEDS_REFERENCE for m in methods):
             if reference:
                 check_matches(reference, mlflow_io.load_dynamics(reference), cfg.dataset, data.n_train)
+            elif cfg.storage:  # one of the workers trains it, the others wait for it
+                reference = train_shared(cfg, [cfg.train_config()])[0]
             else:
                 tcfg = cfg.train_config()
                 reference, reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
@@ -45,19 +48,24 @@ def run(cfg: OrderingConfig, project_dir: str | Path) -> str:
         mlflow_io.set_tags({"sample_importance.reference_run_id": reference})
 
         variants = [(method, seed) for seed in seeds for method in methods]
-        ids = train_many([TrainRunConfig(**dataclasses.replace(cfg.train_config(), seed=seed).to_dict(), ordering=method,
-                                         reference_run_id=reference if method in ordering.NEEDS_REFERENCE else "")
-                          for method, seed in variants], cfg.parallel_models)
+        ids = train_shared(cfg, [TrainRunConfig(**dataclasses.replace(cfg.train_config(), seed=seed).to_dict(),
+                                                ordering=method,
+                                                reference_run_id=reference if method in ordering.NEEDS_REFERENCE else "")
+                                 for method, seed in variants])
         runs = pd.DataFrame([{"method": m, "seed": s, "run_id": i} for (m, s), i in zip(variants, ids)])
-        for name in ("train_error", "test_error"):
-            runs[name] = [mlflow_io.metric_series(r, name) for r in runs["run_id"]]
-        runs["final_test_error"] = [s[-1] for s in runs["test_error"]]
-        runs["final_train_error"] = [s[-1] for s in runs["train_error"]]
-
-        _log_comparison(cfg, runs, methods)
-        _register(cfg, runs, reference)
-        mlflow_io.log_table(runs.drop(columns=["train_error", "test_error"]), "runs.csv")
+        compare_once(cfg, "ordering", ids, lambda: _compare(cfg, runs, methods, reference))
         return run.info.run_id
+
+
+def _compare(cfg: OrderingConfig, runs: pd.DataFrame, methods: list[str], reference: str) -> None:
+    """The comparison of every variant (figures, table, paired test) and the registry."""
+    for name in ("train_error", "test_error"):
+        runs[name] = [mlflow_io.metric_series(r, name) for r in runs["run_id"]]
+    runs["final_test_error"] = [s[-1] for s in runs["test_error"]]
+    runs["final_train_error"] = [s[-1] for s in runs["train_error"]]
+    _log_comparison(cfg, runs, methods)
+    _register(cfg, runs, reference)
+    mlflow_io.log_table(runs.drop(columns=["train_error", "test_error"]), "runs.csv")
 
 
 def _log_comparison(cfg: OrderingConfig, runs: pd.DataFrame, methods: list[str]) -> None:

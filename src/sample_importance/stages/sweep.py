@@ -8,11 +8,8 @@ workers (`sweep` processes) can share a study; running the command again adds tr
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import time
 from itertools import combinations
-from pathlib import Path
 
 import warnings
 
@@ -20,18 +17,15 @@ import numpy as np
 import optuna
 from scipy.stats import spearmanr
 
-from .. import mlflow_io, plots
-from ..config import SWEEP_METRICS, ConfigError, SweepConfig
+from .. import mlflow_io, plots, workers
+from ..config import SWEEP_METRICS, SweepConfig
 from ..errors import Stopped
 from ..training import DivergenceError
 from .train import run_train, train_many
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, matplotlib plots
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # matplotlib plots
 
 ATTR_PARENT = "mlflow_parent_run_id"
-ATTR_RUN = "mlflow_run_id"
-ATTR_OWNER = "owner"  # host:pid of the worker running the trial
-DEFAULT_JOURNAL = "optuna-journal.log"  # in the results folder (`results_folder`)
 
 
 class TrialSeededTPE(optuna.samplers.BaseSampler):
@@ -62,89 +56,12 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
-def results_folder() -> Path:
-    """Where this user's results live: the folder of the tracking store when it is a local SQLite
-    file (as by default: `mlflow.db` where the command was started, also under `mlflow run`, which
-    passes the store on), else a per-user folder ($XDG_DATA_HOME or ~/.local/share/sample-importance)."""
-    uri = mlflow_io.tracking_uri()
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "sample-importance"
-
-
-def journal_path(storage: str) -> Path:
-    """The journal file of a journal storage (empty = the default `optuna-journal.log`): a relative
-    path is taken from the results folder, never from the working directory of the entry point (which
-    under `mlflow run` is the project checkout, perhaps a temporary one)."""
-    path = Path((storage or DEFAULT_JOURNAL).removeprefix("journal:")).expanduser()
-    return path if path.is_absolute() else results_folder() / path
-
-
 def open_study(cfg: SweepConfig) -> optuna.Study:
     """Create or load the study; one clear error when the storage cannot be reached."""
     sampler = TrialSeededTPE(cfg.sampler_seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if cfg.pruner == "median" else optuna.pruners.NopPruner()
-    try:
-        return optuna.create_study(study_name=cfg.name(), storage=_storage(cfg), sampler=sampler, pruner=pruner,
-                                   direction="minimize", load_if_exists=True)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"Cannot open the Optuna storage {cfg.storage or str(journal_path(''))!r} "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): check the URL, that the "
-                          "database server runs, and its credentials.") from None
-
-
-def _storage(cfg: SweepConfig):
-    url = cfg.storage or DEFAULT_JOURNAL
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = journal_path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A journal file is safe for several writers on one machine (file locks).
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    if "://" not in url:
-        raise ConfigError(f"storage {url!r} is neither a journal file (*.log) nor a database URL "
-                          "(e.g. postgresql://user:pass@host/db, sqlite:///optuna.db).")
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat, grace_period=2 * cfg.heartbeat,
-                                              heartbeat_stale_trial_callback=_mark_failed)
-        except (IntegrityError, ProgrammingError):
-            # Workers started at once on a fresh database race to create Optuna's tables (PostgreSQL
-            # refuses the second CREATE): the schema exists a moment later.
-            if attempt == 4:
-                raise
-            time.sleep(1.0 + attempt)
-
-
-def _mark_failed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """The MLflow side of a trial that Optuna declared failed because its worker died."""
-    run_id = trial.user_attrs.get(ATTR_RUN)
-    if run_id:
-        mlflow_io.fail_run_tree(run_id, f"worker {trial.user_attrs.get(ATTR_OWNER)} died during trial {trial.number}")
-
-
-def fail_orphaned_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker process on this machine no longer exists (kill -9, crash).
-
-    Database storages also detect dead workers on any machine by heartbeat; a journal file has no
-    heartbeat, and it lives on one machine, where a process id says whether the worker is alive."""
-    optuna.storages.fail_stale_trials(study)
-    host = socket.gethostname()
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(ATTR_OWNER, "")
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not mlflow_io.process_alive(int(pid)):
-            try:
-                study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another worker got there first
-            _mark_failed(study, trial)
-            failed.append(trial.number)
-    return failed
+    return workers.open_study(cfg.name(), cfg.storage, cfg.heartbeat, sampler=sampler, pruner=pruner,
+                              direction="minimize")
 
 
 def tau_spearman(taus: list[np.ndarray]) -> float:
@@ -166,7 +83,7 @@ def run(cfg: SweepConfig) -> str:
         if parent != run.info.run_id:
             mlflow_io.set_tags({"sample_importance.sweep_parent_run_id": parent})
             print(f"continuing study {cfg.name()} under parent run {parent}", flush=True)
-        failed = fail_orphaned_trials(study)
+        failed = workers.fail_orphaned_trials(study)
         if failed:
             print(f"trials {failed} were interrupted (their worker died) and are marked failed", flush=True)
         reference = _reference_tau(cfg, seeds[0])
@@ -211,8 +128,8 @@ def _trial(cfg: SweepConfig, trial: optuna.Trial, parent: str, seeds: list[int],
     run_id = mlflow_io.create_run(parent, f"trial {trial.number} lr={lr:.4g}",
                                   {"sample_importance.entry_point": "trial", "optuna.study": cfg.name(),
                                    "optuna.trial": str(trial.number)})
-    trial.set_user_attr(ATTR_RUN, run_id)
-    trial.set_user_attr(ATTR_OWNER, mlflow_io.owner())
+    trial.set_user_attr(workers.ATTR_RUN, run_id)
+    trial.set_user_attr(workers.ATTR_OWNER, mlflow_io.owner())
     per_epoch = SWEEP_METRICS[cfg.metric]
     try:
         with mlflow_io.start_run(f"trial {trial.number} lr={lr:.4g}", "trial", run_id=run_id):
@@ -256,7 +173,7 @@ def _log_study(study: optuna.Study, parent: str, cfg: SweepConfig) -> None:
         best = study.best_trial
         metrics.update({f"best_{cfg.metric}": best.value, "best_lr": best.params["lr"]})
         dicts["best_params.json"] = {"trial": best.number, "value": best.value, **best.params,
-                                     "mlflow_run_id": best.user_attrs.get(ATTR_RUN)}
+                                     "mlflow_run_id": best.user_attrs.get(workers.ATTR_RUN)}
         figures["figures/optimization_history.png"] = ovm.plot_optimization_history(study).figure
         figures["figures/stability_vs_lr.png"] = plots.stability_vs_lr(
             [t.params["lr"] for t in complete], [t.user_attrs.get("tau_spearman_seeds", np.nan) for t in complete],

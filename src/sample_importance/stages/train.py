@@ -13,9 +13,9 @@ import torch
 
 from .. import distributed
 from .. import dynamics as dyn
-from .. import mlflow_io, plots
+from .. import mlflow_io, plots, workers
 from ..analysis import ordering
-from ..config import ConfigError, TrainConfig, TrainRunConfig
+from ..config import ConfigError, TrainConfig, TrainRunConfig, fingerprint_of
 from ..data import Dataset, training_data
 from ..models import ParameterProjection, check_model_size, importance_columns, model_for
 from ..tracked_run import phi_convention
@@ -210,10 +210,13 @@ class TrainRun:
 
 
 def run_train(cfg: TrainConfig, log_model: bool = True, quiet: bool = False,
-              epoch_callback: Callable[[int, dict[str, float]], None] | None = None) -> str:
+              epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
+              on_open: Callable[[str], None] | None = None) -> str:
     """Train one model with full tracking in a `TrainRun` (nested when a run is active); return the
-    run id."""
+    run id. `on_open(run_id)` runs once the run exists."""
     run = TrainRun(cfg, log_model=log_model, quiet=quiet, epoch_callback=epoch_callback).open()
+    if on_open is not None:
+        on_open(run.run_id)
     try:
         if distributed.active():  # the other processes start where this one resumes (DDP broadcasts the model)
             distributed.from_rank_zero((run.start_epoch, run.optimizer.state_dict() if run.start_epoch else None))
@@ -249,7 +252,8 @@ def run(cfg: TrainRunConfig) -> str:
 
 
 def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool = True,
-               epoch_callback: Callable[[int, int, list[dict[str, float]]], None] | None = None) -> list[str]:
+               epoch_callback: Callable[[int, int, list[dict[str, float]]], None] | None = None,
+               storage: str = "", heartbeat: int = 60) -> list[str]:
     """The id of a finished `train` run for every configuration, nested under the active run: a
     finished run with the same configuration is reused; an interrupted one resumes alone; the rest
     train `parallel_models` at a time (0 = auto) in one loop, one run each. Raises the first
@@ -257,7 +261,12 @@ def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool 
 
     `epoch_callback(group, epoch, metrics)` follows every epoch of every group trained together
     (group = 0, 1, ... in training order; metrics of each model that finished the epoch); raising
-    `errors.Stopped` in it ends the group's runs as KILLED and propagates (the sweep's pruning)."""
+    `errors.Stopped` in it ends the group's runs as KILLED and propagates (the sweep's pruning).
+
+    `storage` (an Optuna storage): the runs are shared with every other worker that trains the same
+    list against it, one run at a time each (`_train_shared`)."""
+    if storage:
+        return _train_shared(cfgs, storage, heartbeat, verbose)
     ids: list[str | None] = [mlflow_io.find_finished_run("train", c.fingerprint()) for c in cfgs]
     fresh = []
     for k, cfg in enumerate(cfgs):
@@ -292,6 +301,26 @@ def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool 
                     ids[k] = outcome
     if errors:
         raise errors[0]
+    return ids
+
+
+def _train_shared(cfgs: list[TrainConfig], storage: str, heartbeat: int, verbose: bool) -> list[str]:
+    """`train_many` over workers: each configuration is a job of `workers.share`, trained (or resumed,
+    when a dead worker left it) by whichever worker claims it; returns once every run has finished."""
+    name = "runs-" + fingerprint_of([c.fingerprint() for c in cfgs])
+
+    def work(k: int, record_run: Callable[[str], None]) -> None:
+        done = mlflow_io.find_finished_run("train", cfgs[k].fingerprint())
+        if done is None:
+            if verbose:
+                print(f"training {train_run_name(cfgs[k])} (run {k + 1} of {len(cfgs)} shared in {name})", flush=True)
+            run_train(cfgs[k], quiet=not verbose, on_open=record_run)
+
+    workers.share(name, storage, heartbeat, len(cfgs), work)
+    ids = [mlflow_io.find_finished_run("train", c.fingerprint()) for c in cfgs]
+    missing = [train_run_name(c) for c, i in zip(cfgs, ids) if i is None]
+    if missing:  # every job is complete, so its run finished: only a run deleted meanwhile gets here
+        raise RuntimeError(f"the runs {', '.join(missing)} are complete in {name} but not finished in MLflow")
     return ids
 
 
