@@ -56,16 +56,17 @@ def compare(counts: list[int], rounds: int, threads: int, one_run, what: str) ->
         print(f"{k:9d}  {t:8.1f}  {t / base:7.2f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--args", default="--dataset digits --epochs 10 --device cpu", help="train.py flags")
-    parser.add_argument("--processes", default="1,2")
+def cli(doc: str, default_args: str, script: str, one_run) -> None:
+    """The command line of a process-count benchmark: `one_run(k, args, threads)` for k in --processes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--args", default=default_args, help=f"{script} flags")
+    parser.add_argument("--processes", default="1,2", help="process (worker) counts to compare")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process; 0 = cores / processes")
     a = parser.parse_args()
     compare([int(k) for k in a.processes.split(",")], a.rounds, a.threads,
-            lambda k, threads: one_run(k, shlex.split(a.args), threads), f"train.py {a.args}")
+            lambda k, threads: one_run(k, shlex.split(a.args), threads), f"{script} {a.args}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, "--dataset digits --epochs 10 --device cpu", "train.py", one_run)

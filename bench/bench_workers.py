@@ -1,22 +1,20 @@
 """Wall time of the `ordering` experiment with 1 and 2 workers sharing its runs (`storage`).
 
 Each round starts k copies of `entry_points/ordering.py <args> --storage <journal file>` at once on a
-fresh SQLite tracking store, for k in `--workers`, interleaved, and times until the last one ends
+fresh SQLite tracking store, for k in `--processes`, interleaved, and times until the last one ends
 (process start, imports, MLflow logging and the registry included); medians of the rounds.
 
     python bench/bench_workers.py                        # digits, 600 samples, 10 epochs, 2 seeds x 8 methods
 """
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench_ddp import REPO, compare
+from bench_ddp import REPO, cli
 
 
 def one_run(workers: int, args: list[str], threads: int) -> float:
@@ -35,17 +33,5 @@ def one_run(workers: int, args: list[str], threads: int) -> float:
         return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--args", default="--dataset digits --subset 600 --epochs 10 --num_seeds 2 --device cpu",
-                        help="ordering.py flags")
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0 = cores / workers")
-    a = parser.parse_args()
-    compare([int(k) for k in a.workers.split(",")], a.rounds, a.threads,
-            lambda k, threads: one_run(k, shlex.split(a.args), threads), f"ordering.py {a.args}")
-
-
 if __name__ == "__main__":
-    main()
+    cli(__doc__, "--dataset digits --subset 600 --epochs 10 --num_seeds 2 --device cpu", "ordering.py", one_run)
