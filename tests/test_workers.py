@@ -31,12 +31,16 @@ def _runs(client):
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
 
 
-def _claimed_by(storage: str, pid: int):
-    """A running claim of the process `pid` whose MLflow run exists, if any."""
+def _claimed_by(storage: str, pid: int, after: int):
+    """A running claim of the process `pid` whose MLflow run exists, once `after` runs of its study
+    are complete, if any."""
     for summary in optuna.get_all_study_summaries(storage):
         if not summary.study_name.startswith("runs-"):
             continue
-        for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials:
+        trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+        if sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) < after:
+            continue
+        for t in trials:
             if (t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get(workers.ATTR_OWNER, "").endswith(f":{pid}")
                     and workers.ATTR_RUN in t.user_attrs):
                 return summary.study_name, t
@@ -75,8 +79,10 @@ def test_two_ordering_workers_on_postgresql_share_the_runs_and_survive_a_killed_
     server` on PostgreSQL; one is SIGKILLed while it trains a claimed run. The other takes the claim
     over and finishes: each variant exists once as a finished run, the registry has 16 versions,
     and the comparison (done once) equals a one-worker run's."""
-    single = pd.read_csv(mlflow.artifacts.download_artifacts(
-        f"runs:/{__import__('ordering').main(ARGS)}/final_test_error.csv"))  # one worker, its own store
+    import ordering
+
+    one_worker = ordering.main(ARGS + ["--storage", str(tracking / "single.log")])  # its own stores
+    single = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{one_worker}/final_test_error.csv"))
 
     name = tmp_path.name.lower().replace("-", "_")[-40:]
     storage = postgres(f"optuna_{name}")
@@ -91,7 +97,7 @@ def test_two_ordering_workers_on_postgresql_share_the_runs_and_survive_a_killed_
         while claim is None:
             assert time.time() < deadline and first.poll() is None, first.stdout.read() if first.poll() else "no claim"
             try:
-                claim = _claimed_by(storage, first.pid)
+                claim = _claimed_by(storage, first.pid, after=6)  # the workers have shared some runs
             except (KeyError, optuna.exceptions.StorageInternalError):  # the study is being created
                 pass
             time.sleep(0.1)
