@@ -563,3 +563,23 @@ def test_passes_outside_recorder_backward_do_not_count():
         beta = rec.backward(ce(x, Y)(model), lr=LR)
         expected = reference_beta(twin, ce(x, Y), rec)
     assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-10
+
+
+def test_a_parameter_used_outside_its_module_is_refused():
+    """A layer whose weight another module uses directly (its own forward never runs) has gradients
+    the recorder cannot attribute: one clear sentence, also when .grad holds the last step's (the
+    pass adds to it in place)."""
+    class Misuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.a(x)), self.b.weight, self.b.bias)  # b's forward never runs
+
+    seeded()
+    model = Misuse()
+    with ImportanceRecorder(model) as rec:
+        for _ in range(2):  # the second time .grad is not None: accumulated in place
+            with pytest.raises(UserError, match="Parameters of b received gradients without a recorded call"):
+                rec.backward(F.cross_entropy(model(torch.randn(B, 4)), Y, reduction="none"), lr=LR)

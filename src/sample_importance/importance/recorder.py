@@ -81,15 +81,23 @@ class ImportanceRecorder:
                 self._owner.setdefault(id(module.get_parameter(n)), d)
         # (name in the module, parameter) of each layer, looked up once
         self._named = [[(n, module.get_parameter(n)) for n in names] for _, module, _, names in self._layers]
+        # Layers whose beta is a sum of their rule's squared norms (`_simple_importance`): a norm
+        # route, and no parameter that another layer also lists (tied weights add gradients first).
+        listed: dict[int, int] = {}
+        for named in self._named:
+            for _, p in named:
+                listed[id(p)] = listed.get(id(p), 0) + 1
+        self._simple = all(rule is not None and rule.sq_norms is not None for _, _, rule, _ in self._layers) and \
+            all(count == 1 for count in listed.values())
         self._calls: dict[str, list[Call]] = {name: [] for name, *_ in self._layers}
         self._coupled: set[str] = set()
         self._capturing = True  # forward hooks record calls
         self._in_backward = False  # output gradients are taken only inside recorder.backward
-        self._reached: set[int] = set()
-        self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, name)), with_kwargs=True)
-                         for name, module, _, _ in self._layers]
-        for p in self._params():
-            self._handles.append(p.register_hook(_Hook(partial(self._on_param_grad, id(p)))))
+        self._grads_before: list = []  # each parameter's .grad and its version before the backward pass
+        self._may_couple = [isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m, _, _ in self._layers]
+        self._param_list = list({id(p): p for named in self._named for _, p in named}.values())
+        self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, d)), with_kwargs=True)
+                         for d, (_, module, _, _) in enumerate(self._layers)]
         fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers if rule is None]
         if fallback:
             warnings.warn("ImportanceRecorder: no exact rule for " + ", ".join(fallback) +
@@ -164,7 +172,7 @@ class ImportanceRecorder:
                 _check_optimizer(optimizer)
             B = loss_i.shape[0]
             total = B if batch_size is None else batch_size
-            self._reached = set()
+            self._grads_before = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self._params()]
             full = None
             if self._coupled:
                 full = self._batched_vjp(loss_i, total)
@@ -180,8 +188,16 @@ class ImportanceRecorder:
             self._clear()
 
     # ------------------------------------------------------------ hooks
-    def _on_forward(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def _on_forward(self, d: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not self._capturing or not torch.is_grad_enabled():
+            return
+        name = self._layers[d][0]
+        if isinstance(output, torch.Tensor) and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) \
+                and not self._may_couple[d]:  # the common case (Linear, Conv, norms), without pytrees
+            call = Call((args[0].detach(),), kwargs, [None])
+            if output.requires_grad:
+                output.register_hook(partial(self._on_output_grad, call, 0))
+            self._calls[name].append(call)
             return
         if batch_norm_couples(module):
             if self.batchnorm == "refuse":
@@ -206,18 +222,21 @@ class ImportanceRecorder:
         if self._in_backward:  # not another backward pass of the user's (a stale call stays without grads)
             call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
 
-    def _on_param_grad(self, pid: int, grad: torch.Tensor) -> None:
-        self._reached.add(pid)
+    def _reached(self) -> set[int]:
+        """The parameters whose .grad the backward pass changed (a new tensor, or one added to in place)."""
+        return {id(p) for p, grad, version in self._grads_before
+                if p.grad is not grad or (grad is not None and grad._version != version)}
 
     def _clear(self) -> None:
         for calls in self._calls.values():
             calls.clear()
         self._coupled = set()
+        self._grads_before = []
 
     # ------------------------------------------------------------ the computation
     def _params(self) -> list[nn.Parameter]:
         """Every recorded parameter once (tied ones too), in layer order."""
-        return list({id(p): p for named in self._named for _, p in named}.values())
+        return self._param_list
 
     def _batched_vjp(self, loss_i: torch.Tensor, total: int) -> dict[int, torch.Tensor]:
         """{param id: (B, *shape) g_i / total}: row i of the Jacobian of the losses, exact under any
@@ -264,6 +283,10 @@ class ImportanceRecorder:
                 if f is not None and id_ in self._owner:
                     beta[:, self._owner[pid]] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
             return beta.detach()
+        if self._simple:
+            fast = self._simple_importance(B, factors)
+            if fast is not None:
+                return fast
         # Sources of each parameter's per-sample gradient: (layer, call, name in the layer's module).
         sources: dict[int, list[tuple[int, Call, str]]] = {}
         used: set[int] = set()
@@ -276,7 +299,7 @@ class ImportanceRecorder:
             for n, p in self._named[d]:
                 for c in calls:
                     sources.setdefault(id(p), []).append((d, c, n))
-        missing = [self._layers[self._owner[pid]][0] for pid in self._reached
+        missing = [self._layers[self._owner[pid]][0] for pid in self._reached()
                    if pid in self._owner and pid not in sources]
         if missing:
             raise UserError("Parameters of " + ", ".join(sorted(set(missing))) + " received gradients without a "
@@ -314,6 +337,42 @@ class ImportanceRecorder:
                 G = grads[key][n] if G is None else G + grads[key][n]
             beta[:, d] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
         return beta.detach()
+
+    def _simple_importance(self, B: int, factors: dict) -> torch.Tensor | None:
+        """The common case in one pass, without the bookkeeping of `_importance`: the SGD family
+        (a number per parameter), every layer called at most once with its rule's norm route and no
+        tied parameters; beta_d = sum over the layer's parameters of f^2 ||g_i||^2. None where the
+        case does not apply (the general path then decides, errors included)."""
+        columns = []
+        for (name, module, rule, _), named in zip(self._layers, self._named):
+            calls = self._calls[name]
+            if len(calls) != 1 or calls[0].grads[0] is None or len(calls[0].grads) != 1:
+                return None
+            call = calls[0]
+            self._check_call(name, module, call, B)
+            if rule.sq_norm_column is not None:
+                f2 = {}
+                for n, p in named:
+                    f = factors.get(id(p))
+                    if f is not None and not isinstance(f, float):
+                        return None
+                    f2[n] = 0.0 if f is None else f * f
+                column = rule.sq_norm_column(module, call, f2)
+                if column is not None:
+                    columns.append(column)
+                    continue
+            norms = rule.sq_norms(module, call)
+            column = None
+            for n, p in named:
+                f = factors.get(id(p))
+                if f is None:
+                    continue
+                if not isinstance(f, float):
+                    return None
+                term = norms[n] * (f * f)
+                column = term if column is None else column + term
+            columns.append(torch.zeros_like(norms[named[0][0]]) if column is None else column)
+        return torch.stack(columns, 1).detach()
 
     def _grads(self, d: int, call: Call) -> dict[str, torch.Tensor]:
         name, module, rule, names = self._layers[d]

@@ -57,6 +57,9 @@ class Rule:
     # ||f * g_i||^2 for an elementwise factor f (Adam): fn(module, call, {name: f^2}) -> {name: (B,)},
     # or None where the rule has no cheaper route than materialising g_i
     weighted_sq_norms: Callable[[nn.Module, Call, dict], dict[str, torch.Tensor] | None] | None = None
+    # sum over the module's parameters of f^2 ||g_i||^2 for a number f per parameter (the SGD family):
+    # fn(module, call, {name: f^2}) -> (B,), or None where it has no fused route for this call
+    sq_norm_column: Callable[[nn.Module, Call, dict], torch.Tensor | None] | None = None
     # the module's parameters the rule covers: its own (False) or its children's too (True)
     recurse: bool = False
 
@@ -150,6 +153,18 @@ def linear_sq_norms(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
     return out
 
 
+def linear_sq_norm_column(module: nn.Linear, call: Call, f2: dict) -> torch.Tensor | None:
+    """(B, in) inputs: f_W^2 ||d_i||^2 ||a_i||^2 + f_b^2 ||d_i||^2 in four operations (the paper's MLP
+    step, where per-operation overhead is what costs)."""
+    a, d = call.x, call.g
+    if a.dim() != 2:
+        return None
+    inner = torch.linalg.vecdot(a, a).mul_(f2.get("weight", 0.0))
+    if _present(module, "bias"):
+        inner.add_(f2.get("bias", 0.0))
+    return inner.mul_(torch.linalg.vecdot(d, d))
+
+
 def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[str, torch.Tensor] | None:
     """Diagonally preconditioned norms on (B, in) inputs: sum_{o,k} F2_ok d_io^2 a_ik^2 is a
     bilinear form in d_i^2 and a_i^2, one matrix product (B, out) x (out, in); bias: d_i^2 . f2_b."""
@@ -166,6 +181,7 @@ def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[st
 
 
 linear_grads.rule.weighted_sq_norms = linear_weighted_sq_norms
+linear_grads.rule.sq_norm_column = linear_sq_norm_column
 
 
 # ---------------------------------------------------------------- Convolutions
