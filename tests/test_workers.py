@@ -12,6 +12,7 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy.exc
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, start_mlflow_server, stop
@@ -31,9 +32,10 @@ def _runs(client):
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=1000)]
 
 
-def _claimed_by(storage: str, pid: int, after: int):
+def _claimed_by(storage: optuna.storages.BaseStorage, pid: int, after: int):
     """A running claim of the process `pid` whose MLflow run exists, once `after` runs of its study
-    are complete, if any."""
+    are complete, if any. One storage object polled again and again: a new one per poll would open
+    new database connections faster than they are given back."""
     for summary in optuna.get_all_study_summaries(storage):
         if not summary.study_name.startswith("runs-"):
             continue
@@ -93,14 +95,16 @@ def test_two_ordering_workers_on_postgresql_share_the_runs_and_survive_a_killed_
     try:
         client = MlflowClient()
         first, second = _worker(tmp_path, server, *shared), _worker(tmp_path, server, *shared)
-        deadline, claim = time.time() + 240, None
+        deadline, claim, store = time.time() + 240, None, None
         while claim is None:
             assert time.time() < deadline and first.poll() is None, first.stdout.read() if first.poll() else "no claim"
             try:
-                claim = _claimed_by(storage, first.pid, after=6)  # the workers have shared some runs
-            except (KeyError, optuna.exceptions.StorageInternalError):  # the study is being created
-                pass
-            time.sleep(0.1)
+                store = store or optuna.storages.RDBStorage(storage)  # once the workers made the schema
+                claim = _claimed_by(store, first.pid, after=6)  # the workers have shared some runs
+            except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+                pass  # the schema or the study is being created
+            time.sleep(0.2)
+        store.engine.dispose()
         first.send_signal(signal.SIGKILL)
         first.wait()
         out = second.communicate(timeout=500)[0]
