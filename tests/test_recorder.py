@@ -17,6 +17,7 @@ from torch import nn
 
 from sample_importance import ImportanceRecorder
 from sample_importance.errors import UserError
+from sample_importance.importance import rules
 from sample_importance.importance.rules import RULES
 
 LR = 0.3
@@ -192,15 +193,18 @@ def test_normalisation_layers(norm, shape):
 
 
 class Attention(nn.Module):
-    def __init__(self, batch_first: bool, kdim=None, use_weights=False):
+    def __init__(self, batch_first: bool, kdim=None, use_weights=False, dropout=0.0):
         super().__init__()
-        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=kdim, vdim=kdim)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, kdim=kdim, vdim=kdim, dropout=dropout)
         self.batch_first, self.use_weights = batch_first, use_weights
         self.out = nn.Linear(6, 3)
 
     def forward(self, x, kv, kpm, mask):
+        same = kv is x
         if not self.batch_first:
             x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+        if same:  # self-attention: one tensor as query, key and value
+            kv = x
         h, w = self.attn(x, kv, kv, key_padding_mask=kpm, attn_mask=mask, need_weights=self.use_weights)
         if not self.batch_first:
             h = h.transpose(0, 1)
@@ -210,20 +214,44 @@ class Attention(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("batch_first, kdim, use_weights, float_mask",
-                         [(True, None, False, False), (False, None, False, True), (True, 4, True, False)])
-def test_multihead_attention_with_masks(batch_first, kdim, use_weights, float_mask):
+@pytest.mark.parametrize("batch_first, kdim, use_weights, float_mask, self_attention, dropout", [
+    (True, None, False, False, False, 0.0), (False, None, False, True, False, 0.0), (True, 4, True, False, False, 0.0),
+    (True, None, False, True, True, 0.0), (False, None, True, False, True, 0.0), (True, None, False, False, True, 0.3)])
+def test_multihead_attention_with_masks(batch_first, kdim, use_weights, float_mask, self_attention, dropout,
+                                        monkeypatch):
+    """Cross-attention: the rule recomputes the attention from the captured inputs. Self-attention:
+    the gradient at the packed projection and the context come from the module's own pass
+    (`attention_inner`), which also makes attention dropout exact (the pass's own mask)."""
     seeded()
-    model = Attention(batch_first, kdim, use_weights)
-    x, kv = torch.randn(B, 4, 6), torch.randn(B, 5, kdim or 6)
-    kpm = torch.zeros(B, 5, dtype=torch.bool)
+    model = Attention(batch_first, kdim, use_weights, dropout)
+    T = 4 if self_attention else 5
+    x, kv = torch.randn(B, 4, 6), torch.randn(B, T, kdim or 6)
+    kv = x if self_attention else kv
+    kpm = torch.zeros(B, T, dtype=torch.bool)
     kpm[0, 3:] = True
     kpm[2, 1] = True
-    mask = torch.triu(torch.ones(4, 5, dtype=torch.bool), diagonal=2)
+    mask = torch.triu(torch.ones(4, T, dtype=torch.bool), diagonal=2)
     if float_mask:
-        mask = torch.zeros(4, 5).masked_fill(mask, float("-inf")) + 0.1 * torch.randn(4, 5)
-    rec = check(model, lambda m: F.cross_entropy(m(x, kv, kpm, mask), Y, reduction="none"))
+        mask = torch.zeros(4, T).masked_fill(mask, float("-inf")) + 0.1 * torch.randn(4, T)
+    taken = []
+    rule = RULES[nn.MultiheadAttention]
+    monkeypatch.setattr(rule, "inner", lambda *a: taken.append(rules.attention_inner(*a)) or taken[-1])
+
+    def loss(m):
+        torch.manual_seed(3)  # the same dropout mask in every forward pass
+        return F.cross_entropy(m(x, kv, kpm, mask), Y, reduction="none")
+
+    rec = check(model, loss)
     assert rec.layer_names == ["attn", "out"]  # out_proj belongs to the attention layer
+    assert taken and all(bool(t) == self_attention for t in taken)
+
+
+def test_attention_dropout_is_refused_where_the_attention_is_recomputed():
+    seeded()
+    model = Attention(True, dropout=0.3)
+    x, kv = torch.randn(B, 4, 6), torch.randn(B, 5, 6)
+    with ImportanceRecorder(model) as rec, pytest.raises(UserError, match="dropout > 0"):
+        rec.backward(F.cross_entropy(model(x, kv, None, None), Y, reduction="none"), lr=LR)
 
 
 class Scaled(nn.Module):
@@ -513,6 +541,23 @@ def test_refusals_name_the_module():
     with ImportanceRecorder(model) as rec, pytest.raises(UserError, match="batch of 5 samples on its first axis"):
         rec.backward(F.cross_entropy(model(torch.randn(3, B, 4)).transpose(0, 1).transpose(1, 2), Y.expand(3, B).T,
                                      reduction="none").sum(1), lr=LR)
+
+
+def test_a_refusal_during_the_pass_comes_after_it_with_grad_complete():
+    """Layers' beta is taken as their output gradients arrive; a rule that refuses its module (here
+    an embedding scaling by the batch's token counts) is said once the pass is over, and .grad
+    then holds what loss_i.mean().backward() gives."""
+    seeded()
+    model = nn.Sequential(nn.Embedding(7, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 3))
+    tokens = torch.randint(0, 7, (B, 3))
+    expected = {n: g for n, g in zip(["0.weight", "2.weight", "2.bias"], torch.autograd.grad(
+        F.cross_entropy(model(tokens), Y), list(model.parameters())))}
+    for p in model.parameters():
+        p.grad = None
+    with ImportanceRecorder(model) as rec, pytest.raises(UserError, match="scale_grad_by_freq=False"):
+        rec.backward(F.cross_entropy(model(tokens), Y, reduction="none"), lr=LR)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=0, atol=0)
 
 
 def test_copies_of_a_recorded_model_do_not_record():

@@ -81,15 +81,18 @@ class ImportanceRecorder:
                 self._owner.setdefault(id(module.get_parameter(n)), d)
         # (name in the module, parameter) of each layer, looked up once
         self._named = [[(n, module.get_parameter(n)) for n in names] for _, module, _, names in self._layers]
-        # Layers whose beta is a sum of their rule's squared norms (`_simple_importance`): a norm
-        # route, and no parameter that another layer also lists (tied weights add gradients first).
+        # Layers whose beta can be taken during the backward pass (`_plan_columns`): a norm route,
+        # and no parameter that another layer also lists (tied weights add gradients first).
         listed: dict[int, int] = {}
         for named in self._named:
             for _, p in named:
                 listed[id(p)] = listed.get(id(p), 0) + 1
-        self._simple = all(rule is not None and rule.sq_norms is not None for _, _, rule, _ in self._layers) and \
-            all(count == 1 for count in listed.values())
+        self._normed = [rule is not None and rule.sq_norms is not None and all(listed[id(p)] == 1 for _, p in named)
+                        for (_, _, rule, _), named in zip(self._layers, self._named)]
         self._calls: dict[str, list[Call]] = {name: [] for name, *_ in self._layers}
+        self._batch = 0  # B of the pass under way
+        self._plans: dict[int, tuple[int, dict]] = {}  # id(call) -> (layer, f^2 per parameter name)
+        self._columns: dict[int, torch.Tensor] = {}  # layer -> its beta column, taken during the pass
         self._coupled: set[str] = set()
         self._capturing = True  # forward hooks record calls
         self._in_backward = False  # output gradients are taken only inside recorder.backward
@@ -176,10 +179,15 @@ class ImportanceRecorder:
             full = None
             if self._coupled:
                 full = self._batched_vjp(loss_i, total)
+            sgd_family = optimizer is None or type(optimizer) is torch.optim.SGD
+            factors = self._factors(optimizer, lr) if sgd_family else None  # the SGD family's need no .grad
+            if full is None and sgd_family:
+                self._plan_columns(B, factors)
             self._in_backward = full is None
             batch_loss(loss_i, batch_size, grad_scale).backward()
             self._in_backward = False
-            factors = self._factors(optimizer, lr)
+            if factors is None:
+                factors = self._factors(optimizer, lr)
             beta = self._importance(B, factors, full, loss_i)
             # The output gradients the rules read carry grad_scale; the batched VJPs do not.
             return beta if grad_scale == 1 or full is not None else beta / grad_scale ** 2
@@ -197,6 +205,7 @@ class ImportanceRecorder:
             call = Call((args[0].detach(),), kwargs, [None])
             if output.requires_grad:
                 output.register_hook(partial(self._on_output_grad, call, 0))
+                call.pending = 1
             self._calls[name].append(call)
             return
         if batch_norm_couples(module):
@@ -216,11 +225,74 @@ class ImportanceRecorder:
         for k, t in enumerate(outs):
             if t.requires_grad:
                 t.register_hook(partial(self._on_output_grad, call, k))
+                call.pending += 1
+        rule = self._layers[d][2]
+        if rule is not None and rule.inner is not None and call.pending and name not in self._coupled:
+            for key, node in rule.inner(module, call, output).items():
+                node.register_prehook(partial(self._on_inner_grad, call, key))
+                call.pending += 1
         self._calls[name].append(call)
 
     def _on_output_grad(self, call: Call, k: int, grad: torch.Tensor) -> None:
-        if self._in_backward:  # not another backward pass of the user's (a stale call stays without grads)
-            call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
+        if not self._in_backward:  # another backward pass of the user's: a stale call stays without grads
+            return
+        call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
+        self._arrived(call)
+
+    def _on_inner_grad(self, call: Call, key: str, grad_outputs) -> None:
+        if self._in_backward:
+            call.inner_grads[key] = grad_outputs[0].detach()
+            self._arrived(call)
+
+    def _arrived(self, call: Call) -> None:
+        """One more of the call's gradients is in; with the last of them, a planned column is taken
+        and the call's tensors let go as the pass goes on."""
+        call.pending -= 1
+        if call.pending:
+            return
+        plan = self._plans.pop(id(call), None)
+        if plan is not None:
+            column = self._column(plan[0], call, plan[1])
+            if column is not None:
+                self._columns[plan[0]] = column
+                call.args, call.kwargs, call.extra, call.inner_grads = (), {}, {}, {}
+                call.grads = [None] * len(call.grads)
+
+    def _plan_columns(self, B: int, factors: dict) -> None:
+        """Before an SGD-family backward pass: every layer called once, with a norm route, gets its
+        beta column as soon as the last of its gradients arrives (`_arrived`), so
+        the recorder holds no layer's input and output gradient until the end of the pass (memory,
+        and the allocator reuses what the pass frees as it would without the recorder)."""
+        for d, (name, _, _, _) in enumerate(self._layers):
+            calls = self._calls[name]
+            if self._normed[d] and len(calls) == 1 and calls[0].pending:
+                f2 = {n: 0.0 if factors.get(id(p)) is None else factors[id(p)] ** 2 for n, p in self._named[d]}
+                self._plans[id(calls[0])] = (d, f2)
+        self._batch = B
+
+    def _column(self, d: int, call: Call, f2: dict) -> torch.Tensor | None:
+        """Layer d's beta column from its one call: sum over its parameters of f^2 ||g_i||^2; None
+        where the call cannot be used (its output without the batch on its first axis, a module
+        configuration the rule refuses): the general path then says so, after the pass."""
+        try:
+            return self._column_of(d, call, f2)
+        except UserError:  # said after the pass by the general path, with .grad complete
+            return None
+
+    def _column_of(self, d: int, call: Call, f2: dict) -> torch.Tensor:
+        name, module, rule, _ = self._layers[d]
+        self._check_call(name, module, call, self._batch)
+        if rule.sq_norm_column is not None:
+            column = rule.sq_norm_column(module, call, f2)
+            if column is not None:
+                return column.detach()
+        norms = rule.sq_norms(module, call)
+        column = None
+        for n, f in f2.items():
+            if f and n in norms:
+                column = norms[n] * f if column is None else column + norms[n] * f
+        return torch.zeros(self._batch, dtype=call.grads[0].dtype, device=call.grads[0].device) \
+            if column is None else column.detach()
 
     def _reached(self) -> set[int]:
         """The parameters whose .grad the backward pass changed (a new tensor, or one added to in place)."""
@@ -232,6 +304,7 @@ class ImportanceRecorder:
             calls.clear()
         self._coupled = set()
         self._grads_before = []
+        self._plans, self._columns = {}, {}
 
     # ------------------------------------------------------------ the computation
     def _params(self) -> list[nn.Parameter]:
@@ -283,19 +356,19 @@ class ImportanceRecorder:
                 if f is not None and id_ in self._owner:
                     beta[:, self._owner[pid]] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
             return beta.detach()
-        if self._simple:
-            fast = self._simple_importance(B, factors)
-            if fast is not None:
-                return fast
+        if len(self._columns) == L:  # every layer's column was taken during the pass
+            return torch.stack([self._columns[d] for d in range(L)], 1).to(beta.dtype)
         # Sources of each parameter's per-sample gradient: (layer, call, name in the layer's module).
         sources: dict[int, list[tuple[int, Call, str]]] = {}
-        used: set[int] = set()
         for d, (name, module, rule, names) in enumerate(self._layers):
+            if d in self._columns:
+                beta[:, d] = self._columns[d].to(beta.dtype)
+                for _, p in self._named[d]:
+                    sources[id(p)] = []  # accounted for
+                continue
             calls = [c for c in self._calls[name] if any(g is not None for g in c.grads)]
             for c in calls:
                 self._check_call(name, module, c, B)
-            if calls:
-                used.add(d)
             for n, p in self._named[d]:
                 for c in calls:
                     sources.setdefault(id(p), []).append((d, c, n))
@@ -309,7 +382,7 @@ class ImportanceRecorder:
         grads: dict[tuple[int, int], dict] = {}
         for pid, srcs in sources.items():
             f = factors.get(pid)
-            if f is None:
+            if f is None or not srcs:
                 continue
             d = self._owner[pid]
             if isinstance(f, float) and len(srcs) == 1 and self._layers[srcs[0][0]][2] is not None \
@@ -337,42 +410,6 @@ class ImportanceRecorder:
                 G = grads[key][n] if G is None else G + grads[key][n]
             beta[:, d] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
         return beta.detach()
-
-    def _simple_importance(self, B: int, factors: dict) -> torch.Tensor | None:
-        """The common case in one pass, without the bookkeeping of `_importance`: the SGD family
-        (a number per parameter), every layer called at most once with its rule's norm route and no
-        tied parameters; beta_d = sum over the layer's parameters of f^2 ||g_i||^2. None where the
-        case does not apply (the general path then decides, errors included)."""
-        columns = []
-        for (name, module, rule, _), named in zip(self._layers, self._named):
-            calls = self._calls[name]
-            if len(calls) != 1 or calls[0].grads[0] is None or len(calls[0].grads) != 1:
-                return None
-            call = calls[0]
-            self._check_call(name, module, call, B)
-            if rule.sq_norm_column is not None:
-                f2 = {}
-                for n, p in named:
-                    f = factors.get(id(p))
-                    if f is not None and not isinstance(f, float):
-                        return None
-                    f2[n] = 0.0 if f is None else f * f
-                column = rule.sq_norm_column(module, call, f2)
-                if column is not None:
-                    columns.append(column)
-                    continue
-            norms = rule.sq_norms(module, call)
-            column = None
-            for n, p in named:
-                f = factors.get(id(p))
-                if f is None:
-                    continue
-                if not isinstance(f, float):
-                    return None
-                term = norms[n] * (f * f)
-                column = term if column is None else column + term
-            columns.append(torch.zeros_like(norms[named[0][0]]) if column is None else column)
-        return torch.stack(columns, 1).detach()
 
     def _grads(self, d: int, call: Call) -> dict[str, torch.Tensor]:
         name, module, rule, names = self._layers[d]

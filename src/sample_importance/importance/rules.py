@@ -40,6 +40,11 @@ class Call:
     args: tuple
     kwargs: dict
     grads: list = field(default_factory=list)
+    # what a rule's `inner` asked for: tensors it kept at the forward pass, and the gradients
+    # arriving at the autograd nodes it named (by key)
+    extra: dict = field(default_factory=dict)
+    inner_grads: dict = field(default_factory=dict)
+    pending: int = 0  # gradients (outputs' and inner nodes') still to arrive in the pass under way
 
     @property
     def x(self) -> torch.Tensor:
@@ -62,6 +67,10 @@ class Rule:
     sq_norm_column: Callable[[nn.Module, Call, dict], torch.Tensor | None] | None = None
     # the module's parameters the rule covers: its own (False) or its children's too (True)
     recurse: bool = False
+    # fn(module, call, output) -> {key: autograd node} at the forward pass: nodes of the module's own
+    # graph whose incoming gradient the recorder keeps in call.inner_grads (what the rule would
+    # otherwise recompute); {} where the graph is not the one the rule knows
+    inner: Callable[[nn.Module, Call, object], dict] | None = None
 
 
 RULES: dict[type, Rule] = {}
@@ -103,6 +112,12 @@ def linear_sq_grad_norms(a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     return dz.square().sum(-1) * (a.square().sum(-1) + 1.0)
 
 
+def row_sq_norms(t: torch.Tensor) -> torch.Tensor:
+    """||t_i||^2 of each row of a (B, ...) tensor, without a temporary of t's size (a per-sample
+    gradient can be large; a fresh buffer per layer and step costs page faults)."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+
+
 def _tokens(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, in), (B, T, out): every leading axis after the batch is a token axis."""
     B = a.shape[0]
@@ -121,7 +136,7 @@ def linear_sq_norms_of(a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, 
     if T * (n_in + n_out) < n_in * n_out:
         weight = (torch.bmm(d, d.transpose(1, 2)) * torch.bmm(a, a.transpose(1, 2))).sum((1, 2))
     else:
-        weight = torch.bmm(d.transpose(1, 2), a).square().sum((1, 2))
+        weight = row_sq_norms(torch.bmm(d.transpose(1, 2), a))
     return weight, d.sum(1).square().sum(-1)
 
 
@@ -210,19 +225,27 @@ def conv_grads(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.T
     as one convolution backward with the batch folded into the channel groups (B * groups groups),
     which covers every stride, padding, dilation and groups (depthwise included), 1-D to 3-D."""
     x, padding = _explicit_padding(module, call.x)
-    d = call.g  # (B, O, *out)
-    B, G = x.shape[0], module.groups
-    w = module.weight  # (O, C/G, *k)
+    out = {"weight": _per_sample_conv_weight(module, x, call.g, padding)}  # (B, O, C/G, *k)
+    if _present(module, "bias"):
+        out["bias"] = call.g.flatten(2).sum(2)  # (B, O)
+    return out
+
+
+def _per_sample_conv_weight(module: nn.modules.conv._ConvNd, x: torch.Tensor, d: torch.Tensor,
+                            padding: tuple) -> torch.Tensor:
+    """(B, *weight.shape): samples x (B, C, *in) and output gradients d (B, O, *out) folded into the
+    groups of one convolution backward (only the weight's shape is read from the empty tensor)."""
+    B, w = x.shape[0], module.weight
     xf = x.reshape(1, B * x.shape[1], *x.shape[2:])  # (1, B*C, *in)
     df = d.reshape(1, B * d.shape[1], *d.shape[2:])  # (1, B*O, *out)
-    wf_shape = [B * w.shape[0], *w.shape[1:]]
-    _, gw, _ = torch.ops.aten.convolution_backward(  # only the weight's shape is read
-        df, xf, torch.empty(wf_shape, dtype=w.dtype, device=w.device), None, list(module.stride), list(padding), list(module.dilation), False, [0] * (x.dim() - 2), B * G,
-        [False, True, False])
-    out = {"weight": gw.view(B, *w.shape)}  # (B, O, C/G, *k)
-    if _present(module, "bias"):
-        out["bias"] = d.flatten(2).sum(2)  # (B, O)
-    return out
+    shape = [B * w.shape[0], *w.shape[1:]]
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        df, xf, torch.empty(shape, dtype=w.dtype, device=w.device), None, list(module.stride), list(padding),
+        list(module.dilation), False, [0] * (x.dim() - 2), B * module.groups, [False, True, False])
+    return gw.view(B, *w.shape)
+
+
+CHUNK_ELEMENTS = 2 ** 19  # elements of inputs, output gradients and weight gradients per piece of a batch
 
 
 @register_norms(conv_grads)
@@ -235,7 +258,17 @@ def conv_sq_norms(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torc
     small = call.x.shape[0] * module.weight.numel() <= PER_SAMPLE_LIMIT
     if small or not (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
                      and not isinstance(module.padding, str)):
-        return {k: v.flatten(1).square().sum(1) for k, v in conv_grads(module, call).items()}
+        # A few samples at a time: pieces small enough for the allocator to reuse (a whole batch's
+        # buffers are fresh memory each time: page faults cost as much as the convolution).
+        x, padding = _explicit_padding(module, call.x)
+        d = call.g
+        per_sample = x[0].numel() + d[0].numel() + module.weight.numel()
+        n = max(1, CHUNK_ELEMENTS // per_sample)
+        out = {"weight": torch.cat([row_sq_norms(_per_sample_conv_weight(module, x[i:i + n], d[i:i + n], padding))
+                                    for i in range(0, x.shape[0], n)])}
+        if _present(module, "bias"):
+            out["bias"] = row_sq_norms(d.flatten(2).sum(2))
+        return out
     a, dz = call.x, call.g
     U = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
     D = dz.flatten(2)  # (B, O, P); U: (B, C*k*k, P)
@@ -243,7 +276,7 @@ def conv_sq_norms(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torc
     if P * P * (O + K) < P * O * K:
         weight = (torch.bmm(D.transpose(1, 2), D) * torch.bmm(U.transpose(1, 2), U)).sum((1, 2))
     else:
-        weight = torch.bmm(D, U.transpose(1, 2)).square().sum((1, 2))
+        weight = row_sq_norms(torch.bmm(D, U.transpose(1, 2)))
     out = {"weight": weight}
     if _present(module, "bias"):
         out["bias"] = D.sum(2).square().sum(1)
@@ -294,13 +327,17 @@ def _affine(module: nn.Module, d: torch.Tensor, xhat: torch.Tensor, channel_dims
     B = d.shape[0]
     if channel_dims > 0:  # normalized_shape: the trailing axes
         shape = d.shape[d.dim() - channel_dims:]
-        reduce = lambda t: t.reshape(B, -1, *shape).sum(1)  # noqa: E731
+        rows = lambda t: t.reshape(B, -1, math.prod(shape))  # noqa: E731  (B, other, channels)
+        dot = lambda t, u: torch.linalg.vecdot(rows(t), rows(u), dim=1).reshape(B, *shape)  # noqa: E731
+        total = lambda t: rows(t).sum(1).reshape(B, *shape)  # noqa: E731
     else:  # channels on axis 1
-        reduce = lambda t: t.reshape(B, t.shape[1], -1).sum(2)  # noqa: E731
+        rows = lambda t: t.reshape(B, t.shape[1], -1)  # noqa: E731  (B, channels, other)
+        dot = lambda t, u: torch.linalg.vecdot(rows(t), rows(u))  # noqa: E731
+        total = lambda t: rows(t).sum(2)  # noqa: E731
     if _present(module, "weight"):
-        out["weight"] = reduce(d * xhat)
+        out["weight"] = dot(d, xhat)  # sum of d * xhat without a temporary of its size
     if _present(module, "bias"):
-        out["bias"] = reduce(d)
+        out["bias"] = total(d)
     return out
 
 
@@ -349,10 +386,11 @@ def batch_norm_grads(module: nn.modules.batchnorm._BatchNorm, call: Call) -> dic
 # ---------------------------------------------------------------- Multi-head attention
 @register_rule(nn.MultiheadAttention, recurse=True)
 def attention_grads(module: nn.MultiheadAttention, call: Call) -> dict[str, torch.Tensor]:
-    """nn.MultiheadAttention (its in-projection and out_proj): the attention is recomputed from the
-    captured inputs with its query/key/value projections and context exposed, the captured output
-    gradient is pulled back to them (one autograd call for the whole batch: samples never mix in
-    attention), and the Linear rule gives the projections' per-sample gradients."""
+    """nn.MultiheadAttention (its in-projection and out_proj): the gradient at the projections'
+    outputs and the context before out_proj, from the module's own pass where `attention_inner`
+    found them (self-attention), else recomputed from the captured inputs with the projections and
+    context exposed and the captured output gradient pulled back to them (one autograd call for the
+    whole batch: samples never mix in attention); the Linear rule gives the per-sample gradients."""
     parts = _attention_parts(module, call)
     out = {}
     for name, pieces in parts.items():
@@ -385,11 +423,90 @@ def _attention_biases(module, parts) -> dict:
     return out
 
 
+def attention_inner(module: nn.MultiheadAttention, call: Call, output) -> dict:
+    """The module's own backward pass computes the gradient at its packed in-projection's output
+    (q, k and v side by side) and keeps the context it feeds to out_proj: found in its autograd graph
+    (self-attention, packed weights), they replace the rule's recomputation of the attention. The
+    graph is checked to be the one F.multi_head_attention_forward builds (the projection's input is
+    the query, token-major; the context reaches the output through views only, and one of its rows
+    through out_proj gives the output's row); anything else: {} and the recomputation."""
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    if not (module._qkv_same_embed_dim and isinstance(out, torch.Tensor) and out.grad_fn is not None):
+        return {}
+    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+    q_in, k_in, v_in = (bound.arguments.get(n) for n in ("query", "key", "value"))
+    if not (_same(q_in, k_in) and _same(k_in, v_in)) or q_in.dim() != 3:
+        return {}
+    q_seq = q_in.transpose(0, 1) if module.batch_first else q_in  # (L, B, E)
+    out_seq = out.transpose(0, 1) if module.batch_first else out
+    L, B, E = q_seq.shape
+    try:
+        # from the output: views (and the batch_first transpose) down to out_proj's product
+        node, transposes = out.grad_fn, 0
+        while type(node).__name__ in ("TransposeBackward0", "ViewBackward0") and len(node.next_functions) == 1:
+            transposes += type(node).__name__ == "TransposeBackward0"
+            node = node.next_functions[0][0]
+        if transposes != int(module.batch_first) or _weight_of(node) is not module.out_proj.weight:
+            return {}
+        ctx = _product_input(node)
+        # breadth first to the in-projection's product (a few dozen nodes: the attention itself)
+        seen, todo, qkv = set(), [node], None
+        while todo and qkv is None and len(seen) < 256:
+            n = todo.pop(0)
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            if _weight_of(n) is module.in_proj_weight:
+                qkv = n
+            todo += [c for c, _ in n.next_functions if c is not None and type(c).__name__ != "AccumulateGrad"]
+        a = None if qkv is None else _product_input(qkv)
+        if ctx is None or a is None or ctx.shape != (L * B, E) or a.shape != (L * B, E) \
+                or not torch.equal(a.view(L, B, E), q_seq.detach()):
+            return {}
+        ctx = ctx.detach().view(L, B, E)
+        l, b = (L - 1, 0) if L > 1 else (0, B - 1)  # the rows are (token, sample): one row through out_proj
+        row = F.linear(ctx[l, b], module.out_proj.weight.detach(),
+                       None if module.out_proj.bias is None else module.out_proj.bias.detach())
+        if not torch.allclose(row, out_seq[l, b].detach(), rtol=1e-4, atol=1e-6 * (1 + float(row.abs().max()))):
+            return {}
+    except (RuntimeError, AttributeError):  # saved tensors freed, or another autograd layout
+        return {}
+    call.extra["ctx"] = ctx.transpose(0, 1)  # (B, L, E)
+    return {"qkv": qkv}
+
+
+def _weight_of(node) -> torch.Tensor | None:
+    """The weight a matrix-product node multiplies by (through its transpose), if it is one."""
+    if type(node).__name__ not in ("AddmmBackward0", "MmBackward0"):
+        return None
+    for child, _ in node.next_functions:
+        if type(child).__name__ == "TBackward0" and child.next_functions and \
+                type(child.next_functions[0][0]).__name__ == "AccumulateGrad":
+            return child.next_functions[0][0].variable
+    return None
+
+
+def _product_input(node) -> torch.Tensor | None:
+    """The left operand a matrix-product node saved (the layer's input rows)."""
+    name = "_saved_mat1" if type(node).__name__ == "AddmmBackward0" else "_saved_self"
+    return getattr(node, name, None)
+
+
 def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, list]:
     """{weight name: [(a (B, T, in), d (B, T, out)), ...]} with row blocks in parameter order."""
     if module.bias_k is not None or module.add_zero_attn:
         raise UserError("nn.MultiheadAttention with add_bias_kv or add_zero_attn has no exact rule here: "
                         "construct it without them.")
+    if "qkv" in call.inner_grads:  # taken from the module's own pass (`attention_inner`)
+        q_in, g_out = call.args[0] if call.args else call.kwargs["query"], call.grads[0]
+        if not module.batch_first:
+            q_in, g_out = q_in.transpose(0, 1), g_out.transpose(0, 1)
+        B, L, E = q_in.shape
+        d = call.inner_grads["qkv"].view(L, B, 3 * E).transpose(0, 1)  # (B, L, 3E)
+        parts = {"in_proj_weight": [(q_in, d)]} if _present(module, "in_proj_weight") else {}
+        if _present(module.out_proj, "weight"):
+            parts["out_proj.weight"] = [(call.extra["ctx"], g_out)]
+        return parts
     if module.training and module.dropout > 0:
         raise UserError("nn.MultiheadAttention with dropout > 0 in training mode draws a random mask that cannot "
                         "be recomputed exactly: set its dropout to 0 (dropout outside attention is fine).")
@@ -397,6 +514,7 @@ def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, lis
     bound.apply_defaults()
     a = bound.arguments
     q_in, k_in, v_in = a["query"], a["key"], a["value"]
+    self_attention = _same(q_in, k_in) and _same(k_in, v_in)
     g_out = call.grads[0]
     g_w = call.grads[1] if len(call.grads) > 1 else None
     if not module.batch_first:  # (L, B, E) -> (B, L, E)
@@ -404,41 +522,54 @@ def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, lis
     B, L, E = q_in.shape
     S, H = k_in.shape[1], module.num_heads
     hd = E // H
-    if module._qkv_same_embed_dim:
-        Wq, Wk, Wv = module.in_proj_weight.chunk(3)
-    else:
-        Wq, Wk, Wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
-    bq = bk = bv = None
-    if module.in_proj_bias is not None:
-        bq, bk, bv = module.in_proj_bias.chunk(3)
+    packed = module._qkv_same_embed_dim
+    bias = None if module.in_proj_bias is None else module.in_proj_bias.detach()
     with torch.enable_grad():
-        Wq, Wk, Wv = (w.detach() for w in (Wq, Wk, Wv))
-        q = F.linear(q_in.detach(), Wq, None if bq is None else bq.detach()).requires_grad_()
-        k = F.linear(k_in.detach(), Wk, None if bk is None else bk.detach()).requires_grad_()
-        v = F.linear(v_in.detach(), Wv, None if bv is None else bv.detach()).requires_grad_()
-        qh = q.view(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
-        kh = k.view(B, S, H, hd).transpose(1, 2)
-        vh = v.view(B, S, H, hd).transpose(1, 2)
-        scores = qh @ kh.transpose(-1, -2) / math.sqrt(hd)  # (B, H, L, S)
-        scores = scores + _attention_bias(a["attn_mask"], a["key_padding_mask"], B, H, L, S, scores.dtype)
-        attn = torch.softmax(scores, -1)
-        ctx = (attn @ vh).transpose(1, 2).reshape(B, L, E)  # (B, L, E), before out_proj
+        if packed and self_attention:  # one projection, one leaf: its gradient is the row blocks side by side
+            qkv = F.linear(q_in.detach(), module.in_proj_weight.detach(), bias).requires_grad_()
+            leaves = [qkv]
+            q, k, v = qkv.chunk(3, -1)
+        else:
+            Ws = module.in_proj_weight.chunk(3) if packed else \
+                (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+            bs = (None,) * 3 if bias is None else bias.chunk(3)
+            q, k, v = (F.linear(t.detach(), w.detach(), b).requires_grad_()
+                       for t, w, b in zip((q_in, k_in, v_in), Ws, bs))
+            leaves = [q, k, v]
+        qh = q.reshape(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
+        kh = k.reshape(B, S, H, hd).transpose(1, 2)
+        vh = v.reshape(B, S, H, hd).transpose(1, 2)
+        mask = _attention_bias(a["attn_mask"], a["key_padding_mask"], B, H, L, S, q.dtype)
+        if g_w is None:  # the attention weights were not used: the fused kernel, as the module's own forward
+            ctx = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if isinstance(mask, float) else mask)
+        else:
+            attn = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(hd) + mask, -1)  # (B, H, L, S)
+            ctx = attn @ vh
+        ctx = ctx.transpose(1, 2).reshape(B, L, E)  # (B, L, E), before out_proj
         # out = ctx W_o^T + b_o, so d(ctx) = g_out W_o; the rest by autograd
         d_ctx = g_out @ module.out_proj.weight.detach()  # (B, L, E)
         outputs, grads = [ctx], [d_ctx]
         if g_w is not None:  # the returned attention weights were used too
             outputs.append(attn.mean(1) if a["average_attn_weights"] else attn)
             grads.append(g_w)
-        dq, dk, dv = torch.autograd.grad(outputs, [q, k, v], grads, allow_unused=True)
-    zero = lambda t, ref: torch.zeros_like(ref) if t is None else t  # noqa: E731
-    dq, dk, dv = zero(dq, q), zero(dk, k), zero(dv, v)
-    pieces = [(q_in, dq), (k_in, dk), (v_in, dv)]
-    parts = ({"in_proj_weight": pieces} if module._qkv_same_embed_dim else
-             {"q_proj_weight": pieces[:1], "k_proj_weight": pieces[1:2], "v_proj_weight": pieces[2:]})
+        found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+    found = [torch.zeros_like(t) if f is None else f for f, t in zip(found, leaves)]
+    if len(found) == 1:  # (B, L, 3E): q, k and v's row blocks of in_proj_weight, one input
+        parts = {"in_proj_weight": [(q_in.detach(), found[0])]}
+    else:
+        pieces = list(zip((q_in, k_in, v_in), found))
+        parts = ({"in_proj_weight": pieces} if packed else
+                 {"q_proj_weight": pieces[:1], "k_proj_weight": pieces[1:2], "v_proj_weight": pieces[2:]})
     parts = {n: [(x.detach(), dd.detach()) for x, dd in p] for n, p in parts.items() if _present(module, n)}
     if _present(module.out_proj, "weight"):
         parts["out_proj.weight"] = [(ctx.detach(), g_out)]
     return parts
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two (detached) tensors are views of the same elements."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype)
 
 
 def _attention_bias(attn_mask, key_padding_mask, B, H, L, S, dtype) -> torch.Tensor | float:
@@ -487,3 +618,6 @@ def fallback_grads(module: nn.Module, call: Call, names: list[str]) -> dict[str,
     except Exception:  # a forward vmap cannot batch (data-dependent control flow, ...): one sample at a time
         per = [grad(one)(params, [x[i] for x in xs], [None if g is None else g[i] for g in grads]) for i in range(B)]
         return {n: torch.stack([p[n] for p in per]) for n in names}
+
+
+attention_grads.rule.inner = attention_inner
