@@ -241,7 +241,7 @@ class ImportanceRecorder:
 
     def _on_inner_grad(self, call: Call, key: str, grad_outputs) -> None:
         if self._in_backward:
-            call.inner_grads[key] = grad_outputs[0].detach()
+            call.inner_grads = {**(call.inner_grads or {}), key: grad_outputs[0].detach()}
             self._arrived(call)
 
     def _arrived(self, call: Call) -> None:
@@ -255,7 +255,7 @@ class ImportanceRecorder:
             column = self._column(plan[0], call, plan[1])
             if column is not None:
                 self._columns[plan[0]] = column
-                call.args, call.kwargs, call.extra, call.inner_grads = (), {}, {}, {}
+                call.args, call.kwargs, call.extra, call.inner_grads = (), {}, None, None
                 call.grads = [None] * len(call.grads)
 
     def _plan_columns(self, B: int, factors: dict) -> None:
@@ -349,6 +349,8 @@ class ImportanceRecorder:
 
     def _importance(self, B: int, factors: dict, full: dict | None, loss_i: torch.Tensor) -> torch.Tensor:
         L = len(self._layers)
+        if len(self._columns) == L:  # every layer's column was taken during the pass
+            return torch.stack([self._columns[d] for d in range(L)], 1).to(loss_i.dtype)
         beta = torch.zeros(B, L, dtype=loss_i.dtype, device=loss_i.device)
         if full is not None:
             for pid, G in full.items():
@@ -356,8 +358,6 @@ class ImportanceRecorder:
                 if f is not None and id_ in self._owner:
                     beta[:, self._owner[pid]] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
             return beta.detach()
-        if len(self._columns) == L:  # every layer's column was taken during the pass
-            return torch.stack([self._columns[d] for d in range(L)], 1).to(beta.dtype)
         # Sources of each parameter's per-sample gradient: (layer, call, name in the layer's module).
         sources: dict[int, list[tuple[int, Call, str]]] = {}
         for d, (name, module, rule, names) in enumerate(self._layers):
@@ -422,7 +422,7 @@ class ImportanceRecorder:
             self._capturing = True
 
     def _check_call(self, name: str, module: nn.Module, call: Call, B: int) -> None:
-        g = next(g for g in call.grads if g is not None)
+        g = call.grads[0] if call.grads[0] is not None else next(g for g in call.grads if g is not None)
         batch_axis = 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
         if g.dim() == 0 or g.shape[batch_axis] != B:
             raise UserError(f"The output of {name} does not have the batch of {B} samples on its first axis: "

@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UserError
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One call of a recorded module during the forward pass: its arguments (tensors detached: a
     call never keeps a graph alive) and the gradients of the batch loss with respect to the tensor
@@ -42,8 +42,8 @@ class Call:
     grads: list = field(default_factory=list)
     # what a rule's `inner` asked for: tensors it kept at the forward pass, and the gradients
     # arriving at the autograd nodes it named (by key)
-    extra: dict = field(default_factory=dict)
-    inner_grads: dict = field(default_factory=dict)
+    extra: dict | None = None
+    inner_grads: dict | None = None
     pending: int = 0  # gradients (outputs' and inner nodes') still to arrive in the pass under way
 
     @property
@@ -471,7 +471,7 @@ def attention_inner(module: nn.MultiheadAttention, call: Call, output) -> dict:
             return {}
     except (RuntimeError, AttributeError):  # saved tensors freed, or another autograd layout
         return {}
-    call.extra["ctx"] = ctx.transpose(0, 1)  # (B, L, E)
+    call.extra = {"ctx": ctx.transpose(0, 1)}  # (B, L, E)
     return {"qkv": qkv}
 
 
@@ -497,7 +497,7 @@ def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, lis
     if module.bias_k is not None or module.add_zero_attn:
         raise UserError("nn.MultiheadAttention with add_bias_kv or add_zero_attn has no exact rule here: "
                         "construct it without them.")
-    if "qkv" in call.inner_grads:  # taken from the module's own pass (`attention_inner`)
+    if call.inner_grads and "qkv" in call.inner_grads:  # taken from the module's own pass (`attention_inner`)
         q_in, g_out = call.args[0] if call.args else call.kwargs["query"], call.grads[0]
         if not module.batch_first:
             q_in, g_out = q_in.transpose(0, 1), g_out.transpose(0, 1)
