@@ -19,7 +19,8 @@ Weight decay never enters phi: it does not depend on v_i (PHI_CONVENTION).
 
 The per-sample gradients come from the registered rules (`rules.py`), from the module's inputs
 (forward hooks) and the gradient of the mean loss at its outputs (tensor hooks), in the same single
-backward pass that fills `.grad` exactly as `loss_i.mean().backward()` does. BatchNorm in training
+backward pass that fills `.grad` exactly as `loss_i.mean().backward()` does; for the SGD family a
+layer's beta is taken as soon as its gradients arrive, the rest once the pass is over. BatchNorm in training
 mode couples the samples (L_i depends on every sample through the batch statistics); it is refused
 by default, and with batchnorm="exact" the full per-sample gradients g_i = dL_i/d theta are taken
 through batched vector-Jacobian products of the B losses (`autograd.grad(is_grads_batched=True)`,
@@ -260,9 +261,9 @@ class ImportanceRecorder:
 
     def _plan_columns(self, B: int, factors: dict) -> None:
         """Before an SGD-family backward pass: every layer called once, with a norm route, gets its
-        beta column as soon as the last of its gradients arrives (`_arrived`), so
-        the recorder holds no layer's input and output gradient until the end of the pass (memory,
-        and the allocator reuses what the pass frees as it would without the recorder)."""
+        beta column as soon as the last of its gradients arrives (`_arrived`), so the recorder holds
+        no layer's input and output gradient until the end of the pass (memory, and the allocator
+        reuses what the pass frees as it would without the recorder)."""
         for d, (name, _, _, _) in enumerate(self._layers):
             calls = self._calls[name]
             if self._normed[d] and len(calls) == 1 and calls[0].pending:

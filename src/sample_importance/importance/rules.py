@@ -250,9 +250,10 @@ CHUNK_ELEMENTS = 2 ** 19  # elements of inputs, output gradients and weight grad
 
 @register_norms(conv_grads)
 def conv_sq_norms(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.Tensor]:
-    """The per-sample weight gradients of `conv_grads` (one grouped convolution backward, as fast as
-    the batch's own weight gradient: bench/README.md), squared and summed, while they fit in
-    PER_SAMPLE_LIMIT elements; beyond that, for ungrouped zero-padded 2-D convolutions, from D_i (O, P)
+    """The per-sample weight gradients of `conv_grads` (a grouped convolution backward, about as fast
+    as the batch's own weight gradient: bench/README.md), taken a few samples at a time
+    (CHUNK_ELEMENTS) and squared and summed, while the whole batch's would fit in PER_SAMPLE_LIMIT
+    elements; beyond that, for ungrouped zero-padded 2-D convolutions, from D_i (O, P)
     and the unfolded patches U_i (CKK, P): ||D_i U_i^T||^2 or <D_i^T D_i, U_i^T U_i>, whichever costs
     fewer operations, without materialising them."""
     small = call.x.shape[0] * module.weight.numel() <= PER_SAMPLE_LIMIT
