@@ -153,13 +153,29 @@ def test_convolutions(conv, shape):
 ])
 def test_convolutions_without_materialising_per_sample_gradients(conv, shape, monkeypatch):
     """Above PER_SAMPLE_LIMIT the rule takes the unfolded-patch routes; checked here by lowering it."""
-    from sample_importance.importance import rules
-
     monkeypatch.setattr(rules, "PER_SAMPLE_LIMIT", 0)
     seeded()
     body = conv()
     features = body(torch.randn(*shape)).flatten(1).shape[1]
     check(Head(body, features), ce(torch.randn(*shape), Y))
+
+
+@pytest.mark.parametrize("samples_per_piece", [1, 2])
+def test_convolutions_a_few_samples_at_a_time(samples_per_piece, monkeypatch):
+    """The norm route takes the batch in pieces (CHUNK_ELEMENTS): one sample a piece, and two (the
+    last piece shorter), give the same beta as the reference."""
+    conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
+    x = torch.randn(B, 2, 7, 7)
+    per_sample = x[0].numel() + conv(x)[0].numel() + conv.weight.numel()
+    monkeypatch.setattr(rules, "CHUNK_ELEMENTS", samples_per_piece * per_sample)
+    pieces = []
+    slice_weight = rules._per_sample_conv_weight
+    monkeypatch.setattr(rules, "_per_sample_conv_weight", lambda m, x, *a: pieces.append(len(x)) or slice_weight(m, x, *a))
+    seeded()
+    check(Head(conv, conv(x).flatten(1).shape[1]), ce(x, Y))
+    n = samples_per_piece  # the norm route's pieces among the calls (the materialised route takes all B)
+    expected = [n] * (B // n) + ([B % n] if B % n else [])
+    assert any(pieces[i:i + len(expected)] == expected for i in range(len(pieces))), pieces
 
 
 def test_embedding_with_padding_index():

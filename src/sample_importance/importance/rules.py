@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -428,14 +429,15 @@ def attention_inner(module: nn.MultiheadAttention, call: Call, output) -> dict:
     """The module's own backward pass computes the gradient at its packed in-projection's output
     (q, k and v side by side) and keeps the context it feeds to out_proj: found in its autograd graph
     (self-attention, packed weights), they replace the rule's recomputation of the attention. The
-    graph is checked to be the one F.multi_head_attention_forward builds (the projection's input is
-    the query, token-major; the context reaches the output through views only, and one of its rows
-    through out_proj gives the output's row); anything else: {} and the recomputation."""
+    graph is checked to be the one F.multi_head_attention_forward builds (every call: the context
+    reaches the output through views only, the products multiply by the module's weights, shapes;
+    a module's first call also by value: the projection's input is the query, token-major, and one
+    context row through out_proj gives the output's row); anything else: {} and the recomputation."""
     out = output[0] if isinstance(output, (tuple, list)) else output
     if not (module._qkv_same_embed_dim and isinstance(out, torch.Tensor) and out.grad_fn is not None):
         return {}
-    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
-    q_in, k_in, v_in = (bound.arguments.get(n) for n in ("query", "key", "value"))
+    a = _attention_arguments(module, call)
+    q_in, k_in, v_in = a["query"], a["key"], a["value"]
     if not (_same(q_in, k_in) and _same(k_in, v_in)) or q_in.dim() != 3:
         return {}
     q_seq = q_in.transpose(0, 1) if module.batch_first else q_in  # (L, B, E)
@@ -460,20 +462,25 @@ def attention_inner(module: nn.MultiheadAttention, call: Call, output) -> dict:
             if _weight_of(n) is module.in_proj_weight:
                 qkv = n
             todo += [c for c, _ in n.next_functions if c is not None and type(c).__name__ != "AccumulateGrad"]
-        a = None if qkv is None else _product_input(qkv)
-        if ctx is None or a is None or ctx.shape != (L * B, E) or a.shape != (L * B, E) \
-                or not torch.equal(a.view(L, B, E), q_seq.detach()):
+        x = None if qkv is None else _product_input(qkv)
+        if ctx is None or x is None or ctx.shape != (L * B, E) or x.shape != (L * B, E):
             return {}
         ctx = ctx.detach().view(L, B, E)
-        l, b = (L - 1, 0) if L > 1 else (0, B - 1)  # the rows are (token, sample): one row through out_proj
-        row = F.linear(ctx[l, b], module.out_proj.weight.detach(),
-                       None if module.out_proj.bias is None else module.out_proj.bias.detach())
-        if not torch.allclose(row, out_seq[l, b].detach(), rtol=1e-4, atol=1e-6 * (1 + float(row.abs().max()))):
-            return {}
+        if module not in _ATTENTION_CHECKED:  # the values once per module: no host syncs on every forward
+            l, b = (L - 1, 0) if L > 1 else (0, B - 1)  # the rows are (token, sample): one row through out_proj
+            row = F.linear(ctx[l, b], module.out_proj.weight.detach(),
+                           None if module.out_proj.bias is None else module.out_proj.bias.detach())
+            if not (torch.equal(x.view(L, B, E), q_seq.detach()) and torch.allclose(
+                    row, out_seq[l, b].detach(), rtol=1e-4, atol=1e-6 * (1 + float(row.abs().max())))):
+                return {}
+            _ATTENTION_CHECKED.add(module)
     except (RuntimeError, AttributeError):  # saved tensors freed, or another autograd layout
         return {}
     call.extra = {"ctx": ctx.transpose(0, 1)}  # (B, L, E)
     return {"qkv": qkv}
+
+
+_ATTENTION_CHECKED: "weakref.WeakSet[nn.MultiheadAttention]" = weakref.WeakSet()
 
 
 def _weight_of(node) -> torch.Tensor | None:
@@ -498,8 +505,9 @@ def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, lis
     if module.bias_k is not None or module.add_zero_attn:
         raise UserError("nn.MultiheadAttention with add_bias_kv or add_zero_attn has no exact rule here: "
                         "construct it without them.")
+    a = _attention_arguments(module, call)
     if call.inner_grads and "qkv" in call.inner_grads:  # taken from the module's own pass (`attention_inner`)
-        q_in, g_out = call.args[0] if call.args else call.kwargs["query"], call.grads[0]
+        q_in, g_out = a["query"], call.grads[0]
         if not module.batch_first:
             q_in, g_out = q_in.transpose(0, 1), g_out.transpose(0, 1)
         B, L, E = q_in.shape
@@ -511,11 +519,7 @@ def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, lis
     if module.training and module.dropout > 0:
         raise UserError("nn.MultiheadAttention with dropout > 0 in training mode draws a random mask that cannot "
                         "be recomputed exactly: set its dropout to 0 (dropout outside attention is fine).")
-    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
     q_in, k_in, v_in = a["query"], a["key"], a["value"]
-    self_attention = _same(q_in, k_in) and _same(k_in, v_in)
     g_out = call.grads[0]
     g_w = call.grads[1] if len(call.grads) > 1 else None
     if not module.batch_first:  # (L, B, E) -> (B, L, E)
@@ -526,17 +530,10 @@ def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, lis
     packed = module._qkv_same_embed_dim
     bias = None if module.in_proj_bias is None else module.in_proj_bias.detach()
     with torch.enable_grad():
-        if packed and self_attention:  # one projection, one leaf: its gradient is the row blocks side by side
-            qkv = F.linear(q_in.detach(), module.in_proj_weight.detach(), bias).requires_grad_()
-            leaves = [qkv]
-            q, k, v = qkv.chunk(3, -1)
-        else:
-            Ws = module.in_proj_weight.chunk(3) if packed else \
-                (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
-            bs = (None,) * 3 if bias is None else bias.chunk(3)
-            q, k, v = (F.linear(t.detach(), w.detach(), b).requires_grad_()
-                       for t, w, b in zip((q_in, k_in, v_in), Ws, bs))
-            leaves = [q, k, v]
+        Ws = module.in_proj_weight.chunk(3) if packed else \
+            (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        bs = (None,) * 3 if bias is None else bias.chunk(3)
+        q, k, v = (F.linear(t.detach(), w.detach(), b).requires_grad_() for t, w, b in zip((q_in, k_in, v_in), Ws, bs))
         qh = q.reshape(B, L, H, hd).transpose(1, 2)  # (B, H, L, hd)
         kh = k.reshape(B, S, H, hd).transpose(1, 2)
         vh = v.reshape(B, S, H, hd).transpose(1, 2)
@@ -553,18 +550,22 @@ def _attention_parts(module: nn.MultiheadAttention, call: Call) -> dict[str, lis
         if g_w is not None:  # the returned attention weights were used too
             outputs.append(attn.mean(1) if a["average_attn_weights"] else attn)
             grads.append(g_w)
-        found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-    found = [torch.zeros_like(t) if f is None else f for f, t in zip(found, leaves)]
-    if len(found) == 1:  # (B, L, 3E): q, k and v's row blocks of in_proj_weight, one input
-        parts = {"in_proj_weight": [(q_in.detach(), found[0])]}
-    else:
-        pieces = list(zip((q_in, k_in, v_in), found))
-        parts = ({"in_proj_weight": pieces} if packed else
-                 {"q_proj_weight": pieces[:1], "k_proj_weight": pieces[1:2], "v_proj_weight": pieces[2:]})
+        found = torch.autograd.grad(outputs, [q, k, v], grads, allow_unused=True)
+    found = [torch.zeros_like(t) if f is None else f for f, t in zip(found, (q, k, v))]
+    pieces = list(zip((q_in, k_in, v_in), found))
+    parts = ({"in_proj_weight": pieces} if packed else
+             {"q_proj_weight": pieces[:1], "k_proj_weight": pieces[1:2], "v_proj_weight": pieces[2:]})
     parts = {n: [(x.detach(), dd.detach()) for x, dd in p] for n, p in parts.items() if _present(module, n)}
     if _present(module.out_proj, "weight"):
         parts["out_proj.weight"] = [(ctx.detach(), g_out)]
     return parts
+
+
+def _attention_arguments(module: nn.MultiheadAttention, call: Call) -> dict:
+    """The call's arguments by name, defaults included (query, key, value, masks, ...)."""
+    bound = inspect.signature(module.forward).bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
