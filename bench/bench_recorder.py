@@ -168,6 +168,11 @@ def backpack(model):
     return step, lambda: None
 
 
+ROUTES = {"plain": plain, "recorder": recorder, "opacus": opacus, "backpack": backpack,
+          "bn-plain": "bn-plain", "bn-exact": "bn-exact"}  # bn-*: the convolutional network only
+ROUTES_ALL = ("plain", "recorder", "opacus", "backpack")
+
+
 def time_route(make_step, model, batch, B: int, steps: int) -> float:
     """Seconds per step (median over `steps` after one warm-up step)."""
     step, close = make_step(model)
@@ -191,17 +196,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per route and round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--routes", default=None, help="comma-separated subset of " + ", ".join(ROUTES) + " (default: all)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")  # the libraries' deprecation notes would bury the tables
+    wanted = set(ROUTES) if args.routes is None else set(args.routes.split(","))
+    if not wanted <= set(ROUTES) or "plain" not in wanted:
+        ap.error(f"--routes: a subset of {', '.join(ROUTES)} that includes plain")
+    if "bn-exact" in wanted:
+        wanted.add("bn-plain")
     batches = [4] if args.quick else [int(b) for b in args.batches.split(",")]
     steps, rounds = (2, 1) if args.quick else (args.steps, args.rounds)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU")
     for name in args.models.split(","):
-        routes = {"plain": plain, "recorder": recorder, "opacus": opacus, "backpack": backpack}
-        if name == "resnet20-gn":
-            routes["bn-plain"] = "bn-plain"
-            routes["bn-exact"] = "bn-exact"
+        routes = {r: make for r, make in ROUTES.items() if r in wanted and (r in ROUTES_ALL or name == "resnet20-gn")}
         for B in batches:
             results: dict[str, list[float]] = {r: [] for r in routes}
             errors: dict[str, str] = {}

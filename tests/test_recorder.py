@@ -148,16 +148,21 @@ def test_convolutions(conv, shape):
 
 
 @pytest.mark.parametrize("conv, shape", [
-    (lambda: nn.Conv2d(3, 4, 3, padding=1), (B, 3, 6, 6)),  # few positions: the Gram route
-    (lambda: nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2), (B, 2, 12, 12)),  # the product route
+    (lambda: nn.Conv2d(8, 16, 3), (B, 8, 4, 4)),
+    (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2), (B, 8, 5, 5)),
+    (lambda: nn.Conv2d(8, 12, 3, padding=1, padding_mode="reflect", bias=False), (B, 8, 3, 3)),
 ])
-def test_convolutions_without_materialising_per_sample_gradients(conv, shape, monkeypatch):
-    """Above PER_SAMPLE_LIMIT the rule takes the unfolded-patch routes; checked here by lowering it."""
-    monkeypatch.setattr(rules, "PER_SAMPLE_LIMIT", 0)
+def test_convolutions_on_few_positions_take_the_gram_route(conv, shape, monkeypatch):
+    """Wide layers on small maps (P (O + K) < O K): the Gram route of the unfolded patches, without
+    per-sample gradients (the fused backward then leaves the weight gradient to autograd)."""
+    taken = []
+    unfold = F.unfold
+    monkeypatch.setattr(F, "unfold", lambda *a, **k: taken.append(1) or unfold(*a, **k))
     seeded()
     body = conv()
     features = body(torch.randn(*shape)).flatten(1).shape[1]
     check(Head(body, features), ce(torch.randn(*shape), Y))
+    assert taken
 
 
 @pytest.mark.parametrize("samples_per_piece", [1, 2])
@@ -170,12 +175,50 @@ def test_convolutions_a_few_samples_at_a_time(samples_per_piece, monkeypatch):
     monkeypatch.setattr(rules, "CHUNK_ELEMENTS", samples_per_piece * per_sample)
     pieces = []
     slice_weight = rules._per_sample_conv_weight
-    monkeypatch.setattr(rules, "_per_sample_conv_weight", lambda m, x, *a: pieces.append(len(x)) or slice_weight(m, x, *a))
+    monkeypatch.setattr(rules, "_per_sample_conv_weight", lambda x, *a: pieces.append(len(x)) or slice_weight(x, *a))
     seeded()
     check(Head(conv, conv(x).flatten(1).shape[1]), ce(x, Y))
     n = samples_per_piece  # the norm route's pieces among the calls (the materialised route takes all B)
     expected = [n] * (B // n) + ([B % n] if B % n else [])
     assert any(pieces[i:i + len(expected)] == expected for i in range(len(pieces))), pieces
+
+
+def test_fused_convolutions_give_the_batch_gradient_from_the_per_sample_ones(monkeypatch):
+    """In recorder.backward a convolution's backward sums the per-sample weight gradients it takes
+    for beta into the weight's gradient and skips the batch's own (`rules.FusedConv`); elsewhere
+    (the user's own backward passes, a gradient penalty's double backward) it is the plain
+    convolution backward, and a forward that fails leaves nothing behind."""
+    seeded()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, stride=2), nn.Flatten(),
+                          nn.Linear(16, 3))
+    twin = copy.deepcopy(model)
+    x = torch.randn(B, 3, 6, 6)
+    masks = []
+    backward = torch.ops.aten.convolution_backward
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", lambda *a: masks.append(a[-1]) or backward(*a))
+    rec = ImportanceRecorder(model)
+    beta = rec.backward(ce(x, Y)(model), lr=LR)
+    assert torch.allclose(beta, reference_beta(twin, ce(x, Y), rec), rtol=1e-10)
+    assert [m for m in masks if m[0] or m[2]] == [[True, False, True], [False, False, True]]  # no weight gradient
+    F.cross_entropy(twin(x), Y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+
+    for m in (model, twin):  # the user's own passes: a gradient penalty, backpropagated twice
+        m.zero_grad()
+        loss = F.cross_entropy(m(x), Y)
+        grads = torch.autograd.grad(loss, list(m.parameters()), create_graph=True)
+        (loss + sum(g.square().sum() for g in grads)).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+
+    with pytest.raises(RuntimeError):  # the wrong number of channels: the convolution itself fails
+        model(torch.randn(B, 2, 6, 6))
+    assert torch._C._len_torch_function_stack() == 0
+    model.zero_grad()
+    beta = rec.backward(ce(x, Y)(model), lr=LR)
+    assert torch.allclose(beta, reference_beta(twin, ce(x, Y), rec), rtol=1e-10)
+    rec.close()
 
 
 def test_embedding_with_padding_index():

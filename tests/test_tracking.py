@@ -99,7 +99,8 @@ def per_sample_reference(model, x, y, lr):
 @pytest.mark.parametrize("image", [(1, 8, 8), (3, 6, 10)])
 def test_cnn_importance_matches_per_sample_autograd(image):
     """Convolutions: the importance from unfolded inputs and output gradients is each sample's own
-    gradient norm. In both shapes C1 takes the product route and C2 the Gram route."""
+    gradient norm. In both shapes C1 takes the per-sample route (fused with its backward) and C2 the
+    Gram route."""
     from sample_importance.data import Dataset
 
     rng = np.random.default_rng(0)
@@ -130,14 +131,16 @@ def test_cnn_importance_matches_per_sample_autograd(image):
 
 
 def test_both_conv_norm_routes_agree():
-    """The Gram route and the product route of a convolution's per-sample norm give the same numbers."""
+    """The Gram route (few positions, wide layer) and the per-sample route of a convolution's
+    per-sample norm give each sample's ||D_i U_i^T||^2 + ||D_i 1||^2."""
     from sample_importance.tracking import sample_sq_grad_norms
 
     gen = torch.Generator().manual_seed(0)
-    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
-    a = torch.randn(5, 3, 4, 4, generator=gen, dtype=torch.float64)  # P = 16: Gram is cheaper
-    dz = torch.randn(5, 4, 4, 4, generator=gen, dtype=torch.float64)
-    U = F.unfold(a, 3, padding=1)
-    D = dz.flatten(2)
-    direct = torch.bmm(D, U.transpose(1, 2)).square().sum((1, 2)) + D.sum(2).square().sum(1)
-    torch.testing.assert_close(sample_sq_grad_norms(conv, a, dz), direct)
+    for c, side in ((3, 4), (16, 2)):  # P (O + K) against O K: per-sample, then Gram
+        conv = torch.nn.Conv2d(c, 4 * c, 3, padding=1).double()
+        a = torch.randn(5, c, side, side, generator=gen, dtype=torch.float64)
+        dz = torch.randn(5, 4 * c, side, side, generator=gen, dtype=torch.float64)
+        U = F.unfold(a, 3, padding=1)
+        D = dz.flatten(2)
+        direct = torch.bmm(D, U.transpose(1, 2)).square().sum((1, 2)) + D.sum(2).square().sum(1)
+        torch.testing.assert_close(sample_sq_grad_norms(conv, a, dz), direct)

@@ -100,8 +100,16 @@ class ImportanceRecorder:
         self._grads_before: list = []  # each parameter's .grad and its version before the backward pass
         self._may_couple = [isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m, _, _ in self._layers]
         self._param_list = list({id(p): p for named in self._named for _, p in named}.values())
-        self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, d)), with_kwargs=True)
+        # Layers whose module's own operation can take the per-sample norms in its backward
+        # (`Rule.fused`): not beside a BatchNorm (its exact route differentiates the pass again).
+        self._fusable = [rule is not None and rule.fused is not None and self._normed[d] and not any(self._may_couple)
+                         for d, (_, _, rule, _) in enumerate(self._layers)]
+        self._fusing: dict[int, object] = {}  # layer -> the fused context of its forward under way
+        self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, d)), with_kwargs=True,
+                                                      always_call=self._fusable[d])
                          for d, (_, module, _, _) in enumerate(self._layers)]
+        self._handles += [module.register_forward_pre_hook(_Hook(partial(self._on_pre_forward, d)))
+                          for d, (_, module, _, _) in enumerate(self._layers) if self._fusable[d]]
         fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers if rule is None]
         if fallback:
             warnings.warn("ImportanceRecorder: no exact rule for " + ", ".join(fallback) +
@@ -197,15 +205,33 @@ class ImportanceRecorder:
             self._clear()
 
     # ------------------------------------------------------------ hooks
+    def _on_pre_forward(self, d: int, module: nn.Module, args: tuple) -> None:
+        if self._capturing and torch.is_grad_enabled() and len(args) == 1 and isinstance(args[0], torch.Tensor) \
+                and not torch._C._are_functorch_transforms_active():
+            fused = self._layers[d][2].fused(module, Call((args[0].detach(),), {}, [None]), self)
+            fused.__enter__()
+            self._fusing[d] = fused
+
     def _on_forward(self, d: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if not self._capturing or not torch.is_grad_enabled():
+        fused = self._fusing.pop(d, None) if self._fusing else None
+        if fused is not None:  # its context ends with the module's forward, also where that raised
+            fused.__exit__(None, None, None)
+            if fused.used and output is not None:
+                fused.call.pending = 1  # the output gradient comes from its backward (`arrive`)
+                self._calls[self._layers[d][0]].append(fused.call)
+                return
+        if not self._capturing or not torch.is_grad_enabled() or output is None:
             return
         name = self._layers[d][0]
         if isinstance(output, torch.Tensor) and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) \
                 and not self._may_couple[d]:  # the common case (Linear, Conv, norms), without pytrees
             call = Call((args[0].detach(),), kwargs, [None])
             if output.requires_grad:
-                output.register_hook(partial(self._on_output_grad, call, 0))
+                node = output.grad_fn
+                if node is None:
+                    output.register_hook(partial(self._on_output_grad, call, 0))
+                else:  # the gradient the output's node receives: a tensor hook's, at less cost per call
+                    node.register_prehook(partial(self._on_node_grad, call, output.output_nr))
                 call.pending = 1
             self._calls[name].append(call)
             return
@@ -234,11 +260,23 @@ class ImportanceRecorder:
                 call.pending += 1
         self._calls[name].append(call)
 
+    def _on_node_grad(self, call: Call, nr: int, grad_outputs: tuple) -> None:
+        if grad_outputs[nr] is not None:  # as a tensor hook, which no undefined gradient calls
+            self._on_output_grad(call, 0, grad_outputs[nr])
+
     def _on_output_grad(self, call: Call, k: int, grad: torch.Tensor) -> None:
         if not self._in_backward:  # another backward pass of the user's: a stale call stays without grads
             return
         call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
         self._arrived(call)
+
+    def wants(self, call: Call) -> bool:
+        """For a fused rule's backward: whether the pass under way takes this call's norms."""
+        return self._in_backward and id(call) in self._plans
+
+    def arrive(self, call: Call, grad: torch.Tensor) -> None:
+        """For a fused rule's backward: the call's output gradient, as a tensor hook would give it."""
+        self._on_output_grad(call, 0, grad)
 
     def _on_inner_grad(self, call: Call, key: str, grad_outputs) -> None:
         if self._in_backward:

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UserError
@@ -72,6 +73,10 @@ class Rule:
     # graph whose incoming gradient the recorder keeps in call.inner_grads (what the rule would
     # otherwise recompute); {} where the graph is not the one the rule knows
     inner: Callable[[nn.Module, Call, object], dict] | None = None
+    # fn(module, call, owner) -> a context the recorder enters for one forward call of the module,
+    # in which the module's own operation also computes the per-sample norms in its backward and
+    # hands its output gradient to owner.arrive(call, g) (`FusedConv`); None: no fused route
+    fused: Callable[[nn.Module, Call, object], object] | None = None
 
 
 RULES: dict[type, Rule] = {}
@@ -217,7 +222,7 @@ def _explicit_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple
     return x, tuple(module.padding)
 
 
-PER_SAMPLE_LIMIT = 2 ** 25  # elements of (B, *weight.shape) a rule may materialise (128 MB in float32)
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -226,63 +231,154 @@ def conv_grads(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.T
     as one convolution backward with the batch folded into the channel groups (B * groups groups),
     which covers every stride, padding, dilation and groups (depthwise included), 1-D to 3-D."""
     x, padding = _explicit_padding(module, call.x)
-    out = {"weight": _per_sample_conv_weight(module, x, call.g, padding)}  # (B, O, C/G, *k)
+    out = {"weight": _per_sample_conv_weight(x, call.g, module.weight, _geometry(module, padding))}  # (B, O, C/G, *k)
     if _present(module, "bias"):
         out["bias"] = call.g.flatten(2).sum(2)  # (B, O)
     return out
 
 
-def _per_sample_conv_weight(module: nn.modules.conv._ConvNd, x: torch.Tensor, d: torch.Tensor,
-                            padding: tuple) -> torch.Tensor:
-    """(B, *weight.shape): samples x (B, C, *in) and output gradients d (B, O, *out) folded into the
-    groups of one convolution backward (only the weight's shape is read from the empty tensor)."""
-    B, w = x.shape[0], module.weight
-    xf = x.reshape(1, B * x.shape[1], *x.shape[2:])  # (1, B*C, *in)
+def _geometry(module: nn.modules.conv._ConvNd, padding) -> tuple:
+    """(stride, padding, dilation, groups) of the module's convolution, padding explicit."""
+    return tuple(module.stride), tuple(padding), tuple(module.dilation), module.groups
+
+
+def _per_sample_conv_weight(x: torch.Tensor, d: torch.Tensor, w: torch.Tensor, geometry: tuple) -> torch.Tensor:
+    """(B, *w.shape): the weight gradients of samples x (B, C, *in) with output gradients d
+    (B, O, *out) of a convolution with weight w and geometry (stride, padding, dilation, groups).
+    Folded into the groups of one convolution backward (only the weight's shape is read from the
+    empty tensor); on the CPU, an ungrouped stride-1 convolution of fewer than 8 input channels (a
+    network's first layer, on images) as one forward convolution instead, the inputs' channels as
+    its batch and each sample's output gradient as the kernel of its group: the same sums, 2-4x
+    faster than the grouped backward there (`bench/README.md`), which is faster everywhere else."""
+    stride, padding, dilation, groups = geometry
+    B, C, n = x.shape[0], x.shape[1], x.dim() - 2
+    if groups == 1 and C < 8 and all(s == 1 for s in stride) and x.device.type == "cpu":
+        xp = F.pad(x, [p for p in reversed(padding) for _ in range(2)]).transpose(0, 1)  # (C, B, *in padded)
+        g = _CONV_FUNCTIONS[n](xp, d.reshape(B * d.shape[1], 1, *d.shape[2:]), stride=dilation, groups=B)  # (C, B*O, *k)
+        return g.reshape(C, B, w.shape[0], *w.shape[2:]).permute(1, 2, 0, *range(3, n + 3))
+    xf = x.reshape(1, B * C, *x.shape[2:])  # (1, B*C, *in)
     df = d.reshape(1, B * d.shape[1], *d.shape[2:])  # (1, B*O, *out)
     shape = [B * w.shape[0], *w.shape[1:]]
     _, gw, _ = torch.ops.aten.convolution_backward(
-        df, xf, torch.empty(shape, dtype=w.dtype, device=w.device), None, list(module.stride), list(padding),
-        list(module.dilation), False, [0] * (x.dim() - 2), B * module.groups, [False, True, False])
+        df, xf, torch.empty(shape, dtype=w.dtype, device=w.device), None, list(stride), list(padding),
+        list(dilation), False, [0] * n, B * groups, [False, True, False])
     return gw.view(B, *w.shape)
 
 
 CHUNK_ELEMENTS = 2 ** 19  # elements of inputs, output gradients and weight gradients per piece of a batch
 
 
+def _conv_weight_sq_norms(x: torch.Tensor, d: torch.Tensor, w: torch.Tensor, geometry: tuple,
+                          total: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B,) squared norms of the per-sample weight gradients, taken a few samples at a time
+    (CHUNK_ELEMENTS: pieces small enough for the allocator to reuse; a whole batch's buffers are
+    fresh memory each time, and page faults cost as much as the convolution); with total=True also
+    their sum over the batch, the weight gradient of the batch loss."""
+    n = max(1, CHUNK_ELEMENTS // (x[0].numel() + d[0].numel() + w.numel()))
+    norms, grad = [], None
+    for i in range(0, x.shape[0], n):
+        g = _per_sample_conv_weight(x[i:i + n], d[i:i + n], w, geometry)
+        norms.append(row_sq_norms(g))
+        if total:
+            grad = g.sum(0) if grad is None else grad.add_(g.sum(0))
+    return torch.cat(norms), grad
+
+
 @register_norms(conv_grads)
 def conv_sq_norms(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.Tensor]:
-    """The per-sample weight gradients of `conv_grads` (a grouped convolution backward, about as fast
-    as the batch's own weight gradient: bench/README.md), taken a few samples at a time
-    (CHUNK_ELEMENTS) and squared and summed, while the whole batch's would fit in PER_SAMPLE_LIMIT
-    elements; beyond that, for ungrouped zero-padded 2-D convolutions, from D_i (O, P)
-    and the unfolded patches U_i (CKK, P): ||D_i U_i^T||^2 or <D_i^T D_i, U_i^T U_i>, whichever costs
-    fewer operations, without materialising them."""
-    small = call.x.shape[0] * module.weight.numel() <= PER_SAMPLE_LIMIT
-    if small or not (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-                     and not isinstance(module.padding, str)):
-        # A few samples at a time: pieces small enough for the allocator to reuse (a whole batch's
-        # buffers are fresh memory each time: page faults cost as much as the convolution).
+    """Where the call ran as `FusedConv`, its backward has taken the weight's norms already
+    (call.extra). Otherwise, where the Gram route costs less (`_gram_cheaper`: few output positions,
+    wide layers), from the unfolded patches U_i (CKK, P) and D_i (O, P): ||D_i U_i^T||^2 =
+    <D_i^T D_i, U_i^T U_i>, without the per-sample gradients; else the per-sample weight gradients
+    of `conv_grads`, a few samples at a time (`_conv_weight_sq_norms`)."""
+    weight = (call.extra or {}).get("weight_sq_norms")
+    if weight is None:
         x, padding = _explicit_padding(module, call.x)
-        d = call.g
-        per_sample = x[0].numel() + d[0].numel() + module.weight.numel()
-        n = max(1, CHUNK_ELEMENTS // per_sample)
-        out = {"weight": torch.cat([row_sq_norms(_per_sample_conv_weight(module, x[i:i + n], d[i:i + n], padding))
-                                    for i in range(0, x.shape[0], n)])}
-        if _present(module, "bias"):
-            out["bias"] = row_sq_norms(d.flatten(2).sum(2))
-        return out
-    a, dz = call.x, call.g
-    U = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-    D = dz.flatten(2)  # (B, O, P); U: (B, C*k*k, P)
-    O, P, K = D.shape[1], D.shape[2], U.shape[1]
-    if P * P * (O + K) < P * O * K:
-        weight = (torch.bmm(D.transpose(1, 2), D) * torch.bmm(U.transpose(1, 2), U)).sum((1, 2))
-    else:
-        weight = row_sq_norms(torch.bmm(D, U.transpose(1, 2)))
+        geometry = _geometry(module, padding)
+        if _gram_cheaper(x, call.g, module.weight, geometry):
+            stride, padding, dilation, _ = geometry
+            U = F.unfold(x, module.kernel_size, dilation=dilation, padding=padding, stride=stride)  # (B, CKK, P)
+            D = call.g.flatten(2)  # (B, O, P)
+            weight = (torch.bmm(D.transpose(1, 2), D) * torch.bmm(U.transpose(1, 2), U)).sum((1, 2))
+        else:
+            weight = _conv_weight_sq_norms(x, call.g, module.weight, geometry)[0]
     out = {"weight": weight}
     if _present(module, "bias"):
-        out["bias"] = D.sum(2).square().sum(1)
+        out["bias"] = row_sq_norms(call.g.flatten(2).sum(2))
     return out
+
+
+def _gram_cheaper(x: torch.Tensor, d: torch.Tensor, w: torch.Tensor, geometry: tuple) -> bool:
+    """Whether the Gram route's P^2 (O + K) operations per sample undercut the P O K of a per-sample
+    weight gradient (P output positions, O output channels, K = C k^2): a VGG's last stages, not
+    a ResNet's. It needs the unfolded patches: ungrouped 2-D convolutions only."""
+    if x.dim() != 4 or geometry[3] != 1:
+        return False
+    P, O, K = d[0, 0].numel(), d.shape[1], w[0].numel()
+    return P * (O + K) < O * K
+
+
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+class FusedConv(TorchFunctionMode):
+    """Entered by the recorder for one forward call of a convolution module: the module's
+    convolution (the F.convNd call with its own weight) runs as `_ConvWithPerSample`, whose
+    backward, where the recorder wants this call's norms (`owner.wants(call)`), takes the
+    per-sample weight gradients a few samples at a time, keeps their squared norms in call.extra
+    and returns their sum as the weight's gradient: the batch's weight gradient is not computed a
+    second time (`bench/README.md`). Anything else in the forward runs unchanged. The output
+    gradient reaches the recorder through `owner.arrive(call, g)`, as a tensor hook's would."""
+
+    def __init__(self, module: nn.modules.conv._ConvNd, call: Call, owner):
+        super().__init__()
+        self.module, self.call, self.owner, self.used = module, call, owner, False
+        self.function = _CONV_FUNCTIONS[module.weight.dim() - 2]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is self.function and not self.used:
+            bound = dict(zip(_CONV_ARGUMENTS, args), **kwargs)
+            padding = bound.get("padding", 0)
+            if bound.get("weight") is self.module.weight and padding != "same":
+                self.used = True
+                n = self.module.weight.dim() - 2
+                geometry = (_ntuple(bound.get("stride", 1), n), (0,) * n if padding == "valid" else _ntuple(padding, n),
+                            _ntuple(bound.get("dilation", 1), n), bound.get("groups", 1))
+                return _ConvWithPerSample.apply(bound["input"], bound["weight"], bound.get("bias"), geometry, self)
+        return func(*args, **kwargs)
+
+
+def _ntuple(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+class _ConvWithPerSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, geometry, fused: FusedConv):
+        stride, padding, dilation, groups = geometry
+        ctx.save_for_backward(x, w)
+        ctx.geometry, ctx.fused = geometry, fused
+        return fused.function(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        fused, (stride, padding, dilation, groups) = ctx.fused, ctx.geometry
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        per_sample = need_w and not torch.is_grad_enabled() and fused.owner.wants(fused.call) \
+            and not _gram_cheaper(x, g, w, ctx.geometry)
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, w, [w.shape[0]] if need_b else None, list(stride), list(padding), list(dilation), False,
+            [0] * (x.dim() - 2), groups, [need_x, need_w and not per_sample, need_b])
+        if per_sample:
+            norms, gw = _conv_weight_sq_norms(x.detach(), g, w, ctx.geometry, total=True)
+            fused.call.extra = {"weight_sq_norms": norms}
+        fused.owner.arrive(fused.call, g)
+        return gx, gw, gb, None, None
+
+
+conv_grads.rule.fused = FusedConv
 
 
 # ---------------------------------------------------------------- Embedding
@@ -323,24 +419,46 @@ def _embedding_tokens(module: nn.Embedding, call: Call) -> tuple[torch.Tensor, t
 
 # ---------------------------------------------------------------- Normalisation layers
 def _affine(module: nn.Module, d: torch.Tensor, xhat: torch.Tensor, channel_dims: int) -> dict[str, torch.Tensor]:
-    """y = xhat * w + b with w, b over `channel_dims` trailing (LayerNorm) or leading (channels,
-    negative) axes: dL_i/dw = sum over the other axes of d * xhat, dL_i/db = sum of d."""
+    """y = xhat * w + b with w, b over the `channel_dims` trailing axes (LayerNorm): dL_i/dw = sum
+    over the other axes of d * xhat, dL_i/db = sum of d."""
     out = {}
     B = d.shape[0]
-    if channel_dims > 0:  # normalized_shape: the trailing axes
-        shape = d.shape[d.dim() - channel_dims:]
-        rows = lambda t: t.reshape(B, -1, math.prod(shape))  # noqa: E731  (B, other, channels)
-        dot = lambda t, u: torch.linalg.vecdot(rows(t), rows(u), dim=1).reshape(B, *shape)  # noqa: E731
-        total = lambda t: rows(t).sum(1).reshape(B, *shape)  # noqa: E731
-    else:  # channels on axis 1
-        rows = lambda t: t.reshape(B, t.shape[1], -1)  # noqa: E731  (B, channels, other)
-        dot = lambda t, u: torch.linalg.vecdot(rows(t), rows(u))  # noqa: E731
-        total = lambda t: rows(t).sum(2)  # noqa: E731
-    if _present(module, "weight"):
-        out["weight"] = dot(d, xhat)  # sum of d * xhat without a temporary of its size
+    shape = d.shape[d.dim() - channel_dims:]
+    rows = lambda t: t.reshape(B, -1, math.prod(shape))  # noqa: E731  (B, other, channels)
+    if _present(module, "weight"):  # sum of d * xhat without a temporary of its size
+        out["weight"] = torch.linalg.vecdot(rows(d), rows(xhat), dim=1).reshape(B, *shape)
     if _present(module, "bias"):
-        out["bias"] = total(d)
+        out["bias"] = rows(d).sum(1).reshape(B, *shape)
     return out
+
+
+def _channel_affine(module: nn.Module, d: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor) -> dict[str, torch.Tensor]:
+    """y = (x - mean) rstd w + b with w, b per channel (axis 1) and mean, rstd per sample and
+    channel (B, C) or per channel (C,): dL_i/dw_c = rstd (sum d x - mean sum d) over the channel's
+    positions, dL_i/db_c = sum d. The form of PyTorch's own GroupNorm weight gradient, from two
+    reductions of the input and output gradient: no normalised input of their size is formed."""
+    B, C = d.shape[:2]
+    dr = d.reshape(B, C, -1)
+    total = dr.sum(2)
+    out = {}
+    if _present(module, "weight"):
+        out["weight"] = (torch.linalg.vecdot(dr, x.reshape(B, C, -1)) - mean * total) * rstd
+    if _present(module, "bias"):
+        out["bias"] = total
+    return out
+
+
+def _statistics(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1/sqrt(var + eps) of each sample's channel groups, per channel (B, C): those of
+    PyTorch's own group normalisation kernel (its output is not kept)."""
+    B, C = x.shape[:2]
+    _, mean, rstd = torch.native_group_norm(x, None, None, B, C, x[0, 0].numel(), groups, eps)
+    return mean.repeat_interleave(C // groups, 1), rstd.repeat_interleave(C // groups, 1)
+
+
+def _running_statistics(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return module.running_mean, (module.running_var + module.eps).rsqrt()
 
 
 @register_rule(nn.LayerNorm)
@@ -351,23 +469,17 @@ def layer_norm_grads(module: nn.LayerNorm, call: Call) -> dict[str, torch.Tensor
 
 @register_rule(nn.GroupNorm)
 def group_norm_grads(module: nn.GroupNorm, call: Call) -> dict[str, torch.Tensor]:
-    xhat = F.group_norm(call.x, module.num_groups, eps=module.eps)
-    return _affine(module, call.g, xhat, -1)
+    return _channel_affine(module, call.g, call.x, *_statistics(call.x, module.num_groups, module.eps))
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 def instance_norm_grads(module: nn.modules.instancenorm._InstanceNorm, call: Call) -> dict[str, torch.Tensor]:
     x = call.x
     if module.training or not module.track_running_stats:  # statistics of each sample's own input
-        xhat = F.instance_norm(x, eps=module.eps)
+        stats = _statistics(x, x.shape[1], module.eps)
     else:
-        xhat = _running_normalised(module, x)
-    return _affine(module, call.g, xhat, -1)
-
-
-def _running_normalised(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+        stats = _running_statistics(module)
+    return _channel_affine(module, call.g, x, *stats)
 
 
 def batch_norm_couples(module: nn.Module) -> bool:
@@ -382,7 +494,17 @@ def batch_norm_grads(module: nn.modules.batchnorm._BatchNorm, call: Call) -> dic
     """Evaluation mode only (running statistics: a per-sample affine map); the recorder routes
     training-mode BatchNorm to its batched-VJP path or refuses it."""
     assert not batch_norm_couples(module)
-    return _affine(module, call.g, _running_normalised(module, call.x), -1)
+    return _channel_affine(module, call.g, call.x, *_running_statistics(module))
+
+
+def _squared(grads):
+    """The squared-norm route of a rule whose per-sample gradients are small (the normalisation
+    layers': (B, *shape) for a weight of `shape`): their squared norms."""
+    return lambda module, call: {n: row_sq_norms(g) for n, g in grads(module, call).items()}
+
+
+for _grads in (layer_norm_grads, group_norm_grads, instance_norm_grads, batch_norm_grads):
+    _grads.rule.sq_norms = _squared(_grads)
 
 
 # ---------------------------------------------------------------- Multi-head attention
