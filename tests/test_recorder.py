@@ -492,6 +492,16 @@ def test_optimizer_beta_is_the_derivative_of_the_actual_step(kind, warmup):
     rec.close()
 
 
+def test_autocast_is_refused_with_one_sentence():
+    seeded()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 3))
+    with ImportanceRecorder(model) as rec, torch.autocast("cpu", dtype=torch.bfloat16), \
+            pytest.raises(UserError, match="does not record under torch.autocast"):
+        model(torch.randn(B, 3, 4, 4))
+    assert torch._C._len_torch_function_stack() == 0
+    model(torch.randn(B, 3, 4, 4))  # outside autocast, and after close: unrecorded, as before
+
+
 def test_bad_input_is_one_clear_sentence():
     seeded()
     model = Small()

@@ -207,7 +207,7 @@ class ImportanceRecorder:
     # ------------------------------------------------------------ hooks
     def _on_pre_forward(self, d: int, module: nn.Module, args: tuple) -> None:
         if self._capturing and torch.is_grad_enabled() and len(args) == 1 and isinstance(args[0], torch.Tensor) \
-                and not torch._C._are_functorch_transforms_active():
+                and not torch._C._are_functorch_transforms_active() and not _autocasting(args[0]):
             fused = self._layers[d][2].fused(module, Call((args[0].detach(),), {}, [None]), self)
             fused.__enter__()
             self._fusing[d] = fused
@@ -222,6 +222,9 @@ class ImportanceRecorder:
                 return
         if not self._capturing or not torch.is_grad_enabled() or output is None:
             return
+        if isinstance(output, torch.Tensor) and _autocasting(output):
+            raise UserError("ImportanceRecorder does not record under torch.autocast (mixed precision): run the "
+                            "forward passes you record in full precision, outside autocast.")
         name = self._layers[d][0]
         if isinstance(output, torch.Tensor) and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) \
                 and not self._may_couple[d]:  # the common case (Linear, Conv, norms), without pytrees
@@ -521,6 +524,13 @@ class _Hook:
 
     def __reduce__(self):
         return _Hook, ()
+
+
+def _autocasting(t: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _check_optimizer(optimizer) -> None:
