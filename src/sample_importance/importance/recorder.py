@@ -18,9 +18,12 @@ gradient of sample i's own loss (from the batch's forward pass) and B the batch 
 Weight decay never enters phi: it does not depend on v_i (PHI_CONVENTION).
 
 The per-sample gradients come from the registered rules (`rules.py`), from the module's inputs
-(forward hooks) and the gradient of the mean loss at its outputs (tensor hooks), in the same single
-backward pass that fills `.grad` exactly as `loss_i.mean().backward()` does; for the SGD family a
-layer's beta is taken as soon as its gradients arrive, the rest once the pass is over. BatchNorm in training
+(forward hooks) and the gradient of the mean loss at its outputs (hooks on the outputs' autograd
+nodes), in the same single backward pass that fills `.grad` as `loss_i.mean().backward()` does;
+for the SGD family a layer's beta is taken as soon as its gradients arrive, the rest once the pass
+is over. A convolution's per-sample weight gradients are taken inside its own backward
+(`rules.FusedConv`), whose weight gradient is then their sum (equal to the batch's up to the
+order of a float sum). BatchNorm in training
 mode couples the samples (L_i depends on every sample through the batch statistics); it is refused
 by default, and with batchnorm="exact" the full per-sample gradients g_i = dL_i/d theta are taken
 through batched vector-Jacobian products of the B losses (`autograd.grad(is_grads_batched=True)`,
@@ -180,23 +183,21 @@ class ImportanceRecorder:
                                 "F.cross_entropy(model(x), y, reduction='none').")
             if (optimizer is None) == (lr is None):
                 raise UserError("recorder.backward needs exactly one of optimizer= or lr= (lr only for plain SGD).")
-            if optimizer is not None:
-                _check_optimizer(optimizer)
+            kind = "sgd" if optimizer is None else _step_kind(optimizer)
             B = loss_i.shape[0]
             total = B if batch_size is None else batch_size
             self._grads_before = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self._params()]
             full = None
             if self._coupled:
                 full = self._batched_vjp(loss_i, total)
-            sgd_family = optimizer is None or type(optimizer) is torch.optim.SGD
-            factors = self._factors(optimizer, lr) if sgd_family else None  # the SGD family's need no .grad
-            if full is None and sgd_family:
+            factors = self._factors(optimizer, lr, kind) if kind == "sgd" else None  # the SGD family's need no .grad
+            if full is None and kind == "sgd":
                 self._plan_columns(B, factors)
             self._in_backward = full is None
             batch_loss(loss_i, batch_size, grad_scale).backward()
             self._in_backward = False
             if factors is None:
-                factors = self._factors(optimizer, lr)
+                factors = self._factors(optimizer, lr, kind)
             beta = self._importance(B, factors, full, loss_i)
             # The output gradients the rules read carry grad_scale; the batched VJPs do not.
             return beta if grad_scale == 1 or full is not None else beta / grad_scale ** 2
@@ -365,18 +366,18 @@ class ImportanceRecorder:
         return {id(p): (torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if j is None else j / total)
                 for p, j in zip(params, jac)}
 
-    def _factors(self, optimizer, lr) -> dict[int, float | torch.Tensor]:
-        """d(delta theta)/dg per parameter: a number (SGD family) or an elementwise tensor (Adam)."""
+    def _factors(self, optimizer, lr, kind: str) -> dict[int, float | torch.Tensor]:
+        """d(delta theta)/dg per parameter: a number (SGD family) or an elementwise tensor (Adam);
+        kind: `_step_kind(optimizer)`."""
         if optimizer is None:
             return {id(p): -float(lr) for p in self._params()}
         out: dict[int, float | torch.Tensor] = {}
-        adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
         for group in optimizer.param_groups:
             for p in group["params"]:
                 state = optimizer.state.get(p, {})
-                if adam:
+                if kind != "sgd":
                     if p.grad is not None:
-                        out[id(p)] = _adam_factor(p, group, state, isinstance(optimizer, torch.optim.AdamW))
+                        out[id(p)] = _adam_factor(p, group, state, kind == "adamw")
                     continue
                 mu, tau = group["momentum"], group["dampening"]
                 first = state.get("momentum_buffer") is None
@@ -533,16 +534,21 @@ def _autocasting(t: torch.Tensor) -> bool:
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
-def _check_optimizer(optimizer) -> None:
-    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+STEP_KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}  # the steps phi is known for
+
+
+def _step_kind(optimizer) -> str:
+    """The kind of step: "sgd" (plain, momentum, Nesterov), "adam" or "adamw"; any other optimizer is refused."""
+    kind = STEP_KINDS.get(type(optimizer))
+    if kind in ("adam", "adamw"):
         for group in optimizer.param_groups:
             if group.get("amsgrad") or group.get("maximize"):
                 raise UserError("Adam/AdamW with amsgrad or maximize is not supported by the recorder: construct it "
                                 "with amsgrad=False, maximize=False.")
-        return
-    if type(optimizer) is not torch.optim.SGD:
+    if kind is None:
         raise UserError(f"The recorder knows the step of torch.optim.SGD (momentum, Nesterov), Adam and AdamW, not "
                         f"{type(optimizer).__name__}: use one of those.")
+    return kind
 
 
 def _adam_factor(p: torch.Tensor, group: dict, state: dict, adamw: bool) -> torch.Tensor:
