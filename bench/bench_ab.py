@@ -1,0 +1,91 @@
+"""The recorder of this tree against that of an earlier commit, in one process (A/B).
+
+On a noisy machine two runs of `bench_recorder.py` can differ by more than a change does; here
+plain training, this tree's `ImportanceRecorder` and the one of `--commit` (its package exported
+with `git archive` into a temporary folder and imported under another name) take turns in the same
+process, on copies of one model and batch (`bench_recorder.py`'s models), and each is reported as
+a multiple of plain, with the page faults of a step (`ru_minflt`).
+
+    python bench/bench_ab.py --commit 1e76a64                           # ResNet-20 layout, batch 32
+    python bench/bench_ab.py --commit 1e76a64 --model mlp --batch 128 --rounds 9
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_recorder  # noqa: E402
+from sample_importance import ImportanceRecorder  # noqa: E402
+
+
+def recorder_of(commit: str, folder: Path):
+    """ImportanceRecorder as it was at `commit` (the package exported and imported as `si_<commit>`)."""
+    name = f"si_{commit}"
+    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", commit, "src/sample_importance"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    (folder / "src" / "sample_importance").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    return __import__(name).ImportanceRecorder
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--commit", required=True, help="the earlier commit whose recorder is the B side")
+    ap.add_argument("--model", default="resnet20-gn", choices=list(bench_recorder.MODELS))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 8 steps per route (medians)")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as tmp:
+        routes = {"plain": None, "this tree": ImportanceRecorder, args.commit: recorder_of(args.commit, Path(tmp))}
+        torch.manual_seed(0)
+        model, batch = bench_recorder.MODELS[args.model](False)
+        x, y = batch(args.batch)
+        steps = {}
+        for name, make in routes.items():
+            m = copy.deepcopy(model)
+            opt = torch.optim.SGD(m.parameters(), lr=0.01)
+            rec = None if make is None else make(m)
+
+            def step(m=m, opt=opt, rec=rec):
+                opt.zero_grad()
+                loss = F.cross_entropy(m(x), y, reduction="none")
+                loss.mean().backward() if rec is None else rec.backward(loss, optimizer=opt)
+                opt.step()
+            steps[name] = step
+        times = {k: [] for k in steps}
+        faults = {k: [] for k in steps}
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for name, step in steps.items():
+                step()
+                t, f0 = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(8):
+                    start = time.perf_counter()
+                    step()
+                    t.append(time.perf_counter() - start)
+                if r:
+                    times[name].append(statistics.median(t))
+                    faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 8)
+    base = statistics.median(times["plain"])
+    print(f"{args.model}, batch {args.batch}, {args.rounds} rounds, torch {torch.__version__}")
+    for name in steps:
+        t = statistics.median(times[name])
+        print(f"{name:>12}: {1e3 * t:8.2f} ms  {t / base:5.2f}x plain  {statistics.median(faults[name]):8.0f} page faults/step")
+
+
+if __name__ == "__main__":
+    main()
