@@ -16,6 +16,7 @@ d=128, 4 heads, sequences of 64 tokens). Rounds are interleaved and medians repo
 
     python bench/bench_recorder.py                 # CPU, batch sizes 32 and 128
     python bench/bench_recorder.py --quick         # tiny sizes: checks that every route runs
+    python bench/bench_recorder.py --models mlp --routes plain,recorder   # some routes only
 """
 from __future__ import annotations
 
