@@ -231,11 +231,7 @@ class ImportanceRecorder:
                 and not self._may_couple[d]:  # the common case (Linear, Conv, norms), without pytrees
             call = Call((args[0].detach(),), kwargs, [None])
             if output.requires_grad:
-                node = output.grad_fn
-                if node is None:
-                    output.register_hook(partial(self._on_output_grad, call, 0))
-                else:  # the gradient the output's node receives: a tensor hook's, at less cost per call
-                    node.register_prehook(partial(self._on_node_grad, call, output.output_nr))
+                self._watch(output, call, 0)
                 call.pending = 1
             self._calls[name].append(call)
             return
@@ -255,7 +251,7 @@ class ImportanceRecorder:
         call = Call(args, kwargs, [None] * len(outs))
         for k, t in enumerate(outs):
             if t.requires_grad:
-                t.register_hook(partial(self._on_output_grad, call, k))
+                self._watch(t, call, k)
                 call.pending += 1
         rule = self._layers[d][2]
         if rule is not None and rule.inner is not None and call.pending and name not in self._coupled:
@@ -264,9 +260,18 @@ class ImportanceRecorder:
                 call.pending += 1
         self._calls[name].append(call)
 
-    def _on_node_grad(self, call: Call, nr: int, grad_outputs: tuple) -> None:
+    def _watch(self, t: torch.Tensor, call: Call, k: int) -> None:
+        """Have the gradient of output t (leaf k of the call's output) reach `_on_output_grad`: through a
+        prehook on t's autograd node (a tensor hook's gradient, at less cost per call), or a tensor
+        hook where t has no node."""
+        if t.grad_fn is None:
+            t.register_hook(partial(self._on_output_grad, call, k))
+        else:
+            t.grad_fn.register_prehook(partial(self._on_node_grad, call, k, t.output_nr))
+
+    def _on_node_grad(self, call: Call, k: int, nr: int, grad_outputs: tuple) -> None:
         if grad_outputs[nr] is not None:  # as a tensor hook, which no undefined gradient calls
-            self._on_output_grad(call, 0, grad_outputs[nr])
+            self._on_output_grad(call, k, grad_outputs[nr])
 
     def _on_output_grad(self, call: Call, k: int, grad: torch.Tensor) -> None:
         if not self._in_backward:  # another backward pass of the user's: a stale call stays without grads

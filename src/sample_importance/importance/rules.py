@@ -372,7 +372,7 @@ class _ConvWithPerSample(torch.autograd.Function):
             g, x, w, [w.shape[0]] if need_b else None, list(stride), list(padding), list(dilation), False,
             [0] * (x.dim() - 2), groups, [need_x, need_w and not per_sample, need_b])
         if per_sample:
-            norms, gw = _conv_weight_sq_norms(x.detach(), g, w, ctx.geometry, total=True)
+            norms, gw = _conv_weight_sq_norms(x, g, w, ctx.geometry, total=True)
             fused.call.extra = {"weight_sq_norms": norms}
         fused.owner.arrive(fused.call, g)
         return gx, gw, gb, None, None
