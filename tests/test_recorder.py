@@ -493,13 +493,17 @@ def test_optimizer_beta_is_the_derivative_of_the_actual_step(kind, warmup):
 
 
 def test_autocast_is_refused_with_one_sentence():
+    """A recorded forward under autocast is refused; the recorder then records full precision."""
     seeded()
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 3))
-    with ImportanceRecorder(model) as rec, torch.autocast("cpu", dtype=torch.bfloat16), \
-            pytest.raises(UserError, match="does not record under torch.autocast"):
-        model(torch.randn(B, 3, 4, 4))
-    assert torch._C._len_torch_function_stack() == 0
-    model(torch.randn(B, 3, 4, 4))  # outside autocast, and after close: unrecorded, as before
+    twin = copy.deepcopy(model)
+    x = torch.randn(B, 3, 4, 4)
+    with ImportanceRecorder(model) as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                pytest.raises(UserError, match="does not record under torch.autocast"):
+            model(x)
+        beta = rec.backward(ce(x, Y)(model), lr=LR)
+        assert torch.allclose(beta, reference_beta(twin, ce(x, Y), rec), rtol=1e-10)
 
 
 def test_bad_input_is_one_clear_sentence():
