@@ -251,6 +251,30 @@ def test_normalisation_layers(norm, shape):
     check(model, ce(torch.randn(*shape), Y))
 
 
+@pytest.mark.parametrize("saved", [True, False])
+def test_group_norm_channels_last_frozen_bias_with_and_without_its_saved_statistics(saved, monkeypatch):
+    """GroupNorm after a convolution, in channels_last memory format, with a frozen bias (the kernel
+    asked for the weight's gradients only); its statistics read off its autograd node
+    (`group_norm_saved`), and recomputed where that node is not the one the rule knows."""
+    seeded()
+    read = []
+    rule = RULES[nn.GroupNorm]
+    original = rule.saved
+    monkeypatch.setattr(rule, "saved", lambda m, out: read.append(original(m, out) if saved else None) or read[-1])
+    norm = nn.GroupNorm(3, 6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(6) + 0.5)
+        norm.bias.copy_(torch.rand(6))
+    norm.bias.requires_grad_(False)
+    body = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), norm).to(memory_format=torch.channels_last)
+    x = torch.randn(B, 2, 4, 4).to(memory_format=torch.channels_last)
+    rec = check(Head(body, 6 * 4 * 4), ce(x, Y))
+    assert rec.layer_names == ["body.0", "body.1", "out"]
+    assert read and all((r is not None) == saved for r in read)
+    if saved:
+        assert read[-1]["mean"].shape == (B, 3)
+
+
 class Attention(nn.Module):
     def __init__(self, batch_first: bool, kdim=None, use_weights=False, dropout=0.0):
         super().__init__()

@@ -108,10 +108,13 @@ class ImportanceRecorder:
         self._fusable = [rule is not None and rule.fused is not None and self._normed[d] and not any(self._may_couple)
                          for d, (_, _, rule, _) in enumerate(self._layers)]
         self._fusing: dict[int, object] = {}  # layer -> the fused context of its forward under way
-        self._handles = [module.register_forward_hook(_Hook(partial(self._on_forward, d)), with_kwargs=True,
+        # the axis of a call's output gradient that holds the batch (`_check_call`)
+        self._batch_axis = [1 if isinstance(m, nn.MultiheadAttention) and not m.batch_first else 0
+                            for _, m, _, _ in self._layers]
+        self._handles = [module.register_forward_hook(_Hook(self._on_forward, d), with_kwargs=True,
                                                       always_call=self._fusable[d])
                          for d, (_, module, _, _) in enumerate(self._layers)]
-        self._handles += [module.register_forward_pre_hook(_Hook(partial(self._on_pre_forward, d)))
+        self._handles += [module.register_forward_pre_hook(_Hook(self._on_pre_forward, d))
                           for d, (_, module, _, _) in enumerate(self._layers) if self._fusable[d]]
         fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers if rule is None]
         if fallback:
@@ -208,7 +211,7 @@ class ImportanceRecorder:
     # ------------------------------------------------------------ hooks
     def _on_pre_forward(self, d: int, module: nn.Module, args: tuple) -> None:
         if self._capturing and torch.is_grad_enabled() and len(args) == 1 and isinstance(args[0], torch.Tensor) \
-                and not torch._C._are_functorch_transforms_active() and not _autocasting(args[0]):
+                and not torch._C._are_functorch_transforms_active() and not _autocasting(args[0].device.type):
             fused = self._layers[d][2].fused(module, Call((args[0].detach(),), {}, [None]), self)
             fused.__enter__()
             self._fusing[d] = fused
@@ -221,9 +224,9 @@ class ImportanceRecorder:
                 fused.call.pending = 1  # the output gradient comes from its backward (`arrive`)
                 self._calls[self._layers[d][0]].append(fused.call)
                 return
-        if not self._capturing or not torch.is_grad_enabled() or output is None:
+        if not self._capturing or output is None or not torch.is_grad_enabled():
             return
-        if isinstance(output, torch.Tensor) and _autocasting(output):
+        if isinstance(output, torch.Tensor) and _autocasting(output.device.type):
             raise UserError("ImportanceRecorder does not record under torch.autocast (mixed precision): run the "
                             "forward passes you record in full precision, outside autocast.")
         name = self._layers[d][0]
@@ -233,6 +236,9 @@ class ImportanceRecorder:
             if output.requires_grad:
                 self._watch(output, call, 0)
                 call.pending = 1
+                rule = self._layers[d][2]
+                if rule is not None and rule.saved is not None:
+                    call.extra = rule.saved(module, output)
             self._calls[name].append(call)
             return
         if batch_norm_couples(module):
@@ -300,11 +306,12 @@ class ImportanceRecorder:
             return
         plan = self._plans.pop(id(call), None)
         if plan is not None:
-            column = self._column(plan[0], call, plan[1])
-            if column is not None:
-                self._columns[plan[0]] = column
-                call.args, call.kwargs, call.extra, call.inner_grads = (), {}, None, None
-                call.grads = [None] * len(call.grads)
+            try:
+                self._columns[plan[0]] = self._column(plan[0], call, plan[1])
+            except UserError:  # said after the pass by the general path, with .grad complete
+                return
+            call.args, call.kwargs, call.extra, call.inner_grads = (), {}, None, None
+            call.grads = [None] * len(call.grads)
 
     def _plan_columns(self, B: int, factors: dict) -> None:
         """Before an SGD-family backward pass: every layer called once, with a norm route, gets its
@@ -318,18 +325,12 @@ class ImportanceRecorder:
                 self._plans[id(calls[0])] = (d, f2)
         self._batch = B
 
-    def _column(self, d: int, call: Call, f2: dict) -> torch.Tensor | None:
-        """Layer d's beta column from its one call: sum over its parameters of f^2 ||g_i||^2; None
-        where the call cannot be used (its output without the batch on its first axis, a module
-        configuration the rule refuses): the general path then says so, after the pass."""
-        try:
-            return self._column_of(d, call, f2)
-        except UserError:  # said after the pass by the general path, with .grad complete
-            return None
-
-    def _column_of(self, d: int, call: Call, f2: dict) -> torch.Tensor:
+    def _column(self, d: int, call: Call, f2: dict) -> torch.Tensor:
+        """Layer d's beta column from its one call: sum over its parameters of f^2 ||g_i||^2. A
+        UserError where the call cannot be used (its output without the batch on its first axis, a
+        module configuration the rule refuses): the general path then says so, after the pass."""
         name, module, rule, _ = self._layers[d]
-        self._check_call(name, module, call, self._batch)
+        self._check_call(d, call, self._batch)
         if rule.sq_norm_column is not None:
             column = rule.sq_norm_column(module, call, f2)
             if column is not None:
@@ -416,7 +417,7 @@ class ImportanceRecorder:
                 continue
             calls = [c for c in self._calls[name] if any(g is not None for g in c.grads)]
             for c in calls:
-                self._check_call(name, module, c, B)
+                self._check_call(d, c, B)
             for n, p in self._named[d]:
                 for c in calls:
                     sources.setdefault(id(p), []).append((d, c, n))
@@ -469,12 +470,11 @@ class ImportanceRecorder:
         finally:
             self._capturing = True
 
-    def _check_call(self, name: str, module: nn.Module, call: Call, B: int) -> None:
+    def _check_call(self, d: int, call: Call, B: int) -> None:
         g = call.grads[0] if call.grads[0] is not None else next(g for g in call.grads if g is not None)
-        batch_axis = 1 if isinstance(module, nn.MultiheadAttention) and not module.batch_first else 0
-        if g.dim() == 0 or g.shape[batch_axis] != B:
-            raise UserError(f"The output of {name} does not have the batch of {B} samples on its first axis: "
-                            "the recorder needs batch-first inputs (e.g. batch_first=True for Transformer layers).")
+        if g.dim() == 0 or g.shape[self._batch_axis[d]] != B:
+            raise UserError(f"The output of {self._layers[d][0]} does not have the batch of {B} samples on its "
+                            "first axis: the recorder needs batch-first inputs (e.g. batch_first=True for Transformer layers).")
 
     def _set_groups(self, groups) -> None:
         if groups is None:
@@ -516,14 +516,16 @@ def batch_loss(loss_i: torch.Tensor, batch_size: int | None = None, grad_scale: 
 
 
 class _Hook:
-    """A hook calling the recorder. A copy of the model (copy.deepcopy, pickling) gets a hook that
-    does nothing: the recorder belongs to the original model only."""
+    """A hook calling the recorder's fn(d, *args) for layer d. A copy of the model (copy.deepcopy,
+    pickling) gets a hook that does nothing: the recorder belongs to the original model only."""
 
-    def __init__(self, fn=None):
-        self.fn = fn
+    __slots__ = ("fn", "d")
+
+    def __init__(self, fn=None, d: int = 0):
+        self.fn, self.d = fn, d
 
     def __call__(self, *args):
-        return None if self.fn is None else self.fn(*args)
+        return None if self.fn is None else self.fn(self.d, *args)
 
     def __deepcopy__(self, memo) -> "_Hook":
         return _Hook()
@@ -532,9 +534,10 @@ class _Hook:
         return _Hook, ()
 
 
-def _autocasting(t: torch.Tensor) -> bool:
+def _autocasting(device_type: str) -> bool:
+    """Whether torch.autocast is on for this device type (torch < 2.4: for any device)."""
     try:
-        return torch.is_autocast_enabled(t.device.type)
+        return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 

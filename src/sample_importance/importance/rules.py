@@ -77,6 +77,10 @@ class Rule:
     # in which the module's own operation also computes the per-sample norms in its backward and
     # hands its output gradient to owner.arrive(call, g) (`FusedConv`); None: no fused route
     fused: Callable[[nn.Module, Call, object], object] | None = None
+    # fn(module, output) at the forward pass -> {key: tensor} that the module's own autograd graph
+    # saved for its backward and the rule reads (call.extra) instead of recomputing it; None where
+    # the output's node is not the one the rule knows
+    saved: Callable[[nn.Module, torch.Tensor], dict | None] | None = None
 
 
 RULES: dict[type, Rule] = {}
@@ -175,15 +179,19 @@ def linear_sq_norms(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
 
 
 def linear_sq_norm_column(module: nn.Linear, call: Call, f2: dict) -> torch.Tensor | None:
-    """(B, in) inputs: f_W^2 ||d_i||^2 ||a_i||^2 + f_b^2 ||d_i||^2 in four operations (the paper's MLP
-    step, where per-operation overhead is what costs)."""
+    """(B, in) inputs: f_W^2 ||d_i||^2 ||a_i||^2 + f_b^2 ||d_i||^2 in four operations where f_W = f_b
+    (the paper's MLP step, where per-operation overhead is what costs). f2 lists the layer's
+    parameters that require a gradient, so a bias is there or not."""
     a, d = call.x, call.g
     if a.dim() != 2:
         return None
-    inner = torch.linalg.vecdot(a, a).mul_(f2.get("weight", 0.0))
-    if _present(module, "bias"):
-        inner.add_(f2.get("bias", 0.0))
-    return inner.mul_(torch.linalg.vecdot(d, d))
+    an, dn = torch.linalg.vecdot(a, a), torch.linalg.vecdot(d, d)
+    fw, fb = f2.get("weight", 0.0), f2.get("bias")
+    if fb is None:
+        return an.mul_(dn).mul_(fw)
+    if fb == fw:
+        return torch.addcmul(dn, an, dn).mul_(fw)  # f^2 ||d||^2 (||a||^2 + 1)
+    return an.mul_(fw).add_(fb).mul_(dn)
 
 
 def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[str, torch.Tensor] | None:
@@ -434,27 +442,34 @@ def _affine(module: nn.Module, d: torch.Tensor, xhat: torch.Tensor, channel_dims
 
 def _channel_affine(module: nn.Module, d: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
                     rstd: torch.Tensor) -> dict[str, torch.Tensor]:
-    """y = (x - mean) rstd w + b with w, b per channel (axis 1) and mean, rstd per sample and
-    channel (B, C) or per channel (C,): dL_i/dw_c = rstd (sum d x - mean sum d) over the channel's
-    positions, dL_i/db_c = sum d. The form of PyTorch's own GroupNorm weight gradient, from two
-    reductions of the input and output gradient: no normalised input of their size is formed."""
+    """y = (x - mean) rstd w + b with w, b per channel (axis 1), and mean, rstd per sample and
+    channel group (B, G), G dividing C, or per channel (C,) (running statistics): dL_i/dw_c =
+    rstd (sum d x - mean sum d) over the channel's positions, dL_i/db_c = sum d. PyTorch's own
+    group normalisation backward kernel forms these sums; with the batch folded into the channels
+    (one sample of B*C channels in B*G groups) the weight and bias gradients it returns are the
+    per-sample ones, in one pass over d and x and without a temporary of their size."""
     B, C = d.shape[:2]
-    dr = d.reshape(B, C, -1)
-    total = dr.sum(2)
+    if mean.dim() == 1:  # per channel, the same for every sample: each channel its own group
+        mean, rstd = mean.expand(B, C), rstd.expand(B, C)
+    groups = B * mean.shape[1]
+    need = [False, _present(module, "weight"), _present(module, "bias")]
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        d.reshape(1, B * C, -1), x.reshape(1, B * C, -1), mean.reshape(1, groups).to(x.dtype),
+        rstd.reshape(1, groups).to(x.dtype), None, 1, B * C, d[0, 0].numel(), groups, need)
     out = {}
-    if _present(module, "weight"):
-        out["weight"] = (torch.linalg.vecdot(dr, x.reshape(B, C, -1)) - mean * total) * rstd
-    if _present(module, "bias"):
-        out["bias"] = total
+    if need[1]:
+        out["weight"] = weight.view(B, C)
+    if need[2]:
+        out["bias"] = bias.view(B, C)
     return out
 
 
 def _statistics(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and 1/sqrt(var + eps) of each sample's channel groups, per channel (B, C): those of
-    PyTorch's own group normalisation kernel (its output is not kept)."""
+    """Mean and 1/sqrt(var + eps) of each sample's channel groups (B, groups): those of PyTorch's
+    own group normalisation kernel (its output is not kept)."""
     B, C = x.shape[:2]
     _, mean, rstd = torch.native_group_norm(x, None, None, B, C, x[0, 0].numel(), groups, eps)
-    return mean.repeat_interleave(C // groups, 1), rstd.repeat_interleave(C // groups, 1)
+    return mean, rstd
 
 
 def _running_statistics(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,7 +484,28 @@ def layer_norm_grads(module: nn.LayerNorm, call: Call) -> dict[str, torch.Tensor
 
 @register_rule(nn.GroupNorm)
 def group_norm_grads(module: nn.GroupNorm, call: Call) -> dict[str, torch.Tensor]:
-    return _channel_affine(module, call.g, call.x, *_statistics(call.x, module.num_groups, module.eps))
+    saved = call.extra or {}
+    if saved.get("mean") is not None and saved["mean"].shape == (call.x.shape[0], module.num_groups):
+        stats = saved["mean"], saved["rstd"]
+    else:
+        stats = _statistics(call.x, module.num_groups, module.eps)
+    return _channel_affine(module, call.g, call.x, *stats)
+
+
+def group_norm_saved(module: nn.GroupNorm, output: torch.Tensor) -> dict | None:
+    """The mean and rstd (B, G) that PyTorch's group normalisation kept for its backward pass, read
+    off the output's autograd node: the values `_statistics` would recompute with a pass over the
+    input (the same kernel on the same input), at no cost."""
+    node = output.grad_fn
+    if type(node).__name__ != "NativeGroupNormBackward0":
+        return None
+    try:
+        return {"mean": node._saved_result1.detach(), "rstd": node._saved_result2.detach()}
+    except (AttributeError, RuntimeError):  # another PyTorch's node, or saved tensors already freed
+        return None
+
+
+group_norm_grads.rule.saved = group_norm_saved
 
 
 @register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
