@@ -92,7 +92,9 @@ def main(argv=None) -> None:
 
 
 def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of values (the nearest rank)."""
     return sorted(values)[round(q * (len(values) - 1))]
+
 
 if __name__ == "__main__":
     main()

@@ -474,7 +474,8 @@ class ImportanceRecorder:
         g = call.grads[0] if call.grads[0] is not None else next(g for g in call.grads if g is not None)
         if g.dim() == 0 or g.shape[self._batch_axis[d]] != B:
             raise UserError(f"The output of {self._layers[d][0]} does not have the batch of {B} samples on its "
-                            "first axis: the recorder needs batch-first inputs (e.g. batch_first=True for Transformer layers).")
+                            "first axis: the recorder needs batch-first inputs (e.g. batch_first=True for "
+                            "Transformer layers).")
 
     def _set_groups(self, groups) -> None:
         if groups is None:

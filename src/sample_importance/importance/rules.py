@@ -179,19 +179,16 @@ def linear_sq_norms(module: nn.Linear, call: Call) -> dict[str, torch.Tensor]:
 
 
 def linear_sq_norm_column(module: nn.Linear, call: Call, f2: dict) -> torch.Tensor | None:
-    """(B, in) inputs: f_W^2 ||d_i||^2 ||a_i||^2 + f_b^2 ||d_i||^2 in four operations where f_W = f_b
-    (the paper's MLP step, where per-operation overhead is what costs). f2 lists the layer's
-    parameters that require a gradient, so a bias is there or not."""
+    """(B, in) inputs: f_W^2 ||d_i||^2 ||a_i||^2 + f_b^2 ||d_i||^2 in five small operations (the
+    paper's MLP step, where per-operation overhead is what costs). f2 lists the layer's parameters
+    that require a gradient, so a bias is there or not."""
     a, d = call.x, call.g
     if a.dim() != 2:
         return None
-    an, dn = torch.linalg.vecdot(a, a), torch.linalg.vecdot(d, d)
-    fw, fb = f2.get("weight", 0.0), f2.get("bias")
-    if fb is None:
-        return an.mul_(dn).mul_(fw)
-    if fb == fw:
-        return torch.addcmul(dn, an, dn).mul_(fw)  # f^2 ||d||^2 (||a||^2 + 1)
-    return an.mul_(fw).add_(fb).mul_(dn)
+    inner = torch.linalg.vecdot(a, a).mul_(f2.get("weight", 0.0))
+    if "bias" in f2:
+        inner.add_(f2["bias"])
+    return inner.mul_(torch.linalg.vecdot(d, d))
 
 
 def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[str, torch.Tensor] | None:
