@@ -2,6 +2,7 @@
 finish is recovered, concurrent reruns claim a run once, damaged files and full disks are named."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -357,6 +358,22 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _describe(pid: int, run_id: str) -> str:
+    """What a process still alive is doing (its state, the kernel function it waits in, its threads)
+    and its run's status: the message of a failure that cannot be reproduced at will."""
+    proc = pathlib.Path(f"/proc/{pid}")
+    parts = []
+    for name in ("stat", "wchan"):
+        with contextlib.suppress(OSError):
+            parts.append(f"{name}: {(proc / name).read_text().strip()[:200]}")
+    with contextlib.suppress(OSError):
+        parts.append("threads: " + ", ".join(sorted((t / "comm").read_text().strip() for t in (proc / "task").iterdir())))
+    with contextlib.suppress(Exception):
+        run = MlflowClient().get_run(run_id)
+        parts.append(f"run {run.info.status}, tags {sorted(k for k in run.data.tags if not k.startswith('mlflow.'))}")
+    return "; ".join(parts)
+
+
 def test_killing_main_ends_its_train_child_and_the_rerun_completes(tmp_path):
     args = ["--subset", "1000", "--width", "256", "--epochs", "15", "--batch_size", "50", "--num_seeds", "2",
             "--num_clusters", "5", "--device", "cpu"]
@@ -375,7 +392,7 @@ def test_killing_main_ends_its_train_child_and_the_rerun_completes(tmp_path):
         pid = int(train.data.tags[mlflow_io.TAG_OWNER].rpartition(":")[2])
         deadline = time.time() + 30
         while _alive(pid):
-            assert time.time() < deadline, "the train child outlived main"
+            assert time.time() < deadline, f"the train child outlived main by 30 s: {_describe(pid, train.info.run_id)}"
             time.sleep(0.2)
         assert MlflowClient().get_run(train.info.run_id).info.status == "KILLED"  # ended, resumable
         again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
