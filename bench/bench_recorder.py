@@ -101,7 +101,15 @@ def transformer(quick: bool):
     return model, lambda B: (torch.randint(0, 1000, (B, model.T)), torch.randint(0, 10, (B,)))
 
 
-MODELS = {"mlp": mlp, "resnet20-gn": resnet, "transformer": transformer}
+def resnet_bn_eval(quick: bool):
+    """The ResNet-20 layout with BatchNorm in eval mode (running statistics, as when a pretrained
+    network is fine-tuned with its statistics frozen): per-sample rules, no coupling."""
+    model, batch = resnet(quick, norm="batch")
+    return model.eval(), batch
+
+
+MODELS = {"mlp": mlp, "resnet20-gn": resnet, "transformer": transformer, "resnet20-bn-eval": resnet_bn_eval}
+DEFAULT_MODELS = ("mlp", "resnet20-gn", "transformer")  # the issue's three; the rest on request
 
 
 # ---------------------------------------------------------------- routes: each returns a step function
@@ -196,7 +204,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="32,128", help="comma-separated batch sizes")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per route and round")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--routes", default=None, help="comma-separated subset of " + ", ".join(ROUTES) + " (default: all)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")  # the libraries' deprecation notes would bury the tables

@@ -451,6 +451,73 @@ def test_batchnorm_training_exact():
         assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-14)
 
 
+class HiddenBN(nn.Module):
+    """BatchNorm layers with no parameters to record: one without affine parameters between two
+    linear layers, one frozen; and one on the data itself, before any parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs = nn.BatchNorm1d(4, affine=False)
+        self.lin, self.plain = nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False)
+        self.mid, self.frozen = nn.Linear(6, 5), nn.BatchNorm1d(5).requires_grad_(False)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.plain(self.lin(self.inputs(x))))
+        return self.out(torch.tanh(self.frozen(self.mid(h))))
+
+
+@pytest.mark.parametrize("coupling", ["plain", "frozen"])
+def test_batchnorm_without_parameters_to_record_still_couples(coupling):
+    """A BatchNorm in training mode couples the samples whether or not it has parameters of its own
+    to record: refused by default (naming it), exact with batchnorm="exact". On the data, before any
+    parameter, it does not couple them (each L_i depends on the parameters through sample i only)."""
+    seeded()
+    model, x = HiddenBN(), torch.randn(B, 4)
+    (model.frozen if coupling == "plain" else model.plain).eval()
+    rec = ImportanceRecorder(model)
+    assert rec.layer_names == ["lin", "mid", "out"]
+    with pytest.raises(UserError, match=f"batch statistics \\({coupling}\\).*batchnorm='exact'"):
+        model(x)
+    rec.close()
+    twin = copy.deepcopy(model)
+    rec = ImportanceRecorder(model, batchnorm="exact")
+    beta = rec.backward(F.cross_entropy(model(x), Y, reduction="none"), lr=LR)
+    expected = reference_beta(twin, ce(x, Y), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+    assert not torch.allclose(beta, reference_beta(copy.deepcopy(twin).eval(), ce(x, Y), rec), rtol=1e-3)
+    rec.close()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    model.inputs.train()  # only the data's BatchNorm uses batch statistics: the per-sample rules
+    check(model, ce(x, Y))
+
+
+def test_convolutions_fused_beside_batchnorm_in_eval_mode(monkeypatch):
+    """With every BatchNorm in eval mode the convolutions take their fused backward (no batch weight
+    gradient of their own); a BatchNorm in training mode turns it off for that pass (exact route)."""
+    masks = []
+    backward = torch.ops.aten.convolution_backward
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", lambda *a: masks.append(a[-1]) or backward(*a))
+    seeded()
+    model, x = TwoBN().eval(), torch.randn(B, 2, 4, 4)
+    with torch.no_grad():  # running statistics and affine parameters away from their defaults
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(0, 0.5)
+    check(model, ce(x, Y))
+    assert masks and all(not m[1] for m in masks)  # no batch weight gradient: the fused route
+    masks.clear()
+    model.train()
+    twin = copy.deepcopy(model)
+    rec = ImportanceRecorder(model, batchnorm="exact")
+    beta = rec.backward(F.cross_entropy(model(x), Y, reduction="none"), lr=LR)
+    expected = reference_beta(twin, ce(x, Y), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+    assert masks == []  # autograd's own convolution backward (C++), not the fused one
+    rec.close()
+
+
 # ------------------------------------------------------------ optimizers: finite differences of the real step
 class Small(nn.Module):
     def __init__(self):

@@ -102,10 +102,15 @@ class ImportanceRecorder:
         self._in_backward = False  # output gradients are taken only inside recorder.backward
         self._grads_before: list = []  # each parameter's .grad and its version before the backward pass
         self._may_couple = [isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m, _, _ in self._layers]
+        # Every BatchNorm of the model, recorded or not (affine=False, frozen parameters): in training mode
+        # each couples the samples of a batch wherever its input depends on parameters.
+        self._batch_norms = [(name or ROOT, m) for name, m in model.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self._param_list = list({id(p): p for named in self._named for _, p in named}.values())
         # Layers whose module's own operation can take the per-sample norms in its backward
-        # (`Rule.fused`): not beside a BatchNorm (its exact route differentiates the pass again).
-        self._fusable = [rule is not None and rule.fused is not None and self._normed[d] and not any(self._may_couple)
+        # (`Rule.fused`): in passes where no BatchNorm couples the samples (`_on_pre_forward`: the
+        # exact route of a coupled pass differentiates it again).
+        self._fusable = [rule is not None and rule.fused is not None and self._normed[d]
                          for d, (_, _, rule, _) in enumerate(self._layers)]
         self._fusing: dict[int, object] = {}  # layer -> the fused context of its forward under way
         # the axis of a call's output gradient that holds the batch (`_check_call`)
@@ -116,6 +121,9 @@ class ImportanceRecorder:
                          for d, (_, module, _, _) in enumerate(self._layers)]
         self._handles += [module.register_forward_pre_hook(_Hook(self._on_pre_forward, d))
                           for d, (_, module, _, _) in enumerate(self._layers) if self._fusable[d]]
+        recorded = {id(m) for _, m, _, _ in self._layers}
+        self._handles += [m.register_forward_hook(_Hook(self._on_unrecorded_batch_norm, k))
+                          for k, (_, m) in enumerate(self._batch_norms) if id(m) not in recorded]
         fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers if rule is None]
         if fallback:
             warnings.warn("ImportanceRecorder: no exact rule for " + ", ".join(fallback) +
@@ -211,7 +219,8 @@ class ImportanceRecorder:
     # ------------------------------------------------------------ hooks
     def _on_pre_forward(self, d: int, module: nn.Module, args: tuple) -> None:
         if self._capturing and torch.is_grad_enabled() and len(args) == 1 and isinstance(args[0], torch.Tensor) \
-                and not torch._C._are_functorch_transforms_active() and not _autocasting(args[0].device.type):
+                and not torch._C._are_functorch_transforms_active() and not _autocasting(args[0].device.type) \
+                and not any(batch_norm_couples(m) for _, m in self._batch_norms):
             fused = self._layers[d][2].fused(module, Call((args[0].detach(),), {}, [None]), self)
             fused.__enter__()
             self._fusing[d] = fused
@@ -242,13 +251,7 @@ class ImportanceRecorder:
             self._calls[name].append(call)
             return
         if batch_norm_couples(module):
-            if self.batchnorm == "refuse":
-                bn = [n for n, m, *_ in self._layers if batch_norm_couples(m)]
-                raise UserError(
-                    f"BatchNorm normalising with batch statistics ({', '.join(bn)}) couples the samples of a "
-                    "batch, so per-sample importance has no outer-product rule: pass batchnorm='exact' (exact, "
-                    "slower), use GroupNorm, or put the BatchNorm layers in eval mode.")
-            self._coupled.add(name)
+            self._couple(name)
         outs = [output] if isinstance(output, torch.Tensor) else \
             [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -265,6 +268,25 @@ class ImportanceRecorder:
                 node.register_prehook(partial(self._on_inner_grad, call, key))
                 call.pending += 1
         self._calls[name].append(call)
+
+    def _on_unrecorded_batch_norm(self, k: int, module: nn.Module, args: tuple, output) -> None:
+        """A BatchNorm without parameters of its own to record still couples the samples, wherever
+        its input depends on the recorded parameters (not on the data alone)."""
+        if self._capturing and torch.is_grad_enabled() and batch_norm_couples(module) \
+                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            self._couple(self._batch_norms[k][0])
+
+    def _couple(self, name: str) -> None:
+        """A BatchNorm normalised with batch statistics in this pass: refused, or the exact route."""
+        if self.batchnorm == "refuse":
+            # this one, and the recorded ones that use batch statistics too (an unrecorded one
+            # couples only where its input depends on parameters)
+            bn = [name] + [n for n, m, *_ in self._layers if n != name and batch_norm_couples(m)]
+            raise UserError(
+                f"BatchNorm normalising with batch statistics ({', '.join(bn)}) couples the samples of a "
+                "batch, so per-sample importance has no outer-product rule: pass batchnorm='exact' (exact, "
+                "slower), use GroupNorm, or put the BatchNorm layers in eval mode.")
+        self._coupled.add(name)
 
     def _watch(self, t: torch.Tensor, call: Call, k: int) -> None:
         """Have the gradient of output t (leaf k of the call's output) reach `_on_output_grad`: through a
