@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from sample_importance import ImportanceRecorder
@@ -755,6 +756,45 @@ def test_on_a_cuda_device():
         assert rec.grouped(beta).shape == (B, 5)
     expected = reference_beta(twin, ce(x, Y.cuda()), rec)
     assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+
+
+class Checkpointed(nn.Module):
+    """A convolution and a GroupNorm under activation checkpointing, then two linear layers."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(2, 3, 3, padding=1), nn.GroupNorm(1, 3)
+        self.hidden, self.out = nn.Linear(3 * 16, 8), nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def block(self, x):
+        return torch.tanh(self.norm(self.conv(x)))
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
+        return self.out(torch.tanh(self.hidden(h.flatten(1))))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    """Layers recomputed in the backward pass (torch.utils.checkpoint, both implementations: the
+    reentrant one records its calls during the pass). Reference: each L_i backpropagated alone from
+    its own forward (the reentrant checkpoint does not support autograd.grad)."""
+    seeded()
+    model = Checkpointed(reentrant)
+    twin = copy.deepcopy(model)
+    x = torch.randn(B, 2, 4, 4, requires_grad=reentrant)  # the reentrant one needs an input with gradients
+    rec = ImportanceRecorder(model)
+    beta = rec.backward(ce(x, Y)(model), lr=LR)
+    expected = torch.zeros(B, len(rec.layer_names))
+    for i in range(B):
+        twin.zero_grad()
+        ce(x, Y)(twin)[i].backward()
+        for d, name in enumerate(rec.layer_names):
+            expected[i, d] = sum(p.grad.square().sum() for p in twin.get_submodule(name).parameters()) * (LR / B) ** 2
+    assert rec.layer_names == ["conv", "norm", "hidden", "out"] and (expected.amax(0) > 0).all()
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+    rec.close()
 
 
 def test_passes_outside_recorder_backward_do_not_count():
