@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -811,6 +813,30 @@ def test_passes_outside_recorder_backward_do_not_count():
         model.zero_grad()
         beta = rec.backward(ce(x, Y)(model), lr=LR)
         expected = reference_beta(twin, ce(x, Y), rec)
+    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-10
+
+
+def test_forward_passes_without_recorder_backward_hold_nothing_once_dropped():
+    """An evaluation with gradients enabled (no torch.no_grad) and no recorder.backward: once its
+    graph is dropped, the recorder holds none of its inputs; a graph still alive at
+    recorder.backward (its output kept by the user) does not enter beta either."""
+    seeded()
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    twin = copy.deepcopy(model)
+    x = torch.randn(B, 2, 4, 4)
+    with ImportanceRecorder(model) as rec:
+        held = []
+        for _ in range(3):
+            inputs = torch.randn(2 * B, 2, 4, 4)
+            held.append(weakref.ref(inputs.untyped_storage()))
+            F.cross_entropy(model(inputs), torch.zeros(2 * B, dtype=torch.long))  # result dropped
+            del inputs
+        gc.collect()
+        assert sum(r() is not None for r in held) == 0  # nothing of the three passes is left
+        kept = model(torch.randn(2 * B, 2, 4, 4))  # alive (and with another batch size) at the step
+        beta = rec.backward(ce(x, Y)(model), lr=LR)
+        expected = reference_beta(twin, ce(x, Y), rec)
+        del kept
     assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-10
 
 

@@ -32,6 +32,7 @@ i.e. torch.func.vmap over vjp): exact, at several times the cost of one backward
 from __future__ import annotations
 
 import warnings
+import weakref
 from functools import partial
 from typing import Callable, Mapping
 
@@ -93,7 +94,10 @@ class ImportanceRecorder:
                 listed[id(p)] = listed.get(id(p), 0) + 1
         self._normed = [rule is not None and rule.sq_norms is not None and all(listed[id(p)] == 1 for _, p in named)
                         for (_, _, rule, _), named in zip(self._layers, self._named)]
-        self._calls: dict[str, list[Call]] = {name: [] for name, *_ in self._layers}
+        # Each layer's calls since the last recorder.backward: weak references (the hooks of a call's
+        # autograd graph hold it, so a graph dropped without recorder.backward takes its calls along),
+        # made strong for recorder.backward (`_hold_calls`; the pass frees its hooks as it goes).
+        self._calls: dict[str, list] = {name: [] for name, *_ in self._layers}
         self._batch = 0  # B of the pass under way
         self._plans: dict[int, tuple[int, dict]] = {}  # id(call) -> (layer, f^2 per parameter name)
         self._columns: dict[int, torch.Tensor] = {}  # layer -> its beta column, taken during the pass
@@ -199,6 +203,7 @@ class ImportanceRecorder:
             total = B if batch_size is None else batch_size
             self._grads_before = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self._params()]
             full = None
+            self._hold_calls()
             if self._coupled:
                 full = self._batched_vjp(loss_i, total)
             factors = self._factors(optimizer, lr, kind) if kind == "sgd" else None  # the SGD family's need no .grad
@@ -231,7 +236,7 @@ class ImportanceRecorder:
             fused.__exit__(None, None, None)
             if fused.used and output is not None:
                 fused.call.pending = 1  # the output gradient comes from its backward (`arrive`)
-                self._calls[self._layers[d][0]].append(fused.call)
+                self._keep(self._layers[d][0], fused.call)
                 return
         if not self._capturing or output is None or not torch.is_grad_enabled():
             return
@@ -248,7 +253,7 @@ class ImportanceRecorder:
                 rule = self._layers[d][2]
                 if rule is not None and rule.saved is not None:
                     call.extra = rule.saved(module, output)
-            self._calls[name].append(call)
+            self._keep(name, call)
             return
         if batch_norm_couples(module):
             self._couple(name)
@@ -267,7 +272,18 @@ class ImportanceRecorder:
             for key, node in rule.inner(module, call, output).items():
                 node.register_prehook(partial(self._on_inner_grad, call, key))
                 call.pending += 1
-        self._calls[name].append(call)
+        self._keep(name, call)
+
+    def _keep(self, name: str, call: Call) -> None:
+        """Layer `name`'s new call: held weakly outside recorder.backward (its graph's hooks hold it:
+        a call without any never receives a gradient), strongly during it (a forward recomputed in
+        the pass, as activation checkpointing does, frees its hooks before the pass ends)."""
+        self._calls[name].append(call if self._in_backward else weakref.ref(call))
+
+    def _hold_calls(self) -> None:
+        """Before the pass: the calls whose graphs are still alive, held strongly until `_clear`."""
+        for name, refs in self._calls.items():
+            self._calls[name] = [c for c in (r() for r in refs) if c is not None]
 
     def _on_unrecorded_batch_norm(self, k: int, module: nn.Module, args: tuple, output) -> None:
         """A BatchNorm without parameters of its own to record still couples the samples, wherever

@@ -33,11 +33,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UserError
 
 
-@dataclass(slots=True)
+@dataclass
 class Call:
     """One call of a recorded module during the forward pass: its arguments (tensors detached: a
     call never keeps a graph alive) and the gradients of the batch loss with respect to the tensor
-    leaves of its output (pytree order; None where none flowed)."""
+    leaves of its output (pytree order; None where none flowed). The hooks of its graph hold it
+    (the recorder itself only a weak reference until recorder.backward): a forward pass whose
+    graph is dropped without a backward pass lets its calls go with it."""
 
     args: tuple
     kwargs: dict
