@@ -437,17 +437,22 @@ def test_batchnorm_training_refused_by_default():
     rec.close()
 
 
-def test_batchnorm_training_exact():
-    seeded()
-    model, x = TwoBN(), torch.randn(B, 2, 4, 4)
+def check_coupled(model: nn.Module, x: torch.Tensor) -> tuple[ImportanceRecorder, nn.Module]:
+    """batchnorm="exact" on a network whose BatchNorm uses batch statistics, against the reference;
+    and not the per-sample rules' answer (the coupling matters). (recorder, the untouched twin)."""
     twin = copy.deepcopy(model)
     rec = ImportanceRecorder(model, batchnorm="exact")
     beta = rec.backward(F.cross_entropy(model(x), Y, reduction="none"), lr=LR)
     expected = reference_beta(twin, ce(x, Y), rec)
     assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
-    # not the per-sample rules' answer: coupling matters
-    twin2 = copy.deepcopy(twin).eval()
-    assert not torch.allclose(beta, reference_beta(twin2, ce(x, Y), rec), rtol=1e-3)
+    assert not torch.allclose(beta, reference_beta(copy.deepcopy(twin).eval(), ce(x, Y), rec), rtol=1e-3)
+    return rec, twin
+
+
+def test_batchnorm_training_exact():
+    seeded()
+    model, x = TwoBN(), torch.randn(B, 2, 4, 4)
+    rec, twin = check_coupled(model, x)
     twin.zero_grad()
     F.cross_entropy(twin(x), Y, reduction="none").mean().backward()
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -483,13 +488,7 @@ def test_batchnorm_without_parameters_to_record_still_couples(coupling):
     with pytest.raises(UserError, match=f"batch statistics \\({coupling}\\).*batchnorm='exact'"):
         model(x)
     rec.close()
-    twin = copy.deepcopy(model)
-    rec = ImportanceRecorder(model, batchnorm="exact")
-    beta = rec.backward(F.cross_entropy(model(x), Y, reduction="none"), lr=LR)
-    expected = reference_beta(twin, ce(x, Y), rec)
-    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
-    assert not torch.allclose(beta, reference_beta(copy.deepcopy(twin).eval(), ce(x, Y), rec), rtol=1e-3)
-    rec.close()
+    check_coupled(model, x)[0].close()
     model.zero_grad(set_to_none=True)
     model.eval()
     model.inputs.train()  # only the data's BatchNorm uses batch statistics: the per-sample rules
@@ -511,12 +510,7 @@ def test_convolutions_fused_beside_batchnorm_in_eval_mode(monkeypatch):
     check(model, ce(x, Y))
     assert masks and all(not m[1] for m in masks)  # no batch weight gradient: the fused route
     masks.clear()
-    model.train()
-    twin = copy.deepcopy(model)
-    rec = ImportanceRecorder(model, batchnorm="exact")
-    beta = rec.backward(F.cross_entropy(model(x), Y, reduction="none"), lr=LR)
-    expected = reference_beta(twin, ce(x, Y), rec)
-    assert ((beta - expected).abs().amax(0) / expected.amax(0)).max() <= 1e-6
+    rec, _ = check_coupled(model.train(), x)
     assert masks == []  # autograd's own convolution backward (C++), not the fused one
     rec.close()
 
