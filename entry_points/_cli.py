@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import os
 import signal
 import sys
@@ -72,10 +73,20 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack on stderr: where a run hangs (not
+    where stderr is no file, as under a test's capture, or on systems without SIGUSR1)."""
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both of the latter
+        pass
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main`; a user error becomes one line on stderr and exit status 2. SIGTERM ends it as
     Ctrl-C does (its run KILLED, resumable); a launched step ends with its launcher."""
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    _stacks_on_sigusr1()
     _die_with_parent()
     try:
         main()

@@ -358,11 +358,18 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _describe(pid: int, run_id: str) -> str:
-    """What a process still alive is doing (its state, the kernel function it waits in, its threads)
-    and its run's status: the message of a failure that cannot be reproduced at will."""
+def _describe(pid: int, run_id: str, output=None) -> str:
+    """What a process still alive is doing (its state, the kernel function it waits in, its threads,
+    and, where its stderr is `output`, every thread's Python stack: `_cli` dumps them on SIGUSR1) and
+    its run's status: the message of a failure that cannot be reproduced at will."""
     proc = pathlib.Path(f"/proc/{pid}")
     parts = []
+    if output is not None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGUSR1)
+            time.sleep(2)
+            os.set_blocking(output.fileno(), False)
+            parts.append("output: " + (os.read(output.fileno(), 1 << 20) or b"").decode(errors="replace")[-6000:])
     for name in ("stat", "wchan"):
         with contextlib.suppress(OSError):
             parts.append(f"{name}: {(proc / name).read_text().strip()[:200]}")
@@ -392,7 +399,8 @@ def test_killing_main_ends_its_train_child_and_the_rerun_completes(tmp_path):
         pid = int(train.data.tags[mlflow_io.TAG_OWNER].rpartition(":")[2])
         deadline = time.time() + 30
         while _alive(pid):
-            assert time.time() < deadline, f"the train child outlived main by 30 s: {_describe(pid, train.info.run_id)}"
+            assert time.time() < deadline, \
+                f"the train child outlived main by 30 s: {_describe(pid, train.info.run_id, main.stdout)}"
             time.sleep(0.2)
         assert MlflowClient().get_run(train.info.run_id).info.status == "KILLED"  # ended, resumable
         again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
