@@ -105,7 +105,6 @@ class ImportanceRecorder:
         self._capturing = True  # forward hooks record calls
         self._in_backward = False  # output gradients are taken only inside recorder.backward
         self._grads_before: list = []  # each parameter's .grad and its version before the backward pass
-        self._may_couple = [isinstance(m, nn.modules.batchnorm._BatchNorm) for _, m, _, _ in self._layers]
         # Every BatchNorm of the model, recorded or not (affine=False, frozen parameters): in training mode
         # each couples the samples of a batch wherever its input depends on parameters.
         self._batch_norms = [(name or ROOT, m) for name, m in model.named_modules()
@@ -126,8 +125,8 @@ class ImportanceRecorder:
         self._handles += [module.register_forward_pre_hook(_Hook(self._on_pre_forward, d))
                           for d, (_, module, _, _) in enumerate(self._layers) if self._fusable[d]]
         recorded = {id(m) for _, m, _, _ in self._layers}
-        self._handles += [m.register_forward_hook(_Hook(self._on_unrecorded_batch_norm, k))
-                          for k, (_, m) in enumerate(self._batch_norms) if id(m) not in recorded]
+        self._bn_recorded = [id(m) in recorded for _, m in self._batch_norms]
+        self._handles += [m.register_forward_hook(_Hook(self._on_batch_norm, k)) for k, (_, m) in enumerate(self._batch_norms)]
         fallback = [f"{name} ({type(m).__name__})" for name, m, rule, _ in self._layers if rule is None]
         if fallback:
             warnings.warn("ImportanceRecorder: no exact rule for " + ", ".join(fallback) +
@@ -244,8 +243,8 @@ class ImportanceRecorder:
             raise UserError("ImportanceRecorder does not record under torch.autocast (mixed precision): run the "
                             "forward passes you record in full precision, outside autocast.")
         name = self._layers[d][0]
-        if isinstance(output, torch.Tensor) and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor) \
-                and not self._may_couple[d]:  # the common case (Linear, Conv, norms), without pytrees
+        # the common case (Linear, Conv, norms), without pytrees
+        if isinstance(output, torch.Tensor) and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
             call = Call((args[0].detach(),), kwargs, [None])
             if output.requires_grad:
                 self._watch(output, call, 0)
@@ -255,8 +254,6 @@ class ImportanceRecorder:
                     call.extra = rule.saved(module, output)
             self._keep(name, call)
             return
-        if batch_norm_couples(module):
-            self._couple(name)
         outs = [output] if isinstance(output, torch.Tensor) else \
             [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -285,11 +282,12 @@ class ImportanceRecorder:
         for name, refs in self._calls.items():
             self._calls[name] = [c for c in (r() for r in refs) if c is not None]
 
-    def _on_unrecorded_batch_norm(self, k: int, module: nn.Module, args: tuple, output) -> None:
-        """A BatchNorm without parameters of its own to record still couples the samples, wherever
-        its input depends on the recorded parameters (not on the data alone)."""
-        if self._capturing and torch.is_grad_enabled() and batch_norm_couples(module) \
-                and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    def _on_batch_norm(self, k: int, module: nn.Module, args: tuple, output) -> None:
+        """Every BatchNorm of the model, after its forward: with batch statistics it couples the
+        samples — a recorded one always (its own rule takes running statistics), one without
+        parameters to record wherever its input depends on parameters (not on the data alone)."""
+        if self._capturing and torch.is_grad_enabled() and batch_norm_couples(module) and (
+                self._bn_recorded[k] or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
             self._couple(self._batch_norms[k][0])
 
     def _couple(self, name: str) -> None:
