@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from sample_importance.errors import UserError  # noqa: E402
-from sample_importance.mlflow_io import PARENT_PID_VAR  # noqa: E402
+from sample_importance.mlflow_io import PARENT_PID_VAR, database_call  # noqa: E402
 
 C = TypeVar("C")
 
@@ -47,8 +47,55 @@ def stage_main(name: str) -> Callable[[list[str] | None], str]:
     return main
 
 
-def _terminate_as_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # the run ends KILLED and resumable, as on Ctrl-C
+class _Interrupt:
+    """SIGTERM and Ctrl-C (SIGINT) end an entry point as KeyboardInterrupt: its run ends KILLED and
+    resumable. One that lands inside a call to the SQL store is held until that call returns and
+    raised there, in its caller (a profile hook watches for the return; more signals meanwhile count
+    as one): raised inside, it can leave a SQLite store locked, and the run's last writes would
+    then fail after 20 s each, leaving it RUNNING. A call that takes longer than HOLD_S (a store
+    that cannot be reached, retried for minutes) is interrupted where it is."""
+
+    HOLD_S = 30.0
+
+    def __init__(self) -> None:
+        self.call = None  # the outermost frame of the store call an interrupt waits for
+        self.profile = None  # the profile function set before
+        self.overdue = False
+        self.timer: threading.Timer | None = None
+
+    def __call__(self, signum, frame) -> None:
+        call = database_call(frame)
+        if call is not None and not self.overdue:
+            if self.call is None:  # the handler runs in the main thread: the hook watches that one
+                self.profile = sys.getprofile()
+                sys.setprofile(self._watch)
+                self.timer = threading.Timer(self.HOLD_S, self._overdue, (signum,))
+                self.timer.daemon = True
+                self.timer.start()
+            self.call = call
+            return
+        if self.call is not None:  # held too long
+            self._release()
+            sys.setprofile(self.profile)
+        raise KeyboardInterrupt
+
+    def _overdue(self, signum: int) -> None:
+        if self.call is not None:
+            self.overdue = True
+            os.kill(os.getpid(), signum)
+
+    def _release(self) -> None:
+        self.call, self.overdue = None, False
+        self.timer.cancel()
+
+    def _watch(self, frame, event, arg) -> None:
+        if self.profile is not None:
+            self.profile(frame, event, arg)
+        if event == "return" and frame is self.call:
+            self._release()
+            # Raised from the hook, it leaves the returning call and reaches its caller; Python
+            # then switches profiling off (a profiler of the user's, set before, with it).
+            raise KeyboardInterrupt
 
 
 def _die_with_parent() -> None:
@@ -85,7 +132,10 @@ def _stacks_on_sigusr1() -> None:
 def run_cli(main: Callable[[], object]) -> None:
     """Run `main`; a user error becomes one line on stderr and exit status 2. SIGTERM ends it as
     Ctrl-C does (its run KILLED, resumable); a launched step ends with its launcher."""
-    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    interrupt = _Interrupt()
+    signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+        signal.signal(signal.SIGINT, interrupt)
     _stacks_on_sigusr1()
     _die_with_parent()
     try:

@@ -413,6 +413,118 @@ def test_killing_main_ends_its_train_child_and_the_rerun_completes(tmp_path):
         mlflow.set_tracking_uri(None)
 
 
+# A script run as an entry point (`_cli.run_cli`) that opens a run and logs to it in a loop; the
+# first SQL statement starting with WORD that the store executes once it is armed (inside SQLAlchemy,
+# a transaction open) sends SIG to the process itself, so the signal's handler runs right there.
+_SIGNAL_IN_A_WRITE = """
+import os, signal, sys
+sys.path.insert(0, {entry_points!r})
+import _cli
+import sqlalchemy.engine.default
+from sample_importance import mlflow_io
+
+execute = sqlalchemy.engine.default.DefaultDialect.do_execute
+armed = []
+
+def do_execute(self, cursor, statement, parameters, context=None):
+    execute(self, cursor, statement, parameters, context)
+    if armed == ["on"] and statement.lstrip().upper().startswith({word!r}):
+        armed[0] = "fired"
+        os.kill(os.getpid(), signal.{sig})
+        armed.append("after")  # the handler has run by here, inside the store call
+
+sqlalchemy.engine.default.DefaultDialect.do_execute = do_execute
+
+def main():
+    run = mlflow_io.open_run("logger", "train")
+    print(run.run_id, flush=True)
+    try:
+        armed.append("on")
+        for step in range(200):
+            run.log_metrics({{"step": float(step)}}, step=step)
+            run.set_tags({{"step": str(step)}})
+    except BaseException as exc:
+        run.end(exc)
+        raise
+    run.end()
+
+_cli.run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("word, sig", [("SELECT", "SIGTERM"), ("INSERT", "SIGINT")])
+def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_ends_killed(tmp_path, word, sig):
+    """Raised inside the SQL store's call, the interrupt left the SQLite store locked: the run's last
+    writes waited 20 s each for the lock, failed, and the run stayed RUNNING. It is now held until the
+    store call returns and raised in its caller."""
+    script = tmp_path / "logger.py"
+    script.write_text(_SIGNAL_IN_A_WRITE.format(entry_points=str(REPO / "entry_points"), word=word, sig=sig))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    run_id = done.stdout.split()[0]
+    assert done.returncode == 130 and done.stderr.rstrip().endswith("interrupted"), done.stderr[-3000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        run = MlflowClient().get_run(run_id)
+        assert run.info.status == "KILLED", (run.info.status, done.stderr[-3000:])
+        assert run.data.tags[mlflow_io.TAG_FAILURE] == "interrupted"
+        assert run.data.metrics["step"] == 0.0  # the call the signal landed in completed; no other began
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def _store_call(body: str):
+    """A function `call(log)` whose code lies, by its file name, inside SQLAlchemy's package: to
+    `_cli`'s interrupt handler it is a call to the SQL store."""
+    import sqlalchemy
+
+    source = "import os, signal, time\ndef call(log):\n" + "".join(f"    {line}\n" for line in body.splitlines())
+    scope = {}
+    exec(compile(source, os.path.join(os.path.dirname(sqlalchemy.__file__), "store_call.py"), "exec"), scope)
+    return scope["call"]
+
+
+@pytest.fixture
+def interrupt_on_usr1(monkeypatch):
+    """`_cli`'s interrupt handler on SIGUSR1 (holding at most 0.5 s), restored afterwards."""
+    import _cli
+
+    monkeypatch.setattr(_cli._Interrupt, "HOLD_S", 0.5)
+    previous = signal.signal(signal.SIGUSR1, _cli._Interrupt())
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+    sys.setprofile(None)
+
+
+def test_an_interrupt_held_for_a_store_call_is_raised_in_its_caller(interrupt_on_usr1):
+    call = _store_call("os.kill(os.getpid(), signal.SIGUSR1)\nlog.append('signalled')\n"
+                       "for i in range(3): log.append(i)\nreturn 'done'")
+    log = []
+    with pytest.raises(KeyboardInterrupt) as raised:
+        call(log)
+    assert log == ["signalled", 0, 1, 2]  # the whole call ran, then the interrupt
+    assert raised.traceback[-1].frame.code.name == "_watch"  # raised as the call returned
+    assert sys.getprofile() is None
+    with pytest.raises(KeyboardInterrupt):  # outside a store call: at once
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(5)
+
+
+def test_a_store_call_that_outlasts_the_hold_is_interrupted_where_it_is(interrupt_on_usr1):
+    call = _store_call("os.kill(os.getpid(), signal.SIGUSR1)\nlog.append('signalled')\n"
+                       "time.sleep(60)\nlog.append('slept')")
+    log, started = [], time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        call(log)
+    assert log == ["signalled"] and time.monotonic() - started < 30
+    assert sys.getprofile() is None
+    again = _store_call("os.kill(os.getpid(), signal.SIGUSR1)\nlog.append('again')")
+    with pytest.raises(KeyboardInterrupt):  # the next interrupt in a store call is held again
+        again(log)
+    assert log == ["signalled", "again"]
+
+
 @pytest.mark.parametrize("model, depth", [("mlp", 3), ("mlp", 0), ("cnn", 3)])
 def test_the_size_check_counts_the_parameters_the_model_has(model, depth):
     """check_model_size refuses by a count made without building the model: it must be the real one."""

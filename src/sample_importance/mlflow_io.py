@@ -19,6 +19,7 @@ from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 import mlflow
+import mlflow.store
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -100,6 +101,25 @@ def _reap(run_id: str, dead_owner: str) -> bool:
         return False
     except MlflowException:  # a concurrent write to the same run (e.g. the same tag inserted twice)
         return False
+
+
+def database_call(frame):
+    """The outermost frame, among `frame` and its callers, that runs SQL store code (SQLAlchemy,
+    MLflow's SQL stores and database utilities; Optuna's storage goes through SQLAlchemy too), or
+    None. An interrupt raised inside such a call can leave a SQLite database locked: the run's own
+    last writes then wait 20 s each for the lock and fail, and the run stays RUNNING."""
+    sqlalchemy = sys.modules.get("sqlalchemy")
+    if sqlalchemy is None:  # nothing has opened a SQL store
+        return None
+    store = os.path.dirname(mlflow.store.__file__) + os.sep
+    places = (os.path.dirname(sqlalchemy.__file__) + os.sep, store + "db" + os.sep)
+    outermost = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(places) or (name.startswith(store) and os.path.basename(name).startswith("sqlalchemy_")):
+            outermost = frame
+        frame = frame.f_back
+    return outermost
 
 
 class RunLookupError(UserError):
