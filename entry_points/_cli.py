@@ -53,21 +53,20 @@ class _Interrupt:
     raised there, in its caller (a profile hook watches for the return; more signals meanwhile count
     as one): raised inside, it can leave a SQLite store locked, and the run's last writes would
     then fail after 20 s each, leaving it RUNNING. A call that takes longer than HOLD_S (a store
-    that cannot be reached, retried for minutes) is interrupted where it is."""
+    that cannot be reached, retried for minutes) is interrupted where it is, and so is any call
+    under a profiler (the hook would displace it)."""
 
     HOLD_S = 30.0
 
     def __init__(self) -> None:
         self.call = None  # the outermost frame of the store call an interrupt waits for
-        self.profile = None  # the profile function set before
         self.overdue = False
         self.timer: threading.Timer | None = None
 
     def __call__(self, signum, frame) -> None:
         call = database_call(frame)
-        if call is not None and not self.overdue:
+        if call is not None and not self.overdue and sys.getprofile() in (None, self._watch):
             if self.call is None:  # the handler runs in the main thread: the hook watches that one
-                self.profile = sys.getprofile()
                 sys.setprofile(self._watch)
                 self.timer = threading.Timer(self.HOLD_S, self._overdue, (signum,))
                 self.timer.daemon = True
@@ -76,7 +75,7 @@ class _Interrupt:
             return
         if self.call is not None:  # held too long
             self._release()
-            sys.setprofile(self.profile)
+            sys.setprofile(None)
         raise KeyboardInterrupt
 
     def _overdue(self, signum: int) -> None:
@@ -89,12 +88,10 @@ class _Interrupt:
         self.timer.cancel()
 
     def _watch(self, frame, event, arg) -> None:
-        if self.profile is not None:
-            self.profile(frame, event, arg)
         if event == "return" and frame is self.call:
             self._release()
             # Raised from the hook, it leaves the returning call and reaches its caller; Python
-            # then switches profiling off (a profiler of the user's, set before, with it).
+            # then switches the hook off.
             raise KeyboardInterrupt
 
 

@@ -509,6 +509,15 @@ def test_an_interrupt_held_for_a_store_call_is_raised_in_its_caller(interrupt_on
     with pytest.raises(KeyboardInterrupt):  # outside a store call: at once
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(5)
+    log.clear()
+    profiler = lambda frame, event, arg: None  # noqa: E731
+    sys.setprofile(profiler)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # under a profiler of the user's: at once, left in place
+            call(log)
+        assert 0 not in log and sys.getprofile() is profiler  # not held to the end of the call
+    finally:
+        sys.setprofile(None)
 
 
 def test_a_store_call_that_outlasts_the_hold_is_interrupted_where_it_is(interrupt_on_usr1):

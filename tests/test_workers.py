@@ -19,7 +19,7 @@ from conftest import REPO, start_mlflow_server, stop
 from sample_importance import workers
 from sample_importance.config import ORDERINGS
 
-ARGS = ["--subset", "100", "--epochs", "4", "--width", "8", "--batch_size", "25", "--num_seeds", "2", "--device", "cpu"]
+ARGS = ["--subset", "100", "--epochs", "4", "--width", "8", "--batch_size", "25", "--num_seeds", "1", "--device", "cpu"]
 
 
 def _worker(tmp_path, uri, *args):
@@ -77,9 +77,9 @@ def test_jobs_are_shared_once_and_a_dead_worker_s_job_is_retried():
 
 
 def test_two_ordering_workers_on_postgresql_share_the_runs_and_survive_a_killed_worker(tmp_path, postgres, tracking):
-    """Two `ordering` workers (2 seeds x 8 methods) against one PostgreSQL storage and one `mlflow
+    """Two `ordering` workers (1 seed x 8 methods) against one PostgreSQL storage and one `mlflow
     server` on PostgreSQL; one is SIGKILLed while it trains a claimed run. The other takes the claim
-    over and finishes: each variant exists once as a finished run, the registry has 16 versions,
+    over and finishes: each variant exists once as a finished run, the registry has 8 versions,
     and the comparison (done once) equals a one-worker run's."""
     import ordering
 
@@ -100,7 +100,7 @@ def test_two_ordering_workers_on_postgresql_share_the_runs_and_survive_a_killed_
             assert time.time() < deadline and first.poll() is None, first.stdout.read() if first.poll() else "no claim"
             try:
                 store = store or optuna.storages.RDBStorage(storage)  # once the workers made the schema
-                claim = _claimed_by(store, first.pid, after=6)  # the workers have shared some runs
+                claim = _claimed_by(store, first.pid, after=3)  # the workers have shared some runs
             except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
                 pass  # the schema or the study is being created
             time.sleep(0.2)
@@ -122,9 +122,9 @@ def test_two_ordering_workers_on_postgresql_share_the_runs_and_survive_a_killed_
         finished = [r for r in runs if r.data.tags.get("sample_importance.entry_point") == "train"
                     and r.info.status == "FINISHED"]
         variants = sorted((r.data.params["ordering"], r.data.params["seed"]) for r in finished)
-        assert variants == sorted((m, str(s)) for m in ORDERINGS for s in (0, 1))  # each once
+        assert variants == sorted((m, "0") for m in ORDERINGS)  # each once
         assert not [r for r in runs if r.info.status == "RUNNING"]
-        assert len(client.search_model_versions("name = 'ordering-digits'")) == 16
+        assert len(client.search_model_versions("name = 'ordering-digits'")) == len(ORDERINGS)
         parents = [r for r in runs if r.data.tags.get("sample_importance.entry_point") == "ordering"
                    and r.info.status == "FINISHED"]
         assert len(parents) == 1  # the killed worker's run failed; the comparison was made once
