@@ -105,14 +105,14 @@ def _reap(run_id: str, dead_owner: str) -> bool:
 
 def database_call(frame):
     """The outermost frame, among `frame` and its callers, that runs SQL store code (SQLAlchemy,
-    MLflow's SQL stores and database utilities; Optuna's storage goes through SQLAlchemy too), or
-    None. An interrupt raised inside such a call can leave a SQLite database locked: the run's own
-    last writes then wait 20 s each for the lock and fail, and the run stays RUNNING."""
-    sqlalchemy = sys.modules.get("sqlalchemy")
-    if sqlalchemy is None:  # nothing has opened a SQL store
+    MLflow's SQL stores and database utilities, Optuna's RDB storage), or None. An interrupt
+    raised inside such a call can leave a SQLite database locked: the run's own last writes then
+    wait 20 s each for the lock and fail, and the run stays RUNNING."""
+    if "sqlalchemy" not in sys.modules:  # nothing has opened a SQL store
         return None
     store = os.path.dirname(mlflow.store.__file__) + os.sep
-    places = (os.path.dirname(sqlalchemy.__file__) + os.sep, store + "db" + os.sep)
+    places = (store + "db" + os.sep, *(os.path.dirname(sys.modules[name].__file__) + os.sep
+                                      for name in ("sqlalchemy", "optuna.storages._rdb") if name in sys.modules))
     outermost = None
     while frame is not None:
         name = frame.f_code.co_filename
