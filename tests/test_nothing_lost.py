@@ -452,6 +452,12 @@ _cli.run_cli(main)
 """
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A child's SIGINT as a terminal's foreground process has it (a shell's background job, as
+    the test suite may be, ignores it, and so would its children)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("word, sig", [("SELECT", "SIGTERM"), ("INSERT", "SIGINT")])
 def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_ends_killed(tmp_path, word, sig):
     """Raised inside the SQL store's call, the interrupt left the SQLite store locked: the run's last
@@ -461,7 +467,7 @@ def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_ends_killed(
     script.write_text(_SIGNAL_IN_A_WRITE.format(entry_points=str(REPO / "entry_points"), word=word, sig=sig))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, preexec_fn=_sigint_as_in_a_terminal)
     run_id = done.stdout.split()[0]
     assert done.returncode == 130 and done.stderr.rstrip().endswith("interrupted"), done.stderr[-3000:]
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
