@@ -187,6 +187,33 @@ def _ids(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def trained_config(metadata: dict, **overrides) -> TrainConfig:
+    """The TrainConfig a run was trained with (its metadata.json `config`), each field checked for
+    its type (a run's files are input like any other: a tracking store can hold anything), with
+    `overrides` (where this machine reads data, which device). Raises DynamicsError in one sentence.
+
+    It names the run's model, which may be a researcher's factory: rebuild it with
+    `models.model_of_run`, which imports a factory only when the user named it."""
+    from .dynamics import DynamicsError
+
+    run = metadata.get("run_id", "?") if isinstance(metadata, dict) else "?"
+    config = metadata.get("config") if isinstance(metadata, dict) else None
+    if not isinstance(config, dict):
+        raise DynamicsError(f"Run {run}: its metadata.json has no training configuration (config): re-run the "
+                            "training run.")
+    fields = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    for key, value in config.items():
+        want = fields.get(key)
+        ok = want is not None and (isinstance(value, want) and not isinstance(value, bool)
+                                   or want is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            what = "is not a training option" if want is None else \
+                f"is {type(value).__name__}, not {want.__name__}"
+            raise DynamicsError(f"Run {run}: its metadata.json is damaged: config.{str(key)[:60]!r} {what}; re-run "
+                                "the training run.")
+    return TrainConfig(**{**config, **overrides})
+
+
 def check_seed(seed: int, name: str = "seed") -> None:
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"{name} must be an integer between 0 and 2**63 - 1, got {seed}.")

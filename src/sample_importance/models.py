@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
@@ -306,6 +307,10 @@ def import_factory(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"model={spec!r}: write a factory as package.module:function.")
+    store = _tracking_store_folder(module_name)
+    if store is not None:
+        raise ConfigError(f"model={spec!r}: {module_name} lies inside a tracking store's run folder ({store}); "
+                          "code from a tracking store is never imported: put your factory in a module of your own.")
     try:
         try:
             module = importlib.import_module(module_name)
@@ -321,6 +326,56 @@ def import_factory(spec: str) -> Callable:
     if not callable(factory):
         raise ConfigError(f"model={spec!r}: {module_name} has no function {attr!r}.")
     return factory
+
+
+def _tracking_store_folder(module_name: str) -> Path | None:
+    """The run folder of a tracking store that `module_name` would be imported from, found without
+    importing anything, or None. A run's artifacts (`<store>/<experiment>/<run id>/artifacts/...`)
+    are written by whoever can write to the store; a dotted name reaches them only through folders
+    without `__init__.py` (namespace packages: a store never holds one above its artifacts), so
+    the walk follows those folders on sys.path and the working directory and stops at the first
+    regular package or module."""
+    parts = module_name.split(".")
+    roots = [Path(p or ".") for p in sys.path] + [Path.cwd()]
+    for root in roots:
+        folder = root
+        for part in parts:
+            folder = folder / part
+            if not folder.is_dir():
+                break  # a module, or nothing here
+            if _is_run_folder(folder):
+                return folder
+            if (folder / "__init__.py").exists():
+                break  # a regular package: its own code decides where the rest comes from
+    return None
+
+
+def _is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is an MLflow run's artifact folder or lies in one: `<run id>/artifacts` (a
+    run id is 32 hexadecimal digits), or a file store's run folder (`meta.yaml` beside it)."""
+    for f in (folder, *folder.parents):
+        if f.name == "artifacts" and len(f.parent.name) == 32 and all(c in "0123456789abcdef" for c in f.parent.name):
+            return True
+    return (folder / "meta.yaml").is_file()
+
+
+def model_of_run(cfg, data, named_model: str = "") -> nn.Module:
+    """The initialised model of a finished run's configuration (`config.trained_config`), after
+    `check_named`."""
+    check_named(cfg, named_model)
+    return model_for(cfg, data)
+
+
+def check_named(cfg, named_model: str) -> None:
+    """A run's files are data that anyone who can write to the tracking store may have written, so
+    the code they name is never imported: a researcher's factory is rebuilt only when the caller
+    names the same factory (`named_model`: the user's own model=... or argument)."""
+    from .config import ConfigError
+
+    if is_factory(cfg.model) and cfg.model != named_model:
+        raise ConfigError(f"The run was trained with the researcher's model {cfg.model!r}, and code named by a run's "
+                          "files is never imported (anyone who can write to the tracking store can write them): if "
+                          f"that factory is yours, name it yourself with model={cfg.model}.")
 
 
 def _user_model(spec: str, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

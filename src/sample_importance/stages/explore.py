@@ -10,10 +10,10 @@ import torch
 
 from .. import mlflow_io
 from ..analysis import scores as S
-from ..config import ConfigError, ExploreConfig, TrainConfig, architecture_of
+from ..config import ConfigError, ExploreConfig, architecture_of, trained_config
 from ..data import load_dataset, training_data
 from ..dynamics import FINAL_STATE, Dynamics, check_aligned
-from ..models import model_for
+from ..models import model_of_run
 from .common import TAG_TRAIN_RUNS, start_analysis, train_runs
 from ..explorer import data as X
 from ..explorer.html import render
@@ -21,15 +21,15 @@ from ..explorer.html import render
 ARTIFACT = "explorer.html"
 
 
-def final_predictions(d: Dynamics, data) -> np.ndarray:
-    """(n,) the class each training sample gets under the run's final parameters (dynamics/final_state.pt)."""
-    cfg = TrainConfig(**{**d.metadata["config"], "device": "cpu"})
-    model = model_for(cfg, data)
-    model.load_state_dict(torch.load(d.folder / FINAL_STATE, weights_only=True, map_location="cpu"))
-    model.eval()
+def final_predictions(d: Dynamics, data, model: str = "") -> np.ndarray:
+    """(n,) the class each training sample gets under the run's final parameters (dynamics/final_state.pt,
+    checked against its checksum). `model`: the factory the user named, if the run's model is one."""
+    net = model_of_run(trained_config(d.metadata, device="cpu"), data, model)
+    net.load_state_dict(d.state(FINAL_STATE))
+    net.eval()
     x = torch.as_tensor(data.x_train[np.asarray(d.sample_id)])
     with torch.no_grad():
-        return torch.cat([model(x[i:i + 8192]).argmax(1) for i in range(0, len(x), 8192)]).numpy()
+        return torch.cat([net(x[i:i + 8192]).argmax(1) for i in range(0, len(x), 8192)]).numpy()
 
 
 def cluster_payload(n_ids: np.ndarray, clusters: pd.DataFrame, summary: pd.DataFrame) -> tuple[np.ndarray, list[dict]]:
@@ -83,13 +83,14 @@ def same_architecture(a: Dynamics, b: Dynamics) -> bool:
 def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2,
                   cluster: tuple[str, pd.DataFrame, pd.DataFrame] | None = None,
                   links: dict[str, str | None] | None = None, max_curve_runs: int = 3,
-                  influence: tuple[str, pd.DataFrame] | None = None) -> str:
+                  influence: tuple[str, pd.DataFrame] | None = None, model: str = "") -> str:
     """The page for `runs` (run id -> dynamics of the same samples): the first is shown; the curves
     of up to `max_curve_runs` - 1 others (other seeds first, then one run per other architecture)
     are drawn beside its own, and with several runs of its architecture their learnability (Lee et
     al. 2019, eq. 1) is a score. `cluster`: (run id, clusters.csv, cluster_summary.csv) of a cluster
     run of the first run; `influence`: (run id, influence.csv) of an influence run of it, whose
-    influence columns become scores."""
+    influence columns become scores. `model`: the factory the user named, when the run's model is
+    one (its final predictions rebuild it; a factory named only by the run's files is never imported)."""
     check_aligned(runs)
     run_ids = list(runs)
     d = runs[run_ids[0]]
@@ -115,7 +116,7 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     if len(seeds) > 1 and all(r.has_eval for r in seeds):  # Lee et al.'s learnability (eq. 1), end-of-epoch p_true
         scores["learnability"] = S.learnability([np.asarray(r.eval_p_true) for r in seeds])
         harder["learnability"] = False
-    cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": "cpu"})
+    cfg = trained_config(meta, data_dir=data_dir, device="cpu")
     data = training_data(cfg)  # the run's samples, its label noise included
     ids = np.asarray(d.sample_id)
     if influence is not None:
@@ -145,7 +146,7 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
              + (f", label noise {meta['config']['label_noise']:g}" if flipped is not None else ""))
     payload = X.assemble(
         title=title, dataset=meta["dataset"], layer_names=d.layer_names, sample_id=ids, label=np.asarray(d.label),
-        prediction=final_predictions(d, data), scores=scores, harder_is_larger=harder,
+        prediction=final_predictions(d, data, model), scores=scores, harder_is_larger=harder,
         curves=X.run_curves(d.importance, d.loss, d.p_true),
         images=X.sprite_sheets(X.to_uint8_images(data.x_train[ids], meta["image_shape"])),
         num_classes=int(meta.get("num_classes", data.num_classes)), runs=run_rows, other_curves=others,
@@ -159,7 +160,7 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
 
 
 def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, cluster_run_id: str = "",
-                 tracking_url: str = "") -> str:
+                 tracking_url: str = "", model: str = "") -> str:
     """Build the explorer of these train runs and log it as `explorer.html` of the active run.
     `cluster_run_id` empty: the newest finished `cluster` run of the first train run, if any; the
     influence columns of its newest finished `influence` run are shown as scores."""
@@ -174,18 +175,18 @@ def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, 
     base = tracking_url or mlflow_io.tracking_ui_url()
     links = {rid: mlflow_io.run_link(rid, base) for rid in [*train_run_ids, cluster_run_id, influence_run_id]
              if rid and base}
-    html = explorer_html(runs, data_dir, early_epoch, cluster, links, influence=influence)
+    html = explorer_html(runs, data_dir, early_epoch, cluster, links, influence=influence, model=model)
     mlflow_io.log_text(html, ARTIFACT)
     print(f"explorer: {mlflow_io.artifact_uri(ARTIFACT)} ({len(html) / 1e6:.1f} MB)", flush=True)
     return html
 
 
-def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_id: str = "") -> None:
+def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_id: str = "", model: str = "") -> None:
     """The hook at the end of `scores` and `learnability`: the explorer of the train runs the active
     run analysed (its train-run tag)."""
     ids = [s for s in mlflow_io.run_tag(mlflow_io.active_run_id(), TAG_TRAIN_RUNS).split(",") if s]
     try:
-        log_explorer(ids, data_dir, early_epoch, cluster_run_id)
+        log_explorer(ids, data_dir, early_epoch, cluster_run_id, model=model)
     except ConfigError as exc:  # the stage's own results stand; say why there is no explorer
         print(f"note: no explorer.html: {exc}", flush=True)
         mlflow_io.set_tags({"sample_importance.explorer": f"not made: {exc}"[:5000]})
@@ -195,5 +196,5 @@ def run(cfg: ExploreConfig) -> str:
     """The `explore` entry point: the explorer of the given (or matching) train runs."""
     with start_analysis(cfg, "explore", "Every training sample one click away: explorer.html") as run:
         ids = list(train_runs(cfg, [cfg.seed]))
-        log_explorer(ids, cfg.data_dir, cfg.early_epoch, cfg.cluster_run_id, cfg.tracking_url)
+        log_explorer(ids, cfg.data_dir, cfg.early_epoch, cfg.cluster_run_id, cfg.tracking_url, cfg.model)
         return run.info.run_id

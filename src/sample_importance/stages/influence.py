@@ -54,7 +54,7 @@ def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Tr
         raise inf.InfluenceError(f"Run {run_id} has no trained model ({dyn.DIRNAME}/{missing[0]} is missing): pass the "
                                  "id of a train run finished by this version of sample-importance.")
     meta = d.metadata
-    cfg = TrainConfig(**{**meta["config"], "data_dir": data_dir, "device": device})
+    cfg = trained_config(meta, data_dir=data_dir, device=device)
     if cfg.model not in INFLUENCE_MODELS or cfg.momentum:
         raise inf.InfluenceError(f"Run {run_id} trained model={cfg.model}" + (f" with momentum={cfg.momentum}" if cfg.momentum
                                  else "") + f": influence (explicit Hessians and the unrolled plain-SGD trajectory) is "

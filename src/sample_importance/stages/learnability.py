@@ -72,4 +72,4 @@ def _compare(cfg: LearnabilityConfig, runs: dict[str, Dynamics]) -> None:
         images.append(as_images(data.x_train[chosen], shape))
         titles.append(["\n".join(f"{a}: {R[a][i]:.0f}" for a in archs) for i in chosen])
     mlflow_io.log_figure(plots.extreme_images(images, titles, rows), "figures/easiest_hardest.png")
-    log_explorer_of_active_run(cfg.data_dir, min(2, first.metadata["epochs"]))
+    log_explorer_of_active_run(cfg.data_dir, min(2, first.metadata["epochs"]), model=cfg.model)

@@ -9,9 +9,9 @@ import pandas as pd
 
 from .. import mlflow_io, plots
 from ..analysis import scores as S
-from ..config import ConfigError, PruneConfig, TrainConfig
+from ..config import ConfigError, PruneConfig, trained_config
 from ..data import training_data
-from ..models import model_for
+from ..models import model_of_run
 from ..training import fit
 from .common import start_analysis
 from .scores import flipped_labels, scored_runs
@@ -25,7 +25,7 @@ def run(cfg: PruneConfig) -> str:
         fractions = sorted(set(cfg.fraction_list()))
         runs, table, missing = scored_runs(cfg)
         d = runs[0]
-        tcfg = TrainConfig(**{**d.metadata["config"], "device": cfg.device, "data_dir": cfg.data_dir})
+        tcfg = trained_config(d.metadata, device=cfg.device, data_dir=cfg.data_dir)
         data = training_data(tcfg)  # the scored run's samples, its label noise included
         smallest = max(1, int(round(fractions[0] * data.n_train)))
         if smallest < tcfg.batch_size:
@@ -46,7 +46,7 @@ def run(cfg: PruneConfig) -> str:
                 values = table[score].to_numpy() if score in table else np.zeros(data.n_train)
                 ids = S.prune_keep(values, fraction, keep, S.HARDER_IS_LARGER.get(score, True), seed)
                 scfg = dataclasses.replace(tcfg, seed=seed)
-                final = fit(model_for(scfg, data), data.keep(ids), scfg, track=False).history[-1]
+                final = fit(model_of_run(scfg, data, cfg.model), data.keep(ids), scfg, track=False).history[-1]
                 rows.append({"score": score, "keep": keep, "fraction": fraction, "seed": seed, "n_kept": len(ids),
                              "test_error": final["test_error"], "test_loss": final["test_loss"]}
                             | ({} if flipped is None else {"flipped_kept": float(flipped[ids].mean())}))

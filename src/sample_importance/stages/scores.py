@@ -58,5 +58,5 @@ def run(cfg: ScoresConfig) -> str:
             for r in found.itertuples():
                 print(f"label noise {noise:g}: {r.score:<16} AUROC {r.auroc:.3f}  precision@{r.k} "
                       f"{r.precision_at_k:.3f}", flush=True)
-        log_explorer_of_active_run(cfg.data_dir, cfg.early_epoch)
+        log_explorer_of_active_run(cfg.data_dir, cfg.early_epoch, model=cfg.model)
         return run.info.run_id

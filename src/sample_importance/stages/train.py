@@ -15,9 +15,9 @@ from .. import distributed
 from .. import dynamics as dyn
 from .. import mlflow_io, plots, workers
 from ..analysis import ordering
-from ..config import ConfigError, TrainConfig, TrainRunConfig, fingerprint_of
+from ..config import ConfigError, TrainConfig, TrainRunConfig, fingerprint_of, trained_config
 from ..data import Dataset, training_data
-from ..models import ParameterProjection, check_model_size, importance_columns, model_for
+from ..models import ParameterProjection, check_model_size, importance_columns, model_for, check_named
 from ..tracked_run import phi_convention
 from ..training import (DivergenceError, EpochRecord, FitResult, check_batching, fit, fit_many, make_optimizer,
                         resolve_device)
@@ -411,13 +411,15 @@ def retrain(cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray
     return fit(model, data, cfg, order=np.array(order), sample_weight=sample_weight, track=track)
 
 
-def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu") -> FitResult:
+def replay(d: dyn.Dynamics, data: Dataset | None = None, device: str = "cpu", model: str = "") -> FitResult:
     """Retrain a recorded run from its initial parameters and recorded presentation order.
+    `model`: the factory, when the run's model is a researcher's own (never imported from the run's files).
 
     On the same device and software this reproduces the recorded run bit for bit."""
-    cfg = TrainRunConfig(**{**d.metadata["config"], "device": device})
+    cfg = trained_config(d.metadata, device=device)
     if data is None:
         data = training_data(cfg)
+    check_named(cfg, model)  # before retrain builds the model
     return retrain(cfg, data, d.state(dyn.INIT_STATE), d.batch_order)
 
 
