@@ -44,6 +44,7 @@ import json
 import mmap
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,26 +97,46 @@ def _digest(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]
 
 
-def _file_digest(path: Path) -> str:
+def _file_digest(path: Path, full: bool = False) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:32]
+    return h.hexdigest() if full else h.hexdigest()[:32]
 
 
 @contextlib.contextmanager
 def disk_errors(path: Path):
     """Turn an operating-system error while writing `path` into one sentence (a full disk, a
-    read-only folder), instead of a traceback."""
+    read-only folder), instead of a traceback. PyTorch's own file writer (torch.save to a path,
+    torch.export) reports a failed write as a RuntimeError without its errno: one while the disk
+    holding `path` (or the temporary folder) is nearly full counts as a full disk."""
     try:
         yield
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise DynamicsError(f"No space left on the device holding {path}: free some space, then run the same "
-                                "command again (an interrupted train run resumes from its last finished epoch).") from None
+            raise DynamicsError(_no_space(path)) from None
         raise DynamicsError(f"Cannot write {path}: {exc.strerror or exc}; choose a writable location for the "
                             "tracking store's artifacts.") from None
+    except RuntimeError as exc:
+        if _nearly_full(path) or _nearly_full(Path(tempfile.gettempdir())):
+            raise DynamicsError(_no_space(path)) from None
+        raise
+
+
+def _no_space(path: Path) -> str:
+    return (f"No space left on the device holding {path}: free some space, then run the same command again (an "
+            "interrupted train run resumes from its last finished epoch).")
+
+
+def _nearly_full(path: Path, margin: int = 64 << 20) -> bool:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free < margin
+    except OSError:
+        return False
 
 
 def required_bytes(n: int, epochs: int, layers: int, projection_dim: int = 32, per_epoch: dict | None = None) -> int:
@@ -165,31 +186,74 @@ def _partial(folder: Path, name: str) -> Path:
     return folder / f"{name}.partial.npy"
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a reader never sees half a file."""
+def save_atomic(obj, path: Path, checksum: bool = False) -> None:
+    """torch.save to a temporary name, then rename: a reader never sees half a file, and a failed
+    write (a full disk) leaves no temporary behind. `checksum`: the file ends with CHECKED_TRAILER
+    and the SHA-256 of what precedes it, so it verifies itself (`load_checked`) with no second file
+    to keep in step (the resume checkpoint, rewritten every epoch)."""
     import torch
 
     tmp = path.with_name(path.name + ".tmp")
-    with disk_errors(path):
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+    try:
+        with disk_errors(path):
+            with open(tmp, "wb") as f:  # through a Python file: a full disk is an OSError with its errno
+                torch.save(obj, f)
+            if checksum:
+                digest = _file_digest(tmp, full=True)
+                with open(tmp, "ab") as f:
+                    f.write(CHECKED_TRAILER + digest.encode())
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+CHECKED_TRAILER = b"\nsample-importance-sha256:"  # then 64 hexadecimal digits, at the end of a checked file
+
+
+def _read_nofollow(path: Path) -> bytes:
+    """A file's bytes, refusing a symbolic link (a planted run's link to a file of the user's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DynamicsError(f"{path} is a symbolic link, which is never followed: it was not written by "
+                                "sample-importance; delete the run if you do not know where it came from.") from None
+        raise DynamicsError(f"{path} cannot be read: {exc.strerror or exc}.") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _verified(path: Path, raw: bytes) -> bytes:
+    """What precedes the checksum of a file written by `save_atomic(checksum=True)`; the file itself
+    where it has no checksum (written before checksums, or cut short: it then fails to load)."""
+    cut = raw.rfind(CHECKED_TRAILER)
+    if cut < 0 or len(raw) - cut - len(CHECKED_TRAILER) != 64:
+        return raw
+    body = raw[:cut]
+    if hashlib.sha256(body).hexdigest() != raw[cut + len(CHECKED_TRAILER):].decode("ascii", "replace"):
+        raise DynamicsError(f"{path} is damaged: it does not match its checksum.")
+    return body
 
 
 def load_tensors(path: Path, expected_digest: str | None = None) -> dict:
-    """A .pt file of tensors and plain values (`torch.load(weights_only=True)`: never unpickles code),
-    checked against its checksum when one was recorded. Raises DynamicsError naming the file."""
+    """A .pt file of tensors and plain values (`torch.load(weights_only=True)`: never unpickles code,
+    never follows a symbolic link), checked against its checksum: the one recorded in metadata.json,
+    or the one it carries itself. Raises DynamicsError naming the file."""
+    import io
     import pickle
 
     import torch
 
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise DynamicsError(f"{path} is missing from the dynamics folder.")
-    if expected_digest is not None and _file_digest(path) != expected_digest:
+    raw = _read_nofollow(path)
+    if expected_digest is not None and hashlib.sha256(raw).hexdigest()[:32] != expected_digest:
         raise DynamicsError(f"{path} is damaged: it does not match the checksum in metadata.json; re-run the "
                             "training run.")
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(io.BytesIO(_verified(path, raw)), weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DynamicsError(f"{path} was not loaded: it is not a file of tensors and plain values written by "
@@ -197,8 +261,22 @@ def load_tensors(path: Path, expected_digest: str | None = None) -> dict:
 
 
 def load_checkpoint(folder: Path) -> dict:
-    """The resume checkpoint of an unfinished run (tensors and plain values only)."""
+    """The resume checkpoint of an unfinished run (tensors and plain values only), verified."""
     return load_tensors(Path(folder) / CHECKPOINT)
+
+
+def save_checkpoint(state: dict, folder: Path) -> None:
+    save_atomic(state, Path(folder) / CHECKPOINT, checksum=True)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the resume checkpoint in `folder` cannot be resumed from (damaged, truncated, planted),
+    or None where it loads."""
+    try:
+        load_checkpoint(folder)
+    except DynamicsError as exc:
+        return str(exc)
+    return None
 
 
 def discard_checkpoint(folder: Path) -> None:

@@ -12,7 +12,9 @@ import os
 import shutil
 import socket
 import sys
+import stat
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +41,10 @@ TAG_DIVERGED = "sample_importance.diverged"
 TAG_RESUMED_IN = "sample_importance.resumed_run_id"
 TAG_OWNER = "sample_importance.owner"  # host:pid of the process running the run
 TAG_USER = "sample_importance.user"  # user@host that created the run: the one who may resume it unasked
+TAG_HEARTBEAT = "sample_importance.heartbeat"  # Unix time of the owner's last sign of life (every HEARTBEAT_S)
+TAG_DAMAGED = "sample_importance.damaged"  # why its checkpoint cannot be resumed from (then it never is)
+HEARTBEAT_S = 60.0
+LEASE_S = 900.0  # a RUNNING run of another machine with no heartbeat for this long has lost its claim
 PARENT_PID_VAR = "SAMPLE_IMPORTANCE_PARENT_PID"  # a launched step watches this process id and ends with it
 LOCK_FILE = "sample_importance.lock"  # beside a run's local artifact folder: held by the process working on it
 
@@ -56,6 +62,49 @@ def user() -> str:
     return f"{name}@{socket.gethostname()}"
 
 
+def shown(text: object, limit: int = 300) -> str:
+    """Text from the tracking store (tags, names, reasons), as printed: control characters (ANSI
+    escapes, carriage returns, newlines) written as escapes, at most `limit` characters. Anyone who
+    can write to the store wrote it; it never drives the terminal."""
+    text = str(text)[:limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _Heartbeat:
+    """One daemon thread that sets TAG_HEARTBEAT on every RUNNING run this process owns, every
+    HEARTBEAT_S: the lease by which other machines tell a live run from one whose machine died
+    (`reap_orphans`). Its writes are best effort (a store that is briefly unreachable is retried
+    at the next beat)."""
+
+    def __init__(self) -> None:
+        self.runs: set[str] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, run_id: str) -> None:
+        with self.lock:
+            self.runs.add(run_id)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._beat, name="run-heartbeat", daemon=True)
+                self.thread.start()
+
+    def remove(self, run_id: str) -> None:
+        with self.lock:
+            self.runs.discard(run_id)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self.lock:
+                runs = list(self.runs)
+            for run_id in runs:
+                with contextlib.suppress(Exception):
+                    MlflowClient().set_tag(run_id, TAG_HEARTBEAT, str(int(time.time())))
+
+
+_HEARTBEAT = _Heartbeat()
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -67,24 +116,39 @@ def process_alive(pid: int) -> bool:
 
 
 def reap_orphans() -> list[str]:
-    """Mark FAILED every RUNNING run whose process, on this machine, no longer exists (killed with
-    -9, machine crash): no run stays RUNNING forever. Runs of other machines are left alone."""
+    """Mark FAILED every RUNNING run whose process is gone: on this machine, a process that no
+    longer exists (killed with -9); on another machine, one whose heartbeat (TAG_HEARTBEAT, else
+    its start) is older than LEASE_S (that machine died, or the run was planted to block its
+    configuration). No run stays RUNNING forever, and no claim holds without a live owner."""
     host = socket.gethostname()
     try:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER}` LIKE '{host}:%'")
+                                  filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER}` LIKE '%:%'")
     except MlflowException:
         return []
-    reaped = []
+    reaped, now = [], time.time()
     for run in runs:
-        pid = run.data.tags[TAG_OWNER].rpartition(":")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            if _reap(run.info.run_id, run.data.tags[TAG_OWNER]):
-                reaped.append(run.info.run_id)
+        owner_tag = run.data.tags[TAG_OWNER]
+        owner_host, _, pid = owner_tag.rpartition(":")
+        if owner_host == host:
+            if not (pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))):
+                continue
+            reason = f"its process ({shown(owner_tag)}) died"
+        else:
+            try:
+                beat = float(run.data.tags.get(TAG_HEARTBEAT, "0"))
+            except ValueError:
+                beat = 0.0
+            silent = now - max(beat, (run.info.start_time or 0) / 1000)
+            if not silent > LEASE_S:
+                continue
+            reason = f"its process ({shown(owner_tag)}) sent no heartbeat for {silent / 60:.0f} minutes"
+        if _reap(run.info.run_id, owner_tag, reason):
+            reaped.append(run.info.run_id)
     return reaped
 
 
-def _reap(run_id: str, dead_owner: str) -> bool:
+def _reap(run_id: str, dead_owner: str, reason: str) -> bool:
     """Fail one run whose owner died, under the run's lock: a process that is resuming it holds the
     lock (and has made itself the owner before the run is RUNNING again), so a live run is never
     failed; two processes reaping the same run at once leave it failed once."""
@@ -94,10 +158,10 @@ def _reap(run_id: str, dead_owner: str) -> bool:
             run = client.get_run(run_id)
             if run.info.status != "RUNNING" or run.data.tags.get(TAG_OWNER) != dead_owner:
                 return False  # resumed or reaped meanwhile
-            client.set_tag(run_id, TAG_FAILURE, f"its process ({dead_owner}) died")
+            client.set_tag(run_id, TAG_FAILURE, reason)
             client.set_terminated(run_id, "FAILED")
             return True
-    except RunBusyError:
+    except UserError:  # busy, or a lock that is no plain file
         return False
     except MlflowException:  # a concurrent write to the same run (e.g. the same tag inserted twice)
         return False
@@ -182,6 +246,10 @@ class OpenRun:
         )
         self.set_tags({TAG_MODEL_URI: info.model_uri})  # models:/<id>: what the registry registers
 
+    def local_artifacts(self) -> bool:
+        """Whether the run's artifacts are a local folder (written in place; runs can resume from them)."""
+        return _local_path(self.client.get_run(self.run_id).info.artifact_uri) is not None
+
     @contextlib.contextmanager
     def artifact_folder(self, subdir: str) -> Iterator[Path]:
         """A folder that ends up as artifact `subdir` of the run. With a local artifact store the
@@ -209,6 +277,7 @@ class OpenRun:
             with contextlib.suppress(Exception):
                 self.set_tags({TAG_STOPPED if isinstance(exc, Stopped) else TAG_FAILURE: reason[:5000]})
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, Stopped)) else "FAILED"
+        _HEARTBEAT.remove(self.run_id)
         if self.fluent:
             mlflow.end_run(status)
         else:
@@ -237,7 +306,8 @@ def _describe(run: OpenRun, run_name: str, entry_point: str, tags: dict[str, str
               config: dict | None, resume: bool) -> None:
     """Name, entry point, owner and creator tags, description, and `config` as parameters and `config.json`."""
     run.set_tags({"mlflow.runName": run_name, TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(),
-                  **({} if resume else {TAG_USER: user()}), **(tags or {})})
+                  TAG_HEARTBEAT: str(int(time.time())), **({} if resume else {TAG_USER: user()}), **(tags or {})})
+    _HEARTBEAT.add(run.run_id)
     if description:
         run.set_tags({"mlflow.note.content": description})
     if config is not None:
@@ -286,6 +356,8 @@ def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = Non
         except BaseException as exc:
             run.end(exc)
             raise
+        finally:
+            _HEARTBEAT.remove(run.run_id)
 
 
 def _active() -> OpenRun:
@@ -381,25 +453,46 @@ def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, 
     cli_run = os.environ.get("MLFLOW_RUN_ID")
     for run in runs:
         if run.info.status == "RUNNING" and run.info.run_id != cli_run:
-            # Alive (reap_orphans failed the dead ones of this machine): training it twice at once
-            # would only make a duplicate, and two processes resuming it would corrupt it.
+            # Alive (reap_orphans failed the dead ones, and other machines' runs whose lease
+            # expired): training it twice at once would only make a duplicate, and two processes
+            # resuming it would corrupt it.
             raise RunBusyError(f"Run {run.info.run_id} with this configuration is being trained right now by "
-                               f"{run.data.tags.get(TAG_OWNER, 'another process')}: wait for it to finish (its "
-                               "results will be there), or change the configuration.")
+                               f"{shown(run.data.tags.get(TAG_OWNER, 'another process'))}: wait for it to finish "
+                               "(its results will be there), or change the configuration.")
     for run in runs:
-        if run.info.status == "RUNNING":
+        tags = run.data.tags
+        if run.info.status == "RUNNING" or any(t in tags for t in (TAG_DIVERGED, TAG_STOPPED, TAG_DAMAGED)):
             continue
         local = _local_path(run.info.artifact_uri)
-        resumable = TAG_DIVERGED not in run.data.tags and TAG_STOPPED not in run.data.tags
         path = None if local is None else local / subdir / checkpoint
-        if not (resumable and path is not None and path.is_file()):
+        if path is None or not os.path.lexists(path):
             continue
-        if run.data.tags.get(TAG_USER) == me and path.stat().st_uid == os.getuid():
-            return run.info.run_id
+        if tags.get(TAG_USER) == me and _mine(local.parent, local, path.parent, path):
+            problem = dyn.checkpoint_problem(path.parent)
+            if problem is None:
+                return run.info.run_id
+            print(f"note: run {run.info.run_id} (an interrupted {entry_point} run with this configuration) cannot be "
+                  f"resumed: {shown(problem)} Training anew in a new run.", file=sys.stderr, flush=True)
+            with contextlib.suppress(MlflowException):
+                MlflowClient().set_tag(run.info.run_id, TAG_DAMAGED, problem[:5000])
+            continue
         print(f"note: run {run.info.run_id} is an interrupted {entry_point} run with this configuration made by "
-              f"{run.data.tags.get(TAG_USER, 'an unknown user')}, not by {me}: it is not resumed unasked; to resume "
-              f"it, pass resume_run_id={run.info.run_id}. Starting a new run.", file=sys.stderr, flush=True)
+              f"{shown(tags.get(TAG_USER, 'an unknown user'))}, not by {me}, or with files that are not this "
+              f"user's own: it is not resumed unasked; to resume it, pass resume_run_id={run.info.run_id}. "
+              "Starting a new run.", file=sys.stderr, flush=True)
     return None
+
+
+def _mine(*paths: Path) -> bool:
+    """Whether every path is this user's own and no symbolic link (the folders down to a file, and
+    the file a plain one): a run's folder planted in a shared store may hold links to the user's
+    files, which a check that follows them would take for the user's own."""
+    try:
+        modes = [os.lstat(p) for p in paths]
+    except OSError:
+        return False
+    return (all(m.st_uid == os.getuid() and not stat.S_ISLNK(m.st_mode) for m in modes)
+            and stat.S_ISREG(modes[-1].st_mode))
 
 
 def check_still_resumable(run_id: str, subdir: str, checkpoint: str) -> None:
@@ -422,7 +515,7 @@ def claim(run_id: str) -> Iterator[None]:
         yield
         return
     local.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(local.parent / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(run_id, local.parent / LOCK_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -434,15 +527,76 @@ def claim(run_id: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _open_lock(run_id: str, path: Path) -> int:
+    """The lock file's descriptor: created exclusively, or opened without following a link (a planted
+    link would make this process create or lock a file wherever it points); a plain file only."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
+        except FileExistsError:
+            fd = os.open(path, os.O_RDWR | nofollow)
+    except OSError as exc:
+        raise RunLockError(f"Run {run_id}'s lock file {path} cannot be used ({exc.strerror or exc}; a symbolic "
+                           "link is never followed): delete that run, or that file if you made it.") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunLockError(f"Run {run_id}'s lock file {path} is not a plain file: delete that run, or that file if "
+                           "you made it.")
+    return fd
+
+
+class RunLockError(UserError):
+    """A run's lock file is not one this project made (a link, a folder)."""
+
+
 def find_finished_run(entry_point: str, fingerprint: str) -> str | None:
-    """The newest FINISHED run of `entry_point` whose configuration has this fingerprint, if any."""
+    """The newest FINISHED run of `entry_point` whose configuration has this fingerprint, if any
+    (or one of this user's `train` runs that is complete but was failed, `_complete_run`).
+
+    Any user's finished run is reused: sharing results is what a shared store is for, and whoever
+    can write to the store can change any run's results anyway. What a reused run is trusted for
+    is data, validated as it is loaded (checksums, types); never code (`models.check_named`),
+    never a link, never raw text on the terminal (docs: the shared-store threat model)."""
     runs = mlflow.search_runs(
         search_all_experiments=True,
         filter_string=(f"tags.`{TAG_ENTRY_POINT}` = '{entry_point}' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
                        f" and attributes.status = '{RunStatus.to_string(RunStatus.FINISHED)}'"),
         order_by=["attributes.start_time DESC"], max_results=1, output_format="list",
     )
-    return runs[0].info.run_id if runs else None
+    if runs:
+        return runs[0].info.run_id
+    return _complete_run(fingerprint) if entry_point == "train" else None
+
+
+def _complete_run(fingerprint: str) -> str | None:
+    """A `train` run of this user, FAILED although everything of it was written and logged (its
+    process was killed after its checkpoint was removed and before FINISHED, as earlier versions
+    could be): set FINISHED and returned, so it is reused rather than trained again."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
+        filter_string=(f"tags.`{TAG_ENTRY_POINT}` = 'train' and tags.`{TAG_FINGERPRINT}` = '{fingerprint}'"
+                       f" and attributes.status = 'FAILED' and tags.`{TAG_USER}` = '{user()}'"))
+    for run in runs:
+        local = _local_path(run.info.artifact_uri)
+        tags = run.data.tags
+        if local is None or TAG_MODEL_URI not in tags or any(t in tags for t in (TAG_DIVERGED, TAG_STOPPED)):
+            continue
+        folder = local / dyn.DIRNAME
+        if os.path.lexists(folder / dyn.CHECKPOINT) or not _mine(local.parent, local, folder, folder / dyn.METADATA):
+            continue
+        try:
+            dyn.load_dir(folder)  # complete, every checksum right
+        except dyn.DynamicsError:
+            continue
+        client = MlflowClient()
+        with contextlib.suppress(MlflowException):
+            client.delete_tag(run.info.run_id, TAG_FAILURE)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        print(f"note: run {run.info.run_id} had written and logged everything before its process ended: it is "
+              "finished, not trained again.", file=sys.stderr, flush=True)
+        return run.info.run_id
+    return None
 
 
 def wait_for_finished_run(entry_point: str, fingerprint: str, poll_seconds: float = 2.0) -> str | None:

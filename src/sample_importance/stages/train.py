@@ -164,9 +164,9 @@ class TrainRun:
         self.tau[:] += rec.importance.sum(1, dtype=np.float64)
         self.history.append(rec.metrics)
         # After the arrays, before the metrics: a resumed run re-logs what is missing.
-        dyn.save_atomic({"epoch": rec.epoch + 1, "model": self.model.state_dict(),
-                         "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                         "history": self.history, "tau": torch.from_numpy(self.tau)}, self.folder / dyn.CHECKPOINT)
+        dyn.save_checkpoint({"epoch": rec.epoch + 1, "model": self.model.state_dict(),
+                             "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                             "history": self.history, "tau": torch.from_numpy(self.tau)}, self.folder)
         self.run.log_metrics(rec.metrics, step=rec.epoch + 1)  # step = 1-based epoch
         if not self.quiet:
             print(_progress_line(rec, self.cfg.epochs), flush=True)
@@ -188,14 +188,18 @@ class TrainRun:
                                "figures/layer_importance.png")
                 run.log_figure(plots.total_importance_histogram(self.tau), "figures/total_importance_hist.png")
             if self.log_model:
-                run.log_torch_model(self.model, self.data.x_train[:5])
-            # Last: until here a kill leaves the checkpoint, and a rerun finishes this run without retraining.
-            dyn.discard_checkpoint(self.folder)
+                with dyn.disk_errors(self.folder.parent / "model"):
+                    run.log_torch_model(self.model, self.data.x_train[:5])
         except BaseException as exc:
             self.fail(exc)
             raise
+        if not run.local_artifacts():  # uploaded as the folder is released: without the checkpoint
+            dyn.discard_checkpoint(self.folder)
         self._held.close()
         run.end()
+        # After FINISHED: until then a kill leaves the checkpoint, and a rerun finishes this run without
+        # retraining; a kill from here on leaves a finished run (and a stray checkpoint, never read again).
+        dyn.discard_checkpoint(self.folder)
         return self.run_id
 
     def fail(self, exc: BaseException) -> None:
