@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from sample_importance.errors import UserError  # noqa: E402
-from sample_importance.mlflow_io import PARENT_PID_VAR, database_call  # noqa: E402
+from sample_importance.mlflow_io import PARENT_PID_VAR, database_call, shown  # noqa: E402
 
 C = TypeVar("C")
 
@@ -137,8 +137,8 @@ def run_cli(main: Callable[[], object]) -> None:
     _die_with_parent()
     try:
         main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # escaped: a message may quote text from the tracking store
+        print(f"error: {shown(exc, 5000)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -227,3 +227,33 @@ def test_a_planted_running_run_of_another_machine_loses_its_claim(tracking, caps
 def test_text_from_the_store_is_printed_escaped():
     assert mlflow_io.shown("bob\x1b[31m\r\nrm") == "bob\\x1b[31m\\r\\nrm"
     assert mlflow_io.shown("plain text: é") == "plain text: é"
+
+
+def test_markup_in_store_text_cannot_break_the_explorer_page():
+    from sample_importance.explorer.html import render
+
+    nasty = 'run <!--<script> x </script><script>alert(1)</script> "q" & é'
+    payload = {"title": nasty, "runs": [{"run_id": "a", "role": nasty, "url": None}], "dataset": nasty}
+    page = render(payload)
+    start = page.index('<script type="application/json" id="si-data">') + len('<script type="application/json" id="si-data">')
+    data = page[start:page.index("</script>", start)]
+    assert "<" not in data and json.loads(data) == payload
+    assert "alert(1)</script>" not in page
+
+
+def test_a_planted_influence_table_without_sample_id_is_left_out(tracking, capsys):
+    source = train_stage.run_train(TrainRunConfig(**TINY), quiet=True, log_model=False)
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name("Default").experiment_id
+    planted = client.create_run(exp, run_name="planted", tags={
+        mlflow_io.TAG_ENTRY_POINT: "influence", "sample_importance.train_run_id": source}).info.run_id
+    client.log_text(planted, "guid,influence_test_loss\n1,oops\n", "influence.csv")
+    client.set_terminated(planted, "FINISHED")
+    import explore
+
+    explore.main(ARGS + [f"--train_run_ids={source}"])
+    out = capsys.readouterr()
+    assert "influence scores are left out" in out.out and "'sample_id' is missing" in out.out, out
+    assert "Traceback" not in out.err
+    [explore] = [r for r in all_runs(tracking) if r.data.tags.get(mlflow_io.TAG_ENTRY_POINT) == "explore"]
+    assert explore.info.status == "FINISHED"

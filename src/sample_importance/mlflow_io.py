@@ -630,7 +630,7 @@ def launch_child(project_dir: str | Path, entry_point: str, parameters: dict, ru
                             env_manager="local", run_id=child.info.run_id, synchronous=True,
                             experiment_id=parent.info.experiment_id)
     except mlflow.projects.ExecutionException:
-        reason = client.get_run(child.info.run_id).data.tags.get(TAG_FAILURE, "see its log above")
+        reason = shown(client.get_run(child.info.run_id).data.tags.get(TAG_FAILURE, "see its log above"), 2000)
         raise ChildRunError(f"The {entry_point} step (run {child.info.run_id}) failed: {reason}") from None
     # A step that resumed an interrupted run did its work there.
     return client.get_run(child.info.run_id).data.tags.get(TAG_RESUMED_IN, child.info.run_id)
@@ -783,16 +783,24 @@ def _newest_finished(entry_point: str, tag: str, value: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def load_table(run_id: str, name: str):
-    """A CSV artifact of a run as a pandas DataFrame."""
+def load_table(run_id: str, name: str, numeric: tuple[str, ...] = ()):
+    """A CSV artifact of a run as a pandas DataFrame, validated like any input: the `numeric`
+    columns must be there, numbers, finite (a tracking store holds whatever anyone wrote to it)."""
     import io
 
     import pandas as pd
 
     try:
-        return pd.read_csv(io.BytesIO(download_bytes(run_id, name)))
+        table = pd.read_csv(io.BytesIO(download_bytes(run_id, name)))
     except Exception:
         raise RunLookupError(f"Run {run_id} has no artifact {name}: pass a finished run of the right entry point.") from None
+    for column in numeric:
+        values = pd.to_numeric(table[column], errors="coerce") if column in table else None
+        if values is None or not np.isfinite(values.to_numpy(np.float64)).all():
+            raise RunLookupError(f"Run {run_id}'s {name} is not usable: its column {column!r} is "
+                                 f"{'missing' if values is None else 'not all finite numbers'}; re-run that step.")
+        table[column] = values
+    return table
 
 
 def tracking_ui_url() -> str:

@@ -34,7 +34,10 @@ def _inline_script(text: str) -> str:
 
 def render(payload: dict) -> str:
     """The page for `payload` (from `explorer.data.assemble`) as one HTML string."""
-    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # Every "<" escaped (it stands only inside JSON strings): no "</script", "<!--" or "<script" from a
+    # run name, dataset or tag can end the data element or switch the parser into another state.
+    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
+    assert "<" not in data
     page = (HERE / "page.html").read_text()
     title = payload["title"].replace("&", "&amp;").replace("<", "&lt;")
     # Substitute the small parts first: the large ones must not be searched for placeholders.

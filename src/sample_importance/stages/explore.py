@@ -32,6 +32,9 @@ def final_predictions(d: Dynamics, data, model: str = "") -> np.ndarray:
         return torch.cat([net(x[i:i + 8192]).argmax(1) for i in range(0, len(x), 8192)]).numpy()
 
 
+CLUSTER_SUMMARY = ("cluster", "size", "difficulty", "peak_epoch")  # the columns cluster_payload reads
+
+
 def cluster_payload(n_ids: np.ndarray, clusters: pd.DataFrame, summary: pd.DataFrame) -> tuple[np.ndarray, list[dict]]:
     """A cluster run's clusters.csv and cluster_summary.csv -> (n,) cluster per sample (-1 = not
     clustered) and one dict per cluster, easiest first (the cluster step numbers them by rank)."""
@@ -73,7 +76,9 @@ def influence_scores(n_ids: np.ndarray, table: pd.DataFrame) -> dict[str, np.nda
     if np.isnan(where).any():
         return {}
     rows = where.astype(int)
-    return {col: table[col].to_numpy(np.float64)[rows] for col in INFLUENCE_SCORES if col in table}
+    columns = {col: pd.to_numeric(table[col], errors="coerce").to_numpy(np.float64)[rows]
+               for col in INFLUENCE_SCORES if col in table}
+    return {col: v for col, v in columns.items() if np.isfinite(v).all()}  # a column of a damaged file is left out
 
 
 def same_architecture(a: Dynamics, b: Dynamics) -> bool:
@@ -165,13 +170,27 @@ def log_explorer(train_run_ids: list[str], data_dir: str, early_epoch: int = 2, 
     `cluster_run_id` empty: the newest finished `cluster` run of the first train run, if any; the
     influence columns of its newest finished `influence` run are shown as scores."""
     runs = {rid: mlflow_io.load_dynamics(rid) for rid in train_run_ids}
+    named = bool(cluster_run_id)
     cluster_run_id = cluster_run_id or mlflow_io.find_cluster_run(train_run_ids[0]) or ""
     cluster = None
-    if cluster_run_id:
-        cluster = (cluster_run_id, mlflow_io.load_table(cluster_run_id, "clusters.csv"),
-                   mlflow_io.load_table(cluster_run_id, "cluster_summary.csv"))
+    try:
+        if cluster_run_id:
+            cluster = (cluster_run_id, mlflow_io.load_table(cluster_run_id, "clusters.csv", ("sample_id", "cluster")),
+                       mlflow_io.load_table(cluster_run_id, "cluster_summary.csv", CLUSTER_SUMMARY))
+    except mlflow_io.RunLookupError as exc:
+        if named:
+            raise
+        print(f"note: the clusters are left out: {exc}", flush=True)  # a run found, not asked for
+        cluster, cluster_run_id = None, ""
     influence_run_id = mlflow_io.find_influence_run(train_run_ids[0]) or ""
-    influence = (influence_run_id, mlflow_io.load_table(influence_run_id, "influence.csv")) if influence_run_id else None
+    influence = None
+    if influence_run_id:
+        try:
+            influence = (influence_run_id, mlflow_io.load_table(influence_run_id, "influence.csv", (
+                "sample_id",)))
+        except mlflow_io.RunLookupError as exc:
+            print(f"note: the influence scores are left out: {exc}", flush=True)
+            influence_run_id = ""
     base = tracking_url or mlflow_io.tracking_ui_url()
     links = {rid: mlflow_io.run_link(rid, base) for rid in [*train_run_ids, cluster_run_id, influence_run_id]
              if rid and base}
