@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from sample_importance.errors import UserError  # noqa: E402
-from sample_importance.mlflow_io import PARENT_PID_VAR, database_call, shown  # noqa: E402
+from sample_importance.mlflow_io import PARENT_PID_VAR, check_store, database_call, shown  # noqa: E402
 
 C = TypeVar("C")
 
@@ -43,7 +43,9 @@ def stage_main(name: str) -> Callable[[list[str] | None], str]:
     stage = STAGES[name]
 
     def main(argv: list[str] | None = None) -> str:
-        return stage.run(parse_config(stage.config, argv, stage.description), PROJECT)
+        cfg = parse_config(stage.config, argv, stage.description)
+        check_store()  # one sentence, at once, for a store that cannot work
+        return stage.run(cfg, PROJECT)
     return main
 
 

@@ -257,3 +257,41 @@ def test_a_planted_influence_table_without_sample_id_is_left_out(tracking, capsy
     assert "Traceback" not in out.err
     [explore] = [r for r in all_runs(tracking) if r.data.tags.get(mlflow_io.TAG_ENTRY_POINT) == "explore"]
     assert explore.info.status == "FINISHED"
+
+
+def _entry(store, entry: str, *args: str, uri: str | None = None):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri or f"sqlite:///{store}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "entry_points" / f"{entry}.py"), *args], cwd=store, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_starting_on_an_empty_sqlite_store(tmp_path):
+    procs = [_entry(tmp_path, "decompose", "--train_run_ids=0123456789abcdef0123456789abcdef") for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 2 and "does not exist in the tracking store" in out, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("http://127.0.0.1:9", "cannot be used"),
+    ("file:///{tmp}/store", "cannot be used"),
+    ("nosuchscheme://somewhere", "cannot be used"),
+    ("postgresql+pg8000://someone@127.0.0.1:9/db", "needs the Python package pg8000"),
+])
+def test_a_tracking_uri_that_cannot_work_is_one_line_at_once(tmp_path, uri, message):
+    import time
+
+    start = time.monotonic()
+    proc = _entry(tmp_path, "train", *ARGS, uri=uri.format(tmp=tmp_path))
+    out = proc.communicate(timeout=120)[0]
+    took = time.monotonic() - start
+    lines = [l for l in out.splitlines() if l.strip() and "Warning" not in l and not l.startswith(" ")]
+    assert proc.returncode == 2 and lines and lines[-1].startswith("error: The tracking store") and message in lines[-1], out
+    assert "Traceback" not in out and took < 15, (took, out)

@@ -186,6 +186,55 @@ def database_call(frame):
     return outermost
 
 
+class StoreError(UserError):
+    """The tracking store cannot be used (unreachable, unsupported, a driver missing)."""
+
+
+PROBE_TIMEOUT_S = 10  # how long the first look at a tracking server may take
+
+
+def check_store() -> None:
+    """Look at the tracking store once, before any work, and say in one sentence why it cannot be
+    used: an unreachable server (MLflow would retry it for minutes), a scheme MLflow does not
+    know, its `file:` store (retired in MLflow 3), a database driver that is not installed. An
+    SQLite store is created (MLflow's migrations) under a lock beside the database, so two
+    processes that start on an empty store do not both migrate it."""
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        database = Path(unquote(uri[len("sqlite:///"):]))
+        if database.parent.is_dir():
+            fd = os.open(f"{database}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                _probe(uri)
+            finally:
+                os.close(fd)
+            return
+    _probe(uri)
+
+
+def _probe(uri: str) -> None:
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_TIMEOUT_S))
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except ModuleNotFoundError as exc:
+        raise StoreError(f"The tracking store {shown(uri)} needs the Python package {exc.name}, which is not "
+                         f"installed: pip install it, or set MLFLOW_TRACKING_URI to another store.") from None
+    except Exception as exc:  # noqa: BLE001 - every way a store can fail, said in one sentence
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise StoreError(f"The tracking store {shown(uri)} cannot be used ({shown(first, 240)}): check "
+                         "MLFLOW_TRACKING_URI (unset, it is sqlite:///mlflow.db in this folder) and that its server "
+                         "is running.") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class RunLookupError(UserError):
     """A run id does not exist or lacks what was asked of it."""
 
