@@ -226,6 +226,8 @@ def finished(tracking):
     (lambda f: _edit_metadata(f, lambda m: m.pop("checksums")), r"metadata\.json is damaged: it lacks checksums"),
     (lambda f: (f / "metadata.json").unlink(), r"metadata\.json is missing: the dynamics folder is damaged"),
     (lambda f: (f / "metadata.json").write_text("{"), r"metadata\.json is damaged: not valid JSON"),
+    (lambda f: _edit_metadata(f, lambda m: m.update(n="100")), r"metadata\.json is damaged: its n is not"),
+    (lambda f: _edit_metadata(f, lambda m: m.update(layer_names=[1, 2])), r"metadata\.json is damaged: its layer_names"),
 ])
 def test_a_damaged_file_gives_one_line_naming_it(finished, capsys, damage, message):
     import decompose as decompose_entry
@@ -311,6 +313,10 @@ REFUSED = [
     ("sweep", ["--n_trials", "0"], "n_trials=0 with no timeout"),
     ("sweep", ["--seeds", "3,3"], "seeds repeats 3"),
     ("sweep", ["--seeds", "100000"], "more than the limit"),
+    ("train", ["--lr", "inf"], "lr must be a finite number, got inf"),
+    ("train", ["--weight_decay", "nan"], "weight_decay must be a finite number, got nan"),
+    ("learnability", ["--architectures", "cnn,mlp:1x8,cnn"], "architectures names cnn twice"),
+    ("main", ["--num_clusters", "100000"], "num_clusters=100000 is more than the"),
 ]
 if not torch.cuda.is_available():
     REFUSED.append(("train", ["--device", "cuda"], "no CUDA device is available"))

@@ -852,3 +852,24 @@ def test_a_parameter_used_outside_its_module_is_refused():
         for _ in range(2):  # the second time .grad is not None: accumulated in place
             with pytest.raises(UserError, match="Parameters of b received gradients without a recorded call"):
                 rec.backward(F.cross_entropy(model(torch.randn(B, 4)), Y, reduction="none"), lr=LR)
+
+
+def test_misuse_is_named_for_what_it_is():
+    """A learning rate that is not finite, a loss of the wrong length, a recorder used after close()."""
+    import torch.nn.functional as F
+
+    from sample_importance import ImportanceRecorder
+    from sample_importance.errors import UserError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    rec = ImportanceRecorder(model)
+    with pytest.raises(UserError, match="finite learning rate"):
+        rec.backward(F.cross_entropy(model(x), y, reduction="none"), lr=float("nan"))
+    with pytest.raises(UserError, match="loss_i has 3 values, but the forward pass had 6 samples"):
+        rec.backward(F.cross_entropy(model(x), y, reduction="none")[:3], lr=0.1)
+    assert rec.backward(F.cross_entropy(model(x), y, reduction="none"), lr=0.1).shape == (6, 2)
+    rec.close()
+    with pytest.raises(UserError, match="was closed"):
+        rec.backward(F.cross_entropy(model(x), y, reduction="none"), lr=0.1)

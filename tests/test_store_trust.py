@@ -295,3 +295,14 @@ def test_a_tracking_uri_that_cannot_work_is_one_line_at_once(tmp_path, uri, mess
     lines = [l for l in out.splitlines() if l.strip() and "Warning" not in l and not l.startswith(" ")]
     assert proc.returncode == 2 and lines and lines[-1].startswith("error: The tracking store") and message in lines[-1], out
     assert "Traceback" not in out and took < 15, (took, out)
+
+
+def test_a_run_config_of_the_wrong_type_is_one_sentence():
+    from sample_importance.config import trained_config
+    from sample_importance.dynamics import DynamicsError
+
+    with pytest.raises(DynamicsError, match=r"config\.'lr' is str, not float"):
+        trained_config({"run_id": "r", "config": {"lr": "0.1"}})
+    with pytest.raises(DynamicsError, match=r"config\.'evil' is not a training option"):
+        trained_config({"run_id": "r", "config": {"evil": 1}})
+    assert trained_config({"config": {"lr": 1, "seed": 3}}, device="cpu").lr == 1

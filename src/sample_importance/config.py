@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -76,6 +77,10 @@ class TrainConfig:
         """Raise ConfigError for a value no data can make valid; return self."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"Unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}.")
+        for f in dataclasses.fields(self):  # every stage's numbers: nan and inf pass every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}.")
         self._check_model()
         if self.device not in DEVICES:
             raise ConfigError(f"Unknown device {self.device!r}: choose one of {', '.join(DEVICES)}.")
@@ -530,7 +535,11 @@ class LearnabilityConfig(SharedRunsConfig, AnalysisConfig):
 
     def check(self) -> "LearnabilityConfig":
         super().check()
-        if not self.run_ids() and len(self.architecture_list()) < 2:
+        archs = self.architecture_list()
+        twice = next((a for k, a in enumerate(_ids(self.architectures)) if archs[k] in archs[:k]), None)
+        if not self.run_ids() and twice is not None:
+            raise ConfigError(f"architectures names {twice} twice: give each architecture once.")
+        if not self.run_ids() and len(archs) < 2:
             raise ConfigError("learnability compares architectures: give at least two in architectures.")
         if self.num_seeds < 1:
             raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")

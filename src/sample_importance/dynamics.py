@@ -79,6 +79,8 @@ def per_epoch_arrays(metadata: dict) -> dict:
 
 PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
 PROJECTION = "param_projection"
+METADATA_TYPES = {"n": int, "epochs": int, "epochs_completed": int, "projection_dim": int, "complete": bool,
+                  "layer_names": list, "checksums": dict}  # checked before any is used
 REQUIRED_METADATA = ("schema_version", "n", "epochs", "epochs_completed", "complete", "layer_names",
                      "projection_dim", "checksums")
 
@@ -490,6 +492,13 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
     missing = [key for key in REQUIRED_METADATA if key not in meta] if isinstance(meta, dict) else ["all keys"]
     if missing:
         raise DynamicsError(f"{meta_path} is damaged: it lacks {', '.join(missing)}; re-run the training run.")
+    wrong = next((key for key, kind in METADATA_TYPES.items()
+                  if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool))), None)
+    if wrong is None and not (all(isinstance(n, str) for n in meta["layer_names"])
+                              and 0 <= meta["epochs_completed"] <= meta["epochs"] and meta["n"] >= 0):
+        wrong = "layer_names, n or epochs_completed"
+    if wrong is not None:
+        raise DynamicsError(f"{meta_path} is damaged: its {wrong} is not what this code writes; re-run the training run.")
     if meta.get("schema_version") not in READABLE_SCHEMAS:
         raise DynamicsError(f"{meta_path} has schema version {meta.get('schema_version')}, this code reads "
                             f"{', '.join(map(str, READABLE_SCHEMAS))}: re-run `train` or use a matching version of "

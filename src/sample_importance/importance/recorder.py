@@ -31,6 +31,7 @@ i.e. torch.func.vmap over vjp): exact, at several times the cost of one backward
 """
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from functools import partial
@@ -167,6 +168,7 @@ class ImportanceRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._closed = True
         self._clear()
 
     def __enter__(self) -> "ImportanceRecorder":
@@ -192,17 +194,26 @@ class ImportanceRecorder:
                 processes); beta is that of the unscaled step.
         """
         try:
+            if getattr(self, "_closed", False):
+                raise UserError("This ImportanceRecorder was closed (close() or the end of its with block) and "
+                                "records nothing: create a new ImportanceRecorder(model) for further steps.")
             if not isinstance(loss_i, torch.Tensor) or loss_i.dim() != 1 or not loss_i.requires_grad:
                 raise UserError("recorder.backward needs the (B,) per-sample losses with gradients, e.g. "
                                 "F.cross_entropy(model(x), y, reduction='none').")
             if (optimizer is None) == (lr is None):
                 raise UserError("recorder.backward needs exactly one of optimizer= or lr= (lr only for plain SGD).")
             kind = "sgd" if optimizer is None else _step_kind(optimizer)
+            rates = [lr] if optimizer is None else [group["lr"] for group in optimizer.param_groups]
+            if not all(isinstance(r, (int, float, torch.Tensor)) and math.isfinite(float(r)) and float(r) >= 0
+                       for r in rates):
+                raise UserError(f"recorder.backward needs a finite learning rate >= 0, got lr={rates[0]!r}"
+                                + ("" if optimizer is None else " in the optimizer") + ".")
             B = loss_i.shape[0]
             total = B if batch_size is None else batch_size
             self._grads_before = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self._params()]
             full = None
             self._hold_calls()
+            self._check_loss_length(B)
             if self._coupled:
                 full = self._batched_vjp(loss_i, total)
             factors = self._factors(optimizer, lr, kind) if kind == "sgd" else None  # the SGD family's need no .grad
@@ -276,6 +287,17 @@ class ImportanceRecorder:
         a call without any never receives a gradient), strongly during it (a forward recomputed in
         the pass, as activation checkpointing does, frees its hooks before the pass ends)."""
         self._calls[name].append(call if self._in_backward else weakref.ref(call))
+
+    def _check_loss_length(self, B: int) -> None:
+        """loss_i must hold one loss per sample of the forward pass: where every recorded call saw
+        the same batch on its batch axis, that is the batch (calls on batch-less inputs, such as
+        position embeddings, leave it open: `_check_call` judges each call after the pass)."""
+        index = {name: d for d, (name, *_rest) in enumerate(self._layers)}
+        sizes = {c.args[0].shape[self._batch_axis[index[name]]] for name, calls in self._calls.items() for c in calls
+                 if c.args and isinstance(c.args[0], torch.Tensor) and c.args[0].dim() > self._batch_axis[index[name]]}
+        if len(sizes) == 1 and B not in sizes:
+            raise UserError(f"loss_i has {B} values, but the forward pass had {sizes.pop()} samples: pass one loss per "
+                            "sample of the batch (reduction='none').")
 
     def _hold_calls(self) -> None:
         """Before the pass: the calls whose graphs are still alive, held strongly until `_clear`."""

@@ -13,11 +13,14 @@ from .common import CLAIMS, as_images, one_run, start_analysis
 MIN_CLUSTERS = 3  # easy, middle, hard
 
 
-def check_class_size(label: int, members: int) -> None:
+def check_class_size(label: int, members: int, num_clusters: int = MIN_CLUSTERS) -> None:
     """The class to cluster needs a training sample per cluster at least."""
     if members < MIN_CLUSTERS:
         raise ConfigError(f"Class {label} has only {members} training samples, too few for {MIN_CLUSTERS} "
                           f"clusters: choose another label or a larger subset.")
+    if num_clusters > members:
+        raise ConfigError(f"num_clusters={num_clusters} is more than the {members} training samples of class {label}: "
+                          f"choose at most {members}.")
 
 
 def run(cfg: ClusterConfig) -> str:
@@ -25,8 +28,8 @@ def run(cfg: ClusterConfig) -> str:
     with start_analysis(cfg, "cluster", f"Clusters of class {cfg.label} by importance profile (paper figs. 5, 6)") as run:
         d = one_run(cfg)
         members = np.flatnonzero(d.label == cfg.label)
-        check_class_size(cfg.label, len(members))
-        k = min(cfg.num_clusters, len(members))
+        check_class_size(cfg.label, len(members), cfg.num_clusters)
+        k = cfg.num_clusters
         imp = np.asarray(d.importance[:, members])  # (E, m, L)
         loss = np.asarray(d.loss[:, members])  # (E, m)
         assign = clustering.kmeans_clusters(clustering.importance_features(imp, cfg.feature_scale), k, cfg.seed)

@@ -36,7 +36,7 @@ def _check_against_data(cfg: StudyConfig) -> None:
     must have enough training samples."""
     data = training_data(cfg)
     check_batching(cfg, data.n_train)
-    check_class_size(cfg.label, int((data.y_train == cfg.label).sum()))
+    check_class_size(cfg.label, int((data.y_train == cfg.label).sum()), cfg.num_clusters)
 
 
 def run(cfg: StudyConfig, project_dir: str | Path) -> str:
