@@ -286,7 +286,11 @@ def test_two_processes_starting_on_an_empty_sqlite_store(tmp_path):
     ("postgresql+pg8000://someone@127.0.0.1:9/db", "needs the Python package pg8000"),
 ])
 def test_a_tracking_uri_that_cannot_work_is_one_line_at_once(tmp_path, uri, message):
+    import importlib.util
     import time
+
+    if "pg8000" in uri and importlib.util.find_spec("pg8000") is not None:
+        pytest.skip("pg8000 is installed here: the case needs a database driver that is missing")
 
     start = time.monotonic()
     proc = _entry(tmp_path, "train", *ARGS, uri=uri.format(tmp=tmp_path))
