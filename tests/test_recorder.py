@@ -862,13 +862,13 @@ def test_misuse_is_named_for_what_it_is():
     from sample_importance.errors import UserError
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
     rec = ImportanceRecorder(model)
     with pytest.raises(UserError, match="finite learning rate"):
         rec.backward(F.cross_entropy(model(x), y, reduction="none"), lr=float("nan"))
     with pytest.raises(UserError, match="loss_i has 3 values, but the forward pass had 6 samples"):
-        rec.backward(F.cross_entropy(model(x), y, reduction="none")[:3], lr=0.1)
+        rec.backward(F.cross_entropy(model(x), y, reduction="none")[:3], lr=0.1)  # 3: on no axis of an input
     assert rec.backward(F.cross_entropy(model(x), y, reduction="none"), lr=0.1).shape == (6, 2)
     rec.close()
     with pytest.raises(UserError, match="was closed"):

@@ -120,7 +120,7 @@ def disk_errors(path: Path):
             raise DynamicsError(_no_space(path)) from None
         raise DynamicsError(f"Cannot write {path}: {exc.strerror or exc}; choose a writable location for the "
                             "tracking store's artifacts.") from None
-    except RuntimeError as exc:
+    except RuntimeError:
         if _nearly_full(path) or _nearly_full(Path(tempfile.gettempdir())):
             raise DynamicsError(_no_space(path)) from None
         raise

@@ -290,12 +290,14 @@ class ImportanceRecorder:
 
     def _check_loss_length(self, B: int) -> None:
         """loss_i must hold one loss per sample of the forward pass: where every recorded call saw
-        the same batch on its batch axis, that is the batch (calls on batch-less inputs, such as
-        position embeddings, leave it open: `_check_call` judges each call after the pass)."""
+        the same batch on its batch axis and no call's input has B on any axis, the loss has the
+        wrong length (B elsewhere in an input is a batch on another axis, which `_check_call` names
+        after the pass; calls on batch-less inputs, such as position embeddings, leave it open)."""
         index = {name: d for d, (name, *_rest) in enumerate(self._layers)}
-        sizes = {c.args[0].shape[self._batch_axis[index[name]]] for name, calls in self._calls.items() for c in calls
-                 if c.args and isinstance(c.args[0], torch.Tensor) and c.args[0].dim() > self._batch_axis[index[name]]}
-        if len(sizes) == 1 and B not in sizes:
+        inputs = [(c.args[0], self._batch_axis[index[name]]) for name, calls in self._calls.items() for c in calls
+                  if c.args and isinstance(c.args[0], torch.Tensor)]
+        sizes = {x.shape[axis] for x, axis in inputs if x.dim() > axis}
+        if len(sizes) == 1 and not any(B in x.shape for x, _ in inputs):
             raise UserError(f"loss_i has {B} values, but the forward pass had {sizes.pop()} samples: pass one loss per "
                             "sample of the batch (reduction='none').")
 

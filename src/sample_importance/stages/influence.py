@@ -21,7 +21,7 @@ from torch.func import grad
 from .. import dynamics as dyn
 from .. import mlflow_io, plots
 from ..analysis import influence as inf
-from ..config import ConfigError, InfluenceConfig, TrainConfig, parse_floats
+from ..config import ConfigError, InfluenceConfig, TrainConfig, parse_floats, trained_config
 from ..data import Dataset, training_data
 from ..models import model_for
 from ..training import resolve_device, shuffled_orders
