@@ -209,9 +209,7 @@ def trained_config(metadata: dict, **overrides) -> TrainConfig:
     fields = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
     for key, value in config.items():
         want = fields.get(key)
-        ok = want is not None and (isinstance(value, want) and not isinstance(value, bool)
-                                   or want is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
+        if want is None or isinstance(value, bool) or not (isinstance(value, want) or want is float and type(value) is int):
             what = "is not a training option" if want is None else \
                 f"is {type(value).__name__}, not {want.__name__}"
             raise DynamicsError(f"Run {run}: its metadata.json is damaged: config.{str(key)[:60]!r} {what}; re-run "

@@ -191,7 +191,7 @@ def _partial(folder: Path, name: str) -> Path:
 def save_atomic(obj, path: Path, checksum: bool = False) -> None:
     """torch.save to a temporary name, then rename: a reader never sees half a file, and a failed
     write (a full disk) leaves no temporary behind. `checksum`: the file ends with CHECKED_TRAILER
-    and the SHA-256 of what precedes it, so it verifies itself (`load_checked`) with no second file
+    and the SHA-256 of what precedes it, so it verifies itself (`load_tensors`) with no second file
     to keep in step (the resume checkpoint, rewritten every epoch)."""
     import torch
 
@@ -271,11 +271,11 @@ def save_checkpoint(state: dict, folder: Path) -> None:
     save_atomic(state, Path(folder) / CHECKPOINT, checksum=True)
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why the resume checkpoint in `folder` cannot be resumed from (damaged, truncated, planted),
-    or None where it loads."""
+def load_problem(path: Path) -> str | None:
+    """Why the state file `path` (a resume checkpoint) cannot be loaded (damaged, truncated,
+    planted), or None where it loads."""
     try:
-        load_checkpoint(folder)
+        load_tensors(path)
     except DynamicsError as exc:
         return str(exc)
     return None

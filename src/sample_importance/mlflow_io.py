@@ -517,7 +517,7 @@ def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, 
         if path is None or not os.path.lexists(path):
             continue
         if tags.get(TAG_USER) == me and _mine(local.parent, local, path.parent, path):
-            problem = dyn.checkpoint_problem(path.parent)
+            problem = dyn.load_problem(path)
             if problem is None:
                 return run.info.run_id
             print(f"note: run {run.info.run_id} (an interrupted {entry_point} run with this configuration) cannot be "

@@ -117,6 +117,7 @@ class ImportanceRecorder:
         self._fusable = [rule is not None and rule.fused is not None and self._normed[d]
                          for d, (_, _, rule, _) in enumerate(self._layers)]
         self._fusing: dict[int, object] = {}  # layer -> the fused context of its forward under way
+        self._closed = False  # close() removed the hooks: backward refuses
         # the axis of a call's output gradient that holds the batch (`_check_call`)
         self._batch_axis = [1 if isinstance(m, nn.MultiheadAttention) and not m.batch_first else 0
                             for _, m, _, _ in self._layers]
@@ -194,7 +195,7 @@ class ImportanceRecorder:
                 processes); beta is that of the unscaled step.
         """
         try:
-            if getattr(self, "_closed", False):
+            if self._closed:
                 raise UserError("This ImportanceRecorder was closed (close() or the end of its with block) and "
                                 "records nothing: create a new ImportanceRecorder(model) for further steps.")
             if not isinstance(loss_i, torch.Tensor) or loss_i.dim() != 1 or not loss_i.requires_grad:
