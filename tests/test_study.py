@@ -49,6 +49,7 @@ def test_mlproject_and_entry_point_scripts_are_generated_from_the_stage_registry
     spec.loader.exec_module(tool)
     assert set(STAGES) == set(ENTRY_CONFIGS) and all(STAGES[n].config is c for n, c in ENTRY_CONFIGS.items())
     assert (REPO / "MLproject").read_text() == tool.render(), "run python tools/write_mlproject.py"
+    assert (REPO / "docs" / "parameters.md").read_text() == tool.parameters_page(), "run python tools/write_mlproject.py"
     for name in STAGES:
         assert (REPO / "entry_points" / f"{name}.py").read_text() == tool.script(name), name
 

@@ -145,21 +145,28 @@ class TrackedRun:
 
 
 @contextlib.contextmanager
-def track_run(model: nn.Module, *, labels, epochs: int, batch_size: int, optimizer: torch.optim.Optimizer | None = None,
-              lr: float | None = None, sample_ids=None, num_classes: int | None = None, dataset: str = "custom",
-              run_name: str | None = None, config: dict | None = None, batchnorm: str = "refuse",
-              groups=None, image_shape: tuple[int, ...] | None = None) -> Iterator[TrackedRun]:
+def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: int, batch_size: int,
+              optimizer: torch.optim.Optimizer | None = None, lr: float | None = None,
+              sample_ids: np.ndarray | torch.Tensor | None = None, num_classes: int | None = None,
+              dataset: str = "custom", run_name: str | None = None, config: dict | None = None,
+              batchnorm: str = "refuse", groups: object = None,
+              image_shape: tuple[int, ...] | None = None) -> Iterator[TrackedRun]:
     """An MLflow run (nested if one is active) recording a researcher's loop into `dynamics/`.
 
     Args:
         model: the model being trained (hooks are added for the run and removed after).
         labels: (n,) training labels, in the order of `sample_ids`.
-        epochs, batch_size: as trained (batch_size: the nominal one; a last smaller batch is fine).
-        optimizer or lr: the optimizer stepped (its learning rate is stored), or plain SGD's lr.
+        epochs: as trained.
+        batch_size: the nominal batch size (a last smaller batch is fine).
+        optimizer: the optimizer stepped (its learning rate is stored); or
+        lr: plain SGD's learning rate, instead of the optimizer.
         sample_ids: (n,) your ids of the training samples (default 0..n-1).
         num_classes: width of the logits (default: labels.max() + 1).
-        dataset, run_name, config: stored with the run (config as config.json and parameters).
-        batchnorm, groups: passed to ImportanceRecorder.
+        dataset: stored with the run.
+        run_name: stored with the run.
+        config: stored with the run, as config.json and parameters.
+        batchnorm: passed to ImportanceRecorder.
+        groups: passed to ImportanceRecorder.
         image_shape: (C, H, W) of the samples, for analyses that draw them.
     Leaving the block without an exception finishes the dynamics (all epochs ended and every final
     loss recorded, else UserError); an exception ends the run FAILED with its finished epochs kept.
