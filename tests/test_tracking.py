@@ -133,7 +133,10 @@ def test_cnn_importance_matches_per_sample_autograd(image):
 def test_both_conv_norm_routes_agree():
     """The Gram route (few positions, wide layer) and the per-sample route of a convolution's
     per-sample norm give each sample's ||D_i U_i^T||^2 + ||D_i 1||^2."""
-    from sample_importance.tracking import sample_sq_grad_norms
+    from sample_importance.importance.rules import Call, rule_for
+
+    def sample_sq_grad_norms(layer, a, dz):  # by the layer's registered rule
+        return sum(rule_for(layer).sq_norms(layer, Call((a,), {}, [dz])).values())
 
     gen = torch.Generator().manual_seed(0)
     for c, side in ((3, 4), (16, 2)):  # P (O + K) against O K: per-sample, then Gram

@@ -17,7 +17,6 @@ seed. Adding a model to the registry is one `@register_model` function in this f
 """
 from __future__ import annotations
 
-import abc
 import math
 import os
 import sys
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LayeredModel(nn.Module, abc.ABC):
-    """What both models share: weighted layers in `self.layers` (in order), `forward_tapped`."""
+class LayeredModel(nn.Module):
+    """What both models share: weighted layers in `self.layers` (in order)."""
 
     layers: nn.ModuleDict
 
@@ -49,12 +48,6 @@ class LayeredModel(nn.Module, abc.ABC):
                 nn.init.xavier_uniform_(layer.weight, generator=generator)
                 layer.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tapped(x)[0]
-
-    @abc.abstractmethod
-    def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Logits (B, classes) and, per layer in order, its (input, pre-activation output)."""
 
 
 class MLP(LayeredModel):
@@ -64,16 +57,14 @@ class MLP(LayeredModel):
         names = [f"L{k + 1}" for k in range(depth)] + ["Out"]
         self.layers = nn.ModuleDict({name: nn.Linear(a, b) for name, a, b in zip(names, sizes, sizes[1:])})
 
-    def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Logits (B, classes) and, per layer, (input a (B, in), pre-activation z (B, out))."""
-        taps = []
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes) of flat samples (B, in)."""
         h = x
         last = len(self.layers) - 1
         for k, layer in enumerate(self.layers.values()):
             z = layer(h)
-            taps.append((h, z))
             h = torch.relu(z) if k < last else z
-        return h, taps
+        return h
 
 
 class CNN(LayeredModel):
@@ -90,17 +81,15 @@ class CNN(LayeredModel):
         layers["Out"] = nn.Linear(c * h * w, num_classes)
         self.layers = nn.ModuleDict(layers)
 
-    def forward_tapped(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Logits (B, classes) and, per layer, (input, pre-activation): (B, C, H, W) for convolutions."""
-        taps = []
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes) of flat samples (B, C*H*W), seen as images (B, C, H, W)."""
         h = x.reshape(len(x), *self.image_shape)
         for name, layer in self.layers.items():
             if name == "Out":
                 h = h.flatten(1)
             z = layer(h)
-            taps.append((h, z))
             h = z if name == "Out" else F.max_pool2d(torch.relu(z), 2)
-        return h, taps
+        return h
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -273,10 +262,6 @@ def register_model(name: str, help: str, norm: bool = False):
         REGISTRY[name] = ModelEntry(name, build, help, norm)
         return build
     return add
-
-
-def model_names() -> tuple[str, ...]:
-    return tuple(REGISTRY)
 
 
 def is_factory(name: str) -> bool:
@@ -475,11 +460,6 @@ def check_model_size(cfg, data) -> None:
         raise ConfigError(f"model={cfg.model} with depth={cfg.depth} and width={cfg.width} has {count:,} parameters and "
                           f"needs about {need / 1e9:,.1f} GB to train, more than this machine's {memory / 1e9:,.1f} GB of "
                           "memory: choose a smaller width or depth.")
-
-
-def parameter_counts(model: LayeredModel) -> dict[str, int]:
-    """Number of parameters (weights and bias) of each named layer."""
-    return {name: sum(p.numel() for p in layer.parameters()) for name, layer in model.layers.items()}
 
 
 @register_model("mlp", "depth x width ReLU layers, Glorot-uniform (the paper's network; depth=0: logistic regression)")

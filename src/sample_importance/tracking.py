@@ -19,20 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .importance.recorder import ImportanceRecorder, batch_loss
-from .importance.rules import Call, rule_for
-
-# The scaling convention recorded in metadata.json, so a reader knows what the numbers mean.
-PHI_CONVENTION = "phi_i = -(lr / B) * grad of sample i's own loss; B = samples in the batch; weight decay excluded"
-
-
-def sample_sq_grad_norms(layer: nn.Module, a: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    """||dL_i/d(weight, bias)||^2 of every sample (B,), times B^2 when dz is the gradient of the batch
-    mean; from the layer's input a and the gradient dz of its output, by the layer's registered rule."""
-    rule = rule_for(layer)
-    if rule is None or rule.sq_norms is None:
-        raise TypeError(f"no per-sample gradient norm rule for {type(layer).__name__}")
-    return sum(rule.sq_norms(layer, Call((a,), {}, [dz])).values())
-
 
 @dataclass
 class StepRecord:

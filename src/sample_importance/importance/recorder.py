@@ -15,7 +15,7 @@ gradient of sample i's own loss (from the batch's forward pass) and B the batch 
       f = -(lr / bc1) [ (1 - b1) / den - m (1 - b2) g / (den^2 sqrt(bc2) sqrt(v)) ],
   m, v the moments after this step, den = sqrt(v / bc2) + eps, bc_k = 1 - b_k^t (the second term
   is 0 where v = 0). g is the gradient the optimizer sees (with Adam's L2 weight decay added).
-Weight decay never enters phi: it does not depend on v_i (PHI_CONVENTION).
+Weight decay never enters phi: it does not depend on v_i.
 
 The per-sample gradients come from the registered rules (`rules.py`), from the module's inputs
 (forward hooks) and the gradient of the mean loss at its outputs (hooks on the outputs' autograd
