@@ -87,6 +87,12 @@ class ImportanceRecorder:
                 self._owner.setdefault(id(module.get_parameter(n)), d)
         # (name in the module, parameter) of each layer, looked up once
         self._named = [[(n, module.get_parameter(n)) for n in names] for _, module, _, names in self._layers]
+        # The layers beta has a column for: those owning a parameter. A layer whose parameters are all
+        # tied to an earlier one's (GPT-2's lm_head, BART's embed_tokens) is recorded, as one more use
+        # of them, but has no column: each parameter's change is counted once, in its owner's.
+        self._shown = [d for d, named in enumerate(self._named) if any(self._owner[id(p)] == d for _, p in named)]
+        if len(self._shown) == len(self._layers):
+            self._shown = None
         # Layers whose beta can be taken during the backward pass (`_plan_columns`): a norm route,
         # and no parameter that another layer also lists (tied weights add gradients first).
         listed: dict[int, int] = {}
@@ -125,7 +131,10 @@ class ImportanceRecorder:
                                                       always_call=self._fusable[d])
                          for d, (_, module, _, _) in enumerate(self._layers)]
         self._handles += [module.register_forward_pre_hook(_Hook(self._on_pre_forward, d))
-                          for d, (_, module, _, _) in enumerate(self._layers) if self._fusable[d]]
+                          for d, (_, module, _, _) in enumerate(self._layers)]
+        # the autograd sequence number at the start of each layer's forward under way (a stack: a
+        # module may call itself): with the one at its end, the span of the nodes its call created
+        self._starts: list[list[int]] = [[] for _ in self._layers]
         recorded = {id(m) for _, m, _, _ in self._layers}
         self._bn_recorded = [id(m) in recorded for _, m in self._batch_norms]
         self._handles += [m.register_forward_hook(_Hook(self._on_batch_norm, k)) for k, (_, m) in enumerate(self._batch_norms)]
@@ -139,13 +148,16 @@ class ImportanceRecorder:
     # ------------------------------------------------------------ public API
     @property
     def layer_names(self) -> list[str]:
-        return [name for name, *_ in self._layers]
+        """The columns of beta: the layers owning parameters, in `model.named_modules()` order."""
+        names = [name for name, *_ in self._layers]
+        return names if self._shown is None else [names[d] for d in self._shown]
 
     def layer_parameters(self, name: str) -> list[nn.Parameter]:
-        """The parameters of layer `name` (for a parameter count, or a reference computation)."""
-        for n, module, _, names in self._layers:
-            if n == name:
-                return [module.get_parameter(p) for p in names]
+        """The parameters whose change is layer `name`'s column of beta (for a parameter count, or a
+        reference computation): its own, less any tied to an earlier layer."""
+        if name in self.layer_names:
+            d = [n for n, *_ in self._layers].index(name)
+            return [p for _, p in self._named[d] if self._owner[id(p)] == d]
         raise UserError(f"No layer {name!r}: the layers are {', '.join(self.layer_names)}.")
 
     @property
@@ -220,12 +232,18 @@ class ImportanceRecorder:
             factors = self._factors(optimizer, lr, kind) if kind == "sgd" else None  # the SGD family's need no .grad
             if full is None and kind == "sgd":
                 self._plan_columns(B, factors)
+            self._batch = B
+            refused = self._walk(loss_i, B) if full is None else self._walk(loss_i, B, spread=False)
             self._in_backward = full is None
             batch_loss(loss_i, batch_size, grad_scale).backward()
             self._in_backward = False
+            if refused:  # said once the pass is over, .grad complete
+                raise UserError(refused)
             if factors is None:
                 factors = self._factors(optimizer, lr, kind)
             beta = self._importance(B, factors, full, loss_i)
+            if self._shown is not None:
+                beta = beta[:, self._shown]
             # The output gradients the rules read carry grad_scale; the batched VJPs do not.
             return beta if grad_scale == 1 or full is not None else beta / grad_scale ** 2
         finally:
@@ -234,7 +252,10 @@ class ImportanceRecorder:
 
     # ------------------------------------------------------------ hooks
     def _on_pre_forward(self, d: int, module: nn.Module, args: tuple) -> None:
-        if self._capturing and torch.is_grad_enabled() and len(args) == 1 and isinstance(args[0], torch.Tensor) \
+        if not (self._capturing and torch.is_grad_enabled()):
+            return
+        self._starts[d].append(_sequence_number())
+        if self._fusable[d] and len(args) == 1 and isinstance(args[0], torch.Tensor) \
                 and not torch._C._are_functorch_transforms_active() and not _autocasting(args[0].device.type) \
                 and not any(batch_norm_couples(m) for _, m in self._batch_norms):
             fused = self._layers[d][2].fused(module, Call((args[0].detach(),), {}, [None]), self)
@@ -243,13 +264,15 @@ class ImportanceRecorder:
 
     def _on_forward(self, d: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         fused = self._fusing.pop(d, None) if self._fusing else None
+        span = (self._starts[d].pop(), _sequence_number()) if self._starts[d] else None
         if fused is not None:  # its context ends with the module's forward, also where that raised
             fused.__exit__(None, None, None)
             if fused.used and output is not None:
                 fused.call.pending = 1  # the output gradient comes from its backward (`arrive`)
+                fused.call.span = span
                 self._keep(self._layers[d][0], fused.call)
                 return
-        if not self._capturing or output is None or not torch.is_grad_enabled():
+        if not self._capturing or output is None or not torch.is_grad_enabled() or span is None:
             return
         if isinstance(output, torch.Tensor) and _autocasting(output.device.type):
             raise UserError("ImportanceRecorder does not record under torch.autocast (mixed precision): run the "
@@ -257,7 +280,7 @@ class ImportanceRecorder:
         name = self._layers[d][0]
         # the common case (Linear, Conv, norms), without pytrees
         if isinstance(output, torch.Tensor) and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            call = Call((args[0].detach(),), kwargs, [None])
+            call = Call((args[0].detach(),), kwargs, [None], span=span)
             if output.requires_grad:
                 self._watch(output, call, 0)
                 call.pending = 1
@@ -271,7 +294,7 @@ class ImportanceRecorder:
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         if kwargs:
             kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, kwargs)
-        call = Call(args, kwargs, [None] * len(outs))
+        call = Call(args, kwargs, [None] * len(outs), span=span)
         for k, t in enumerate(outs):
             if t.requires_grad:
                 self._watch(t, call, k)
@@ -335,6 +358,9 @@ class ImportanceRecorder:
             t.register_hook(partial(self._on_output_grad, call, k))
         else:
             t.grad_fn.register_prehook(partial(self._on_node_grad, call, k, t.output_nr))
+            if call.leaves is None:
+                call.leaves = {}
+            call.leaves[k] = (t.grad_fn._sequence_nr(), t.output_nr, t.shape)
 
     def _on_node_grad(self, call: Call, k: int, nr: int, grad_outputs: tuple) -> None:
         if grad_outputs[nr] is not None:  # as a tensor hook, which no undefined gradient calls
@@ -343,6 +369,14 @@ class ImportanceRecorder:
     def _on_output_grad(self, call: Call, k: int, grad: torch.Tensor) -> None:
         if not self._in_backward:  # another backward pass of the user's: a stale call stays without grads
             return
+        if call.spread is not None and k in call.spread:  # a batch-less output: its per-sample gradients
+            shares, shape = call.spread.pop(k), call.leaves[k][2]
+            lead = len(shape) > 0 and shape[0] == 1  # the leading axis of 1 stands for the batch
+            grad = grad.new_zeros(self._batch, *shape) if shares is None else shares  # (B, *shape)
+            if lead:
+                grad = grad.squeeze(1)
+            if not call.spread:
+                call.args, call.kwargs = _spread_arguments(call, self._batch, lead)
         call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
         self._arrived(call)
 
@@ -415,6 +449,137 @@ class ImportanceRecorder:
         self._coupled = set()
         self._grads_before = []
         self._plans, self._columns = {}, {}
+
+    def _walk(self, loss_i: torch.Tensor, B: int, spread: bool = True) -> str | None:
+        """One walk of the loss's autograd graph before the pass, for what the calls alone cannot tell.
+
+        - Every use of a recorded parameter: each edge into a parameter's accumulator comes from a
+          node whose sequence number says whether a recorded call of a layer listing it made it
+          (`Call.span`). A use outside them (`x @ layer.weight.t()` beside `layer(x)`,
+          `F.linear(h, emb.weight[:10])`) has no rule: refused. (A parameter of a layer never called
+          is left to `_importance`, which names it.)
+        - Outputs without the batch (position embeddings on an `arange` index, relative-position
+          biases), with spread=True: where they meet the batch, `_spread` wires their per-sample
+          gradients.
+        Returns the sentence to refuse with after the pass, or None."""
+        spans: dict[int, list[tuple[int, int]]] = {}
+        wanted: dict[int, list] = {}  # sequence number of a batch-less output's node -> [(call, leaf k, nr, shape)]
+        for d, (name, *_rest) in enumerate(self._layers):
+            for c in self._calls[name]:
+                if c.span is not None:
+                    for _, p in self._named[d]:
+                        spans.setdefault(id(p), []).append(c.span)
+                if spread and c.leaves and self._batch_axis[d] == 0:
+                    for k, (seq, nr, shape) in c.leaves.items():
+                        if (len(shape) == 0 or shape[0] != B) and _batch_less(c, shape, B):
+                            wanted.setdefault(seq, []).append((d, c, k, nr, shape))
+        root = loss_i.grad_fn
+        if root is None or not (spans or wanted):
+            return None
+        outside: dict[int, object] = {}
+        consumers: dict = {} if wanted else None  # node -> [(consumer, input index)]
+        found: dict[int, object] = {}  # sequence number -> node, for `wanted`
+        seen, todo = {root}, [root]
+        while todo:
+            node = todo.pop()
+            if wanted and node._sequence_nr() in wanted:
+                found[node._sequence_nr()] = node
+            for j, (child, _) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                if isinstance(child, _ACCUMULATE):
+                    pid = id(child.variable)
+                    if pid in spans and pid not in outside:
+                        s = node._sequence_nr()
+                        if not any(a <= s < b for a, b in spans[pid]):
+                            outside[pid] = node
+                    continue
+                if consumers is not None:
+                    consumers.setdefault(child, []).append((node, j))
+                if child not in seen:
+                    seen.add(child)
+                    todo.append(child)
+        refusals = []
+        for seq, node in found.items():
+            for d, call, k, nr, shape in wanted[seq]:
+                problem = self._spread(call, k, node, nr, shape, consumers, B)
+                if problem:
+                    refusals.append(f"The output of {self._layers[d][0]} has no batch axis and {problem}")
+        if outside:
+            names = {id(p): (name + "." if name != ROOT else "") + n
+                     for (name, *_r), named in zip(self._layers, self._named) for n, p in named}
+            used = ", ".join(f"{names[pid]} (by {type(node).__name__})" for pid, node in outside.items())
+            refusals.append(f"The loss uses {used} outside the forward of the module that owns it, beside that "
+                            "module's own calls, and a gradient taken there has no per-sample rule: use each "
+                            "parameter only through its module (tie weights by sharing the Parameter between two "
+                            "modules instead).")
+        return " ".join(refusals) or None
+
+    def _spread(self, call: Call, k: int, origin, nr: int, shape, consumers: dict, B: int) -> str | None:
+        """Wire the per-sample gradients of a batch-less output (leaf k of `call`, output `nr` of
+        autograd node `origin`): follow its consumers while their outputs have no batch, to the
+        nodes where it meets the batch (`_MEETINGS`: an addition or an expansion, which give each
+        sample its slice of the gradient there); prehooks there pull each sample's slice back along
+        the batch-less path (the path's own backward functions, one sample at a time) into
+        call.spread[k]. Returns what is refused instead, or None."""
+        paths, todo, reached = [], [(origin, [])], set()
+        while todo:
+            node, path = todo.pop()
+            for consumer, j in consumers.get(node, ()):
+                if node is origin and consumer.next_functions[j][1] != nr:
+                    continue  # another output of the module's last operation
+                meta = consumer._input_metadata
+                batched = len(meta) == 1 and len(meta[0].shape) > 0 and meta[0].shape[0] == B
+                if batched:
+                    paths.append((consumer, j, path))
+                    continue
+                if len(meta) == 1 and len(meta[0].shape) > 0 and B > 1 and \
+                        any(len(m.shape) > 0 and m.shape[0] == B for m in meta):
+                    return (f"meets the batch in {type(consumer).__name__}, an operation of several outputs, which "
+                            "the recorder does not follow: let it meet the batch in one operation.")
+                if consumer in reached:
+                    return ("reaches the batch along paths that join again before it, which the recorder does not "
+                            "follow: compute it once per forward where it meets the batch.")
+                reached.add(consumer)
+                todo.append((consumer, [(consumer, j)] + path))
+        if not paths:
+            return None  # no gradient reaches it through the batch: it stays without one
+        call.spread = {**(call.spread or {}), k: None}
+        for meeting, j, path in paths:
+            meeting.register_prehook(partial(self._on_meeting, call, k, meeting, j, path, shape))
+        return None
+
+    def _on_meeting(self, call: Call, k: int, meeting, j: int, path: list, shape, grad_outputs: tuple) -> None:
+        """At a node where a batch-less output (through `path`, nearest the meeting first) meets the
+        batch: each sample's share of the gradient of input j, pulled back to the output."""
+        if not self._in_backward or grad_outputs[0] is None or call.spread is None or k not in call.spread:
+            return
+        g = grad_outputs[0]  # (B, ...): the meeting's output
+        child, out_nr = meeting.next_functions[j]
+        kind = type(meeting).__name__
+        if kind in _MEETINGS:  # each sample's slice, summed to the input's shape
+            share = _share(g, child._input_metadata[out_nr].shape)  # (B, *the shape of the meeting's input j)
+            if j == 1 and kind != "ExpandBackward0":
+                share = share * (-1.0 if kind == "SubBackward0" else 1.0) * float(meeting._saved_alpha)
+        else:  # any other operation: its own backward of one sample's slice at a time (L_i reads y_i only)
+            def one(i: int) -> torch.Tensor:
+                gi = torch.zeros_like(g)
+                gi[i] = g[i]
+                return _input_grad(meeting, (gi,), j)
+            share = torch.stack([one(i) for i in range(g.shape[0])])
+        for node, input_j in path:
+            meta = node._input_metadata
+            r = out_nr
+
+            def back(t, node=node, r=r, meta=meta, input_j=input_j):
+                outs = [t if m == r else torch.zeros(tuple(md.shape), dtype=md.dtype, device=md.device)
+                        for m, md in enumerate(meta)]
+                return _input_grad(node, outs, input_j)
+            # one sample at a time: vmap over an autograd node's own backward can give wrong shapes
+            share = torch.stack([back(t) for t in share])
+            out_nr = node.next_functions[input_j][1]
+        spread = call.spread[k]
+        call.spread[k] = share if spread is None else spread + share
 
     # ------------------------------------------------------------ the computation
     def _params(self) -> list[nn.Parameter]:
@@ -594,6 +759,64 @@ class _Hook:
 
     def __reduce__(self):
         return _Hook, ()
+
+
+_ACCUMULATE = torch._C._functions.AccumulateGrad  # the autograd node of a leaf's .grad
+# where a batch-less tensor meets the batch and each sample's share of its gradient is that
+# sample's slice of the gradient there, summed to its shape (`_share`)
+_MEETINGS = ("AddBackward0", "SubBackward0", "ExpandBackward0")
+
+
+def _share(g: torch.Tensor, shape) -> torch.Tensor:
+    """(B, *shape): each sample's slice of g (B, ...) summed over the axes a tensor of `shape`
+    was broadcast along to meet it."""
+    lead = (1,) * (g.dim() - len(shape)) + tuple(shape)
+    axes = [a for a in range(1, g.dim()) if lead[a] == 1 and g.shape[a] != 1]
+    if axes:
+        g = g.sum(axes, keepdim=True)
+    return g.reshape(g.shape[0], *shape)
+
+
+def _batch_less(call: Call, shape, B: int) -> bool:
+    """Whether a call's output of this shape (without B on its first axis) is one without the batch,
+    broadcast into it later: a leading axis of 1, or inputs none of which has B on any axis (a
+    batch on another axis is not this: `_check_call` asks for batch-first inputs)."""
+    if len(shape) > 0 and shape[0] == 1:
+        return True
+    return not any(isinstance(t, torch.Tensor) and B in t.shape for t in tree_flatten((call.args, call.kwargs))[0])
+
+
+def _input_grad(node, grad_outputs, j: int) -> torch.Tensor:
+    """The gradient an autograd node's backward gives its input j, as the engine hands it on:
+    summed to that input's shape where the forward broadcast it, in its dtype."""
+    got = node(*grad_outputs)  # a node of one input returns its gradient, not a tuple
+    got = got[j] if isinstance(got, tuple) else got
+    child, nr = node.next_functions[j]
+    meta = child._input_metadata[nr]
+    if tuple(got.shape) != tuple(meta.shape):
+        got = got.sum_to_size(meta.shape)
+    return got if got.dtype == meta.dtype else got.to(meta.dtype)
+
+
+def _spread_arguments(call: Call, B: int, lead: bool) -> tuple[tuple, dict]:
+    """A batch-less call's tensor arguments with the batch made explicit, as its output's per-sample
+    gradients have it: a leading axis of 1 expanded to B (lead), or an axis of B put in front."""
+    def spread(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if lead:
+            return t.expand(B, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
+        return t.unsqueeze(0).expand(B, *t.shape)
+    return tuple(spread(a) for a in call.args), tree_map(spread, call.kwargs)
+_PROBE = torch.zeros((), requires_grad=True)
+
+
+def _sequence_number() -> int:
+    """The autograd sequence number the next node created in this thread gets (increasing)."""
+    return _PROBE.view(()).grad_fn._sequence_nr() + 1  # one node made and dropped
+
+
+_sequence_number = getattr(torch._C._autograd, "_get_sequence_nr", _sequence_number)  # no node where torch has it
 
 
 def _autocasting(device_type: str) -> bool:

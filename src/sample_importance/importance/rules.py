@@ -49,6 +49,14 @@ class Call:
     extra: dict | None = None
     inner_grads: dict | None = None
     pending: int = 0  # gradients (outputs' and inner nodes') still to arrive in the pass under way
+    # (a, b): the nodes the call created have autograd sequence numbers a <= s < b
+    span: tuple[int, int] | None = None
+    # leaf k -> (autograd sequence number of its node, output number, shape), for outputs whose
+    # batch axis the recorder must find in the graph (`recorder._spread`)
+    leaves: dict | None = None
+    # leaf k -> per-sample gradients (B, *shape) of a batch-less output, gathered where it meets the
+    # batch; given as its gradient when its own node's arrives
+    spread: dict | None = None
 
     @property
     def x(self) -> torch.Tensor:
@@ -88,9 +96,10 @@ class Rule:
 RULES: dict[type, Rule] = {}
 
 
-def register_rule(*types: type, recurse: bool = False):
+def register_rule(*types: type | str, recurse: bool = False):
     """Decorator: register `fn(module, call) -> {param name: (B, *shape)}` as the exact rule for
-    modules of exactly these types. A function `fn.sq_norms` set later is the cheap norm route."""
+    modules of exactly these types: classes, or "module.QualName" strings for classes of a library
+    this package does not import (HuggingFace's Conv1D). `register_norms` adds the cheap norm route."""
     def wrap(fn):
         rule = Rule(fn, recurse=recurse)
         for t in types:
@@ -109,7 +118,9 @@ def register_norms(fn_grads):
 
 
 def rule_for(module: nn.Module) -> Rule | None:
-    return RULES.get(type(module))
+    kind = type(module)
+    rule = RULES.get(kind)
+    return rule if rule is not None else RULES.get(f"{kind.__module__}.{kind.__qualname__}")
 
 
 def _present(module: nn.Module, name: str) -> bool:
@@ -210,6 +221,27 @@ def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[st
 
 linear_grads.rule.weighted_sq_norms = linear_weighted_sq_norms
 linear_grads.rule.sq_norm_column = linear_sq_norm_column
+
+
+@register_rule("transformers.pytorch_utils.Conv1D")
+def conv1d_grads(module: nn.Module, call: Call) -> dict[str, torch.Tensor]:
+    """HuggingFace's Conv1D (GPT-2's projections): z = a W + b with W (in, out), a Linear with its
+    weight transposed; the Linear rule's gradients, the weight's transposed back."""
+    out = linear_grads(module, call)
+    out["weight"] = out["weight"].transpose(1, 2)
+    return out
+
+
+def conv1d_weighted_sq_norms(module: nn.Module, call: Call, f2: dict) -> dict[str, torch.Tensor] | None:
+    """The Linear route, its factor on the weight transposed to (out, in)."""
+    if "weight" in f2:
+        f2 = {**f2, "weight": f2["weight"].t()}
+    return linear_weighted_sq_norms(module, call, f2)
+
+
+conv1d_grads.rule.sq_norms = linear_sq_norms  # a transpose keeps every norm
+conv1d_grads.rule.weighted_sq_norms = conv1d_weighted_sq_norms
+conv1d_grads.rule.sq_norm_column = linear_sq_norm_column
 
 
 # ---------------------------------------------------------------- Convolutions
