@@ -65,6 +65,8 @@ class ImportanceRecorder:
                  groups: int | Mapping[str, str] | Callable[[str], str] | None = None):
         if batchnorm not in BATCHNORM_CHOICES:
             raise UserError(f"batchnorm={batchnorm!r} is not one of {', '.join(BATCHNORM_CHOICES)}.")
+        if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            raise UserError(_COMPILED)
         self.model, self.batchnorm = model, batchnorm
         self._layers: list[tuple[str, nn.Module, object, list[str]]] = []  # (name, module, rule, param names)
         claimed: list[str] = []
@@ -124,6 +126,8 @@ class ImportanceRecorder:
                          for d, (_, _, rule, _) in enumerate(self._layers)]
         self._fusing: dict[int, object] = {}  # layer -> the fused context of its forward under way
         self._closed = False  # close() removed the hooks: backward refuses
+        self._steps: dict[int, int] = {}  # id(optimizer) -> its steps since the recorder first saw it
+        self._last_step: tuple[int, int] | None = None  # (id(optimizer), its steps) at the last backward
         # the axis of a call's output gradient that holds the batch (`_check_call`)
         self._batch_axis = [1 if isinstance(m, nn.MultiheadAttention) and not m.batch_first else 0
                             for _, m, _, _ in self._layers]
@@ -199,9 +203,10 @@ class ImportanceRecorder:
             loss_i: (B,) per-sample losses of the batch, from one forward pass of the model.
             optimizer: torch.optim.SGD (momentum, Nesterov), Adam or AdamW; or
             lr: for plain SGD, instead of the optimizer.
-            batch_size: when loss_i is this process's share of a larger batch (data-parallel
-                training), that batch's size: the loss is then loss_i.sum() / batch_size and beta
-                that of phi_i = -(lr / batch_size) g_i (default: B).
+            batch_size: when loss_i is a share of a larger batch — this process's (data-parallel
+                training) or one micro-batch of several whose gradients accumulate before one
+                optimizer.step() (SGD family only) — that batch's size: the loss is then
+                loss_i.sum() / batch_size and beta that of phi_i = -(lr / batch_size) g_i (default: B).
             grad_scale: a factor on the backpropagated loss that the gradient the optimizer sees has
                 lost again (DDP averages the processes' gradients: grad_scale = the number of
                 processes); beta is that of the unscaled step.
@@ -223,6 +228,7 @@ class ImportanceRecorder:
                                 + ("" if optimizer is None else " in the optimizer") + ".")
             B = loss_i.shape[0]
             total = B if batch_size is None else batch_size
+            refused = self._accumulation(optimizer, kind, B, batch_size, grad_scale)
             self._grads_before = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self._params()]
             full = None
             self._hold_calls()
@@ -233,7 +239,7 @@ class ImportanceRecorder:
             if full is None and kind == "sgd":
                 self._plan_columns(B, factors)
             self._batch = B
-            refused = self._walk(loss_i, B) if full is None else self._walk(loss_i, B, spread=False)
+            refused = refused or (self._walk(loss_i, B) if full is None else self._walk(loss_i, B, spread=False))
             self._in_backward = full is None
             batch_loss(loss_i, batch_size, grad_scale).backward()
             self._in_backward = False
@@ -450,6 +456,34 @@ class ImportanceRecorder:
         self._grads_before = []
         self._plans, self._columns = {}, {}
 
+    def _accumulation(self, optimizer, kind: str, B: int, batch_size: int | None, grad_scale: float) -> str | None:
+        """Gradient accumulation: several recorder.backward calls (micro-batches, each passing the
+        whole step's batch_size) before one optimizer.step(). The SGD family's phi_i needs only the
+        step's factor, known before the step, so each micro-batch's beta is exact as it comes. Adam's
+        factor depends on the whole step's gradient, known only once the last micro-batch is in:
+        refused (with the reason) where the recorder sees a micro-batch — a batch_size above this
+        loss's samples without grad_scale (data-parallel training passes grad_scale), or a second
+        recorder.backward before the optimizer's step (counted by a step hook)."""
+        if optimizer is None:
+            return None
+        key = id(optimizer)
+        if key not in self._steps:
+            self._steps[key] = 0
+
+            def stepped(*_args, key=key):
+                self._steps[key] += 1
+            self._handles.append(optimizer.register_step_post_hook(stepped))
+        again = self._last_step == (key, self._steps[key])  # no step since the last recorder.backward
+        self._last_step = (key, self._steps[key])
+        if kind == "sgd":
+            return None
+        if again or (batch_size is not None and batch_size != B and grad_scale == 1):
+            return ("Adam's step depends on the whole step's gradient, known only once the last micro-batch is "
+                    "in, so the recorder does not record gradient accumulation with Adam/AdamW: record one batch "
+                    "per optimizer step (SGD, with momentum or Nesterov, records micro-batches exactly); in "
+                    "data-parallel training pass grad_scale=the number of processes.")
+        return None
+
     def _walk(self, loss_i: torch.Tensor, B: int, spread: bool = True) -> str | None:
         """One walk of the loss's autograd graph before the pass, for what the calls alone cannot tell.
 
@@ -474,16 +508,18 @@ class ImportanceRecorder:
                         if (len(shape) == 0 or shape[0] != B) and _batch_less(c, shape, B):
                             wanted.setdefault(seq, []).append((d, c, k, nr, shape))
         root = loss_i.grad_fn
-        if root is None or not (spans or wanted):
+        if root is None:
             return None
         outside: dict[int, object] = {}
         consumers: dict = {} if wanted else None  # node -> [(consumer, input index)]
         found: dict[int, object] = {}  # sequence number -> node, for `wanted`
         seen, todo = {root}, [root]
+        compiled = False
         while todo:
             node = todo.pop()
             if wanted and node._sequence_nr() in wanted:
                 found[node._sequence_nr()] = node
+            compiled = compiled or type(node).__name__ == "CompiledFunctionBackward"
             for j, (child, _) in enumerate(node.next_functions):
                 if child is None:
                     continue
@@ -499,6 +535,8 @@ class ImportanceRecorder:
                 if child not in seen:
                     seen.add(child)
                     todo.append(child)
+        if compiled:
+            return _COMPILED
         refusals = []
         for seq, node in found.items():
             for d, call, k, nr, shape in wanted[seq]:
@@ -761,6 +799,8 @@ class _Hook:
         return _Hook, ()
 
 
+_COMPILED = ("ImportanceRecorder records the modules' calls one by one, which torch.compile fuses out of sight: "
+             "record the eager model (model._orig_mod of a compiled one) and compile a copy for what you do not record.")
 _ACCUMULATE = torch._C._functions.AccumulateGrad  # the autograd node of a leaf's .grad
 # where a batch-less tensor meets the batch and each sample's share of its gradient is that
 # sample's slice of the gradient there, summed to its shape (`_share`)
