@@ -580,20 +580,6 @@ def test_optimizer_beta_is_the_derivative_of_the_actual_step(kind, warmup):
     rec.close()
 
 
-def test_autocast_is_refused_with_one_sentence():
-    """A recorded forward under autocast is refused; the recorder then records full precision."""
-    seeded()
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 3))
-    twin = copy.deepcopy(model)
-    x = torch.randn(B, 3, 4, 4)
-    with ImportanceRecorder(model) as rec:
-        with torch.autocast("cpu", dtype=torch.bfloat16), \
-                pytest.raises(UserError, match="does not record under torch.autocast"):
-            model(x)
-        beta = rec.backward(ce(x, Y)(model), lr=LR)
-        assert torch.allclose(beta, reference_beta(twin, ce(x, Y), rec), rtol=1e-10)
-
-
 def test_bad_input_is_one_clear_sentence():
     seeded()
     model = Small()

@@ -126,6 +126,7 @@ class ImportanceRecorder:
                          for d, (_, _, rule, _) in enumerate(self._layers)]
         self._fusing: dict[int, object] = {}  # layer -> the fused context of its forward under way
         self._closed = False  # close() removed the hooks: backward refuses
+        self.skipped = False  # the last backward's gradients were not finite: its scaler skips the step
         self._steps: dict[int, int] = {}  # id(optimizer) -> its steps since the recorder first saw it
         self._last_step: tuple[int, int] | None = None  # (id(optimizer), its steps) at the last backward
         # the axis of a call's output gradient that holds the batch (`_check_call`)
@@ -195,7 +196,8 @@ class ImportanceRecorder:
         self.close()
 
     def backward(self, loss_i: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
-                 lr: float | None = None, batch_size: int | None = None, grad_scale: float = 1.0) -> torch.Tensor:
+                 lr: float | None = None, batch_size: int | None = None, grad_scale: float = 1.0,
+                 scaler=None) -> torch.Tensor:
         """Backpropagate loss_i.mean() (filling .grad exactly as loss_i.mean().backward() does) and
         return beta (B, L) of the step the optimizer is about to take (call before optimizer.step()).
 
@@ -210,6 +212,14 @@ class ImportanceRecorder:
             grad_scale: a factor on the backpropagated loss that the gradient the optimizer sees has
                 lost again (DDP averages the processes' gradients: grad_scale = the number of
                 processes); beta is that of the unscaled step.
+            scaler: a torch.amp.GradScaler (float16 mixed precision): the loss is backpropagated
+                times its scale, as scaler.scale(loss) does, and beta is that of the unscaled step
+                (then call scaler.step(optimizer) and scaler.update()). Where the gradients are not
+                finite, the step GradScaler will skip, beta is zeros and `skipped` is True.
+
+        Under torch.autocast (bfloat16 or float16) the rules read the captured inputs and output
+        gradients in float32: beta of the step taken, up to the rounding of the half-precision
+        forward and backward (tests/test_recorder_training.py states the tolerance).
         """
         try:
             if self._closed:
@@ -241,17 +251,24 @@ class ImportanceRecorder:
             self._batch = B
             refused = refused or (self._walk(loss_i, B) if full is None else self._walk(loss_i, B, spread=False))
             self._in_backward = full is None
-            batch_loss(loss_i, batch_size, grad_scale).backward()
+            loss, scale = batch_loss(loss_i, batch_size, grad_scale), 1.0
+            if scaler is not None and scaler.is_enabled():  # as scaler.scale(loss) in a plain loop
+                loss, scale = scaler.scale(loss), float(scaler.get_scale())
+            loss.backward()
             self._in_backward = False
             if refused:  # said once the pass is over, .grad complete
                 raise UserError(refused)
+            self.skipped = scaler is not None and not self._finite(optimizer)
+            if self.skipped:  # GradScaler skips this step: nothing moves
+                return torch.zeros(B, len(self.layer_names), dtype=loss_i.dtype, device=loss_i.device)
             if factors is None:
-                factors = self._factors(optimizer, lr, kind)
+                factors = self._factors(optimizer, lr, kind, unscale=scale)
             beta = self._importance(B, factors, full, loss_i)
             if self._shown is not None:
                 beta = beta[:, self._shown]
-            # The output gradients the rules read carry grad_scale; the batched VJPs do not.
-            return beta if grad_scale == 1 or full is not None else beta / grad_scale ** 2
+            # The output gradients the rules read carry grad_scale and the loss scale; the batched VJPs do not.
+            carried = 1.0 if full is not None else grad_scale * scale
+            return beta if carried == 1 else beta / carried ** 2
         finally:
             self._capturing, self._in_backward = True, False
             self._clear()
@@ -280,13 +297,10 @@ class ImportanceRecorder:
                 return
         if not self._capturing or output is None or not torch.is_grad_enabled() or span is None:
             return
-        if isinstance(output, torch.Tensor) and _autocasting(output.device.type):
-            raise UserError("ImportanceRecorder does not record under torch.autocast (mixed precision): run the "
-                            "forward passes you record in full precision, outside autocast.")
         name = self._layers[d][0]
         # the common case (Linear, Conv, norms), without pytrees
         if isinstance(output, torch.Tensor) and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
-            call = Call((args[0].detach(),), kwargs, [None], span=span)
+            call = Call((args[0].detach(),), kwargs, [None], span=span, autocast=_autocasting(output.device.type))
             if output.requires_grad:
                 self._watch(output, call, 0)
                 call.pending = 1
@@ -300,7 +314,8 @@ class ImportanceRecorder:
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         if kwargs:
             kwargs = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, kwargs)
-        call = Call(args, kwargs, [None] * len(outs), span=span)
+        call = Call(args, kwargs, [None] * len(outs), span=span,
+                    autocast=bool(outs) and _autocasting(outs[0].device.type))
         for k, t in enumerate(outs):
             if t.requires_grad:
                 self._watch(t, call, k)
@@ -432,6 +447,7 @@ class ImportanceRecorder:
         module configuration the rule refuses): the general path then says so, after the pass."""
         name, module, rule, _ = self._layers[d]
         self._check_call(d, call, self._batch)
+        _full_precision(call)
         if rule.sq_norm_column is not None:
             column = rule.sq_norm_column(module, call, f2)
             if column is not None:
@@ -636,9 +652,15 @@ class ImportanceRecorder:
         return {id(p): (torch.zeros(B, *p.shape, dtype=p.dtype, device=p.device) if j is None else j / total)
                 for p, j in zip(params, jac)}
 
-    def _factors(self, optimizer, lr, kind: str) -> dict[int, float | torch.Tensor]:
-        """d(delta theta)/dg per parameter: a number (SGD family) or an elementwise tensor (Adam);
-        kind: `_step_kind(optimizer)`."""
+    def _finite(self, optimizer) -> bool:
+        """Whether every gradient the step reads is finite (GradScaler's test for skipping it)."""
+        params = self._params() if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+        checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        return not checks or bool(torch.stack(checks).all())
+
+    def _factors(self, optimizer, lr, kind: str, unscale: float = 1.0) -> dict[int, float | torch.Tensor]:
+        """d(delta theta)/dg per parameter: a number (SGD family) or an elementwise tensor (Adam, from
+        .grad divided by `unscale`, a GradScaler's scale); kind: `_step_kind(optimizer)`."""
         if optimizer is None:
             return {id(p): -float(lr) for p in self._params()}
         out: dict[int, float | torch.Tensor] = {}
@@ -647,7 +669,7 @@ class ImportanceRecorder:
                 state = optimizer.state.get(p, {})
                 if kind != "sgd":
                     if p.grad is not None:
-                        out[id(p)] = _adam_factor(p, group, state, kind == "adamw")
+                        out[id(p)] = _adam_factor(p, group, state, kind == "adamw", unscale)
                     continue
                 mu, tau = group["momentum"], group["dampening"]
                 first = state.get("momentum_buffer") is None
@@ -682,6 +704,7 @@ class ImportanceRecorder:
             calls = [c for c in self._calls[name] if any(g is not None for g in c.grads)]
             for c in calls:
                 self._check_call(d, c, B)
+                _full_precision(c)
             for n, p in self._named[d]:
                 for c in calls:
                     sources.setdefault(id(p), []).append((d, c, n))
@@ -817,6 +840,22 @@ def _share(g: torch.Tensor, shape) -> torch.Tensor:
     return g.reshape(g.shape[0], *shape)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _full_precision(call: Call) -> None:
+    """A call from a forward under torch.autocast, its half-precision tensors (inputs, output and
+    inner gradients, saved tensors) in float32, for rules that accumulate in float32."""
+    def up(t):
+        return t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t
+    if call.autocast and any(isinstance(t, torch.Tensor) and t.dtype in _HALF
+           for t in tree_flatten((call.args, call.kwargs, call.grads, call.extra, call.inner_grads))[0]):
+        call.args, call.kwargs = tree_map(up, call.args), tree_map(up, call.kwargs)
+        call.grads = [up(g) for g in call.grads]
+        call.extra = None if call.extra is None else tree_map(up, call.extra)
+        call.inner_grads = None if call.inner_grads is None else tree_map(up, call.inner_grads)
+
+
 def _batch_less(call: Call, shape, B: int) -> bool:
     """Whether a call's output of this shape (without B on its first axis) is one without the batch,
     broadcast into it later: a leading axis of 1, or inputs none of which has B on any axis (a
@@ -884,11 +923,12 @@ def _step_kind(optimizer) -> str:
     return kind
 
 
-def _adam_factor(p: torch.Tensor, group: dict, state: dict, adamw: bool) -> torch.Tensor:
-    """Elementwise d(delta theta)/dg of torch.optim.Adam/AdamW's coming step (see module docstring)."""
+def _adam_factor(p: torch.Tensor, group: dict, state: dict, adamw: bool, unscale: float = 1.0) -> torch.Tensor:
+    """Elementwise d(delta theta)/dg of torch.optim.Adam/AdamW's coming step (see module docstring);
+    .grad divided by `unscale` (a GradScaler's scale, which scaler.step removes before the step)."""
     b1, b2 = group["betas"]
     lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
-    g = p.grad.detach()
+    g = p.grad.detach() if unscale == 1 else p.grad.detach() / unscale
     decoupled = adamw or group.get("decoupled_weight_decay", False)
     if wd and not decoupled:
         g = g + wd * p.detach()

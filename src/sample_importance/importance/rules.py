@@ -54,6 +54,7 @@ class Call:
     # leaf k -> (autograd sequence number of its node, output number, shape), for outputs whose
     # batch axis the recorder must find in the graph (`recorder._spread`)
     leaves: dict | None = None
+    autocast: bool = False  # made under torch.autocast: the rules read its tensors in float32
     # leaf k -> per-sample gradients (B, *shape) of a batch-less output, gathered where it meets the
     # batch; given as its gradient when its own node's arrives
     spread: dict | None = None
