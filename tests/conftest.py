@@ -163,3 +163,15 @@ def postgres():
     finally:
         run(_postgres_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype and seed 0, for one test (`pytestmark = usefixtures("float64")`)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(old)

@@ -175,10 +175,11 @@ def test_convolutions_a_few_samples_at_a_time(samples_per_piece, monkeypatch):
     conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
     x = torch.randn(B, 2, 7, 7)
     per_sample = x[0].numel() + conv(x)[0].numel() + conv.weight.numel()
-    monkeypatch.setattr(rules, "CHUNK_ELEMENTS", samples_per_piece * per_sample)
+    monkeypatch.setattr(rules.conv, "CHUNK_ELEMENTS", samples_per_piece * per_sample)
     pieces = []
-    slice_weight = rules._per_sample_conv_weight
-    monkeypatch.setattr(rules, "_per_sample_conv_weight", lambda x, *a: pieces.append(len(x)) or slice_weight(x, *a))
+    slice_weight = rules.conv._per_sample_conv_weight
+    monkeypatch.setattr(rules.conv, "_per_sample_conv_weight",
+                        lambda x, *a: pieces.append(len(x)) or slice_weight(x, *a))
     seeded()
     check(Head(conv, conv(x).flatten(1).shape[1]), ce(x, Y))
     n = samples_per_piece  # the norm route's pieces among the calls (the materialised route takes all B)
@@ -648,8 +649,8 @@ def test_transformer_encoder_classifier():
 
 
 def test_stacked_mlps_equal_the_recorder_on_each_model():
-    """importance/stacked.py keeps its batched kernels: the same beta and step as the recorder alone."""
-    from sample_importance.importance.stacked import StackedMLP
+    """stacked.py keeps its batched kernels: the same beta and step as the recorder alone."""
+    from sample_importance.stacked import StackedMLP
     from sample_importance.models import build_model
 
     models = [build_model(6, 3, 2, 5, seed).double() for seed in range(3)]

@@ -24,13 +24,7 @@ LR = 0.3
 B, T = 4, 7
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def reference(model: nn.Module, loss_fn, names: dict[str, list[str]], lr: float = LR) -> torch.Tensor:

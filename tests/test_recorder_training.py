@@ -13,13 +13,7 @@ from sample_importance import ImportanceRecorder
 from sample_importance.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def small() -> nn.Module:

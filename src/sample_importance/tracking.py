@@ -7,7 +7,7 @@ the gradient of sample i's own loss (weight decay is not part of it). Its import
 beta_{i,d} = sum_{j in layer d} phi_{i,j}^2.
 
 The step of the project's loop records through `importance.ImportanceRecorder` (hooks and the
-per-module-type rules of `importance.rules`); many MLPs at once go through `importance.stacked`.
+per-module-type rules of `importance.rules`); many MLPs at once go through `stacked`.
 """
 from __future__ import annotations
 

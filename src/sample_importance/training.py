@@ -18,7 +18,7 @@ from .config import ConfigError, TrainConfig
 from .data import Dataset
 from .errors import UserError
 from .importance import ImportanceRecorder
-from .importance.stacked import StackedMLP
+from .stacked import StackedMLP
 from .models import importance_columns, importance_groups
 from .tracking import checkpoint_sq_grad_norms, sample_statistics, sgd_step
 
@@ -200,7 +200,7 @@ def fit_many(
     The models share the training inputs, epochs, batch size and device; each has its own labels
     (datas[m].y_train: label noise), presentation order, learning rate, weight decay and sample
     weights. `batched` (True or None: whenever the models are MLPs of one shape and no on_batch
-    probe is given) trains them as one stacked computation (`importance.stacked.StackedMLP`); otherwise (or
+    probe is given) trains them as one stacked computation (`stacked.StackedMLP`); otherwise (or
     with False) the loop steps each model in turn. `on_epoch(m, record)` gets model m's finished epoch (its parameters are
     current in models[m]); returning False stops training model m. `on_epoch_end(epoch, metrics)`
     follows with the metrics of every model that finished the epoch.

@@ -1,5 +1,6 @@
-"""The recorder: exact per-sample, per-layer sample importance for any nn.Module (recorder.py),
-per-module-type rules in a registry (rules.py) and many MLPs trained at once (stacked.py)."""
+"""The recorder: exact per-sample, per-layer sample importance for any nn.Module (recorder.py), the
+optimizers' step factors (optim.py) and per-module-type rules in one registry, one file per family
+(rules/). It imports only torch and the project's errors: it can be read, and vendored, alone."""
 from __future__ import annotations
 
 from .recorder import ImportanceRecorder

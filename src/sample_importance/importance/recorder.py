@@ -17,7 +17,7 @@ gradient of sample i's own loss (from the batch's forward pass) and B the batch 
   is 0 where v = 0). g is the gradient the optimizer sees (with Adam's L2 weight decay added).
 Weight decay never enters phi: it does not depend on v_i.
 
-The per-sample gradients come from the registered rules (`rules.py`), from the module's inputs
+The per-sample gradients come from the registered rules (`rules/`), from the module's inputs
 (forward hooks) and the gradient of the mean loss at its outputs (hooks on the outputs' autograd
 nodes), in the same single backward pass that fills `.grad` as `loss_i.mean().backward()` does;
 for the SGD family a layer's beta is taken as soon as its gradients arrive, the rest once the pass
@@ -42,7 +42,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import UserError
+from .optim import step_factors, step_kind
 from .rules import Call, batch_norm_couples, fallback_grads, rule_for
+from .rules.broadcast import batch_less, meetings, pulled_back, spread_arguments
 
 BATCHNORM_CHOICES = ("refuse", "exact")
 ROOT = "_root"  # the name of parameters the model itself owns (an MLflow-safe name)
@@ -230,7 +232,7 @@ class ImportanceRecorder:
                                 "F.cross_entropy(model(x), y, reduction='none').")
             if (optimizer is None) == (lr is None):
                 raise UserError("recorder.backward needs exactly one of optimizer= or lr= (lr only for plain SGD).")
-            kind = "sgd" if optimizer is None else _step_kind(optimizer)
+            kind = "sgd" if optimizer is None else step_kind(optimizer)
             rates = [lr] if optimizer is None else [group["lr"] for group in optimizer.param_groups]
             if not all(isinstance(r, (int, float, torch.Tensor)) and math.isfinite(float(r)) and float(r) >= 0
                        for r in rates):
@@ -397,7 +399,7 @@ class ImportanceRecorder:
             if lead:
                 grad = grad.squeeze(1)
             if not call.spread:
-                call.args, call.kwargs = _spread_arguments(call, self._batch, lead)
+                call.args, call.kwargs = spread_arguments(call, self._batch, lead)
         call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
         self._arrived(call)
 
@@ -521,7 +523,7 @@ class ImportanceRecorder:
                         spans.setdefault(id(p), []).append(c.span)
                 if spread and c.leaves and self._batch_axis[d] == 0:
                     for k, (seq, nr, shape) in c.leaves.items():
-                        if (len(shape) == 0 or shape[0] != B) and _batch_less(c, shape, B):
+                        if (len(shape) == 0 or shape[0] != B) and batch_less(c, shape, B):
                             wanted.setdefault(seq, []).append((d, c, k, nr, shape))
         root = loss_i.grad_fn
         if root is None:
@@ -556,7 +558,7 @@ class ImportanceRecorder:
         refusals = []
         for seq, node in found.items():
             for d, call, k, nr, shape in wanted[seq]:
-                problem = self._spread(call, k, node, nr, shape, consumers, B)
+                problem = self._spread(call, k, node, nr, consumers, B)
                 if problem:
                     refusals.append(f"The output of {self._layers[d][0]} has no batch axis and {problem}")
         if outside:
@@ -569,71 +571,23 @@ class ImportanceRecorder:
                             "modules instead).")
         return " ".join(refusals) or None
 
-    def _spread(self, call: Call, k: int, origin, nr: int, shape, consumers: dict, B: int) -> str | None:
+    def _spread(self, call: Call, k: int, origin, nr: int, consumers: dict, B: int) -> str | None:
         """Wire the per-sample gradients of a batch-less output (leaf k of `call`, output `nr` of
-        autograd node `origin`): follow its consumers while their outputs have no batch, to the
-        nodes where it meets the batch (`_MEETINGS`: an addition or an expansion, which give each
-        sample its slice of the gradient there); prehooks there pull each sample's slice back along
-        the batch-less path (the path's own backward functions, one sample at a time) into
-        call.spread[k]. Returns what is refused instead, or None."""
-        paths, todo, reached = [], [(origin, [])], set()
-        while todo:
-            node, path = todo.pop()
-            for consumer, j in consumers.get(node, ()):
-                if node is origin and consumer.next_functions[j][1] != nr:
-                    continue  # another output of the module's last operation
-                meta = consumer._input_metadata
-                batched = len(meta) == 1 and len(meta[0].shape) > 0 and meta[0].shape[0] == B
-                if batched:
-                    paths.append((consumer, j, path))
-                    continue
-                if len(meta) == 1 and len(meta[0].shape) > 0 and B > 1 and \
-                        any(len(m.shape) > 0 and m.shape[0] == B for m in meta):
-                    return (f"meets the batch in {type(consumer).__name__}, an operation of several outputs, which "
-                            "the recorder does not follow: let it meet the batch in one operation.")
-                if consumer in reached:
-                    return ("reaches the batch along paths that join again before it, which the recorder does not "
-                            "follow: compute it once per forward where it meets the batch.")
-                reached.add(consumer)
-                todo.append((consumer, [(consumer, j)] + path))
-        if not paths:
-            return None  # no gradient reaches it through the batch: it stays without one
+        autograd node `origin`): prehooks where it meets the batch (`broadcast.meetings`) gather each
+        sample's share into call.spread[k]. Returns what is refused instead, or None."""
+        paths, problem = meetings(origin, nr, consumers, B)
+        if problem or not paths:  # no path: no gradient reaches it through the batch, it has none
+            return problem
         call.spread = {**(call.spread or {}), k: None}
         for meeting, j, path in paths:
-            meeting.register_prehook(partial(self._on_meeting, call, k, meeting, j, path, shape))
+            meeting.register_prehook(partial(self._on_meeting, call, k, meeting, j, path))
         return None
 
-    def _on_meeting(self, call: Call, k: int, meeting, j: int, path: list, shape, grad_outputs: tuple) -> None:
-        """At a node where a batch-less output (through `path`, nearest the meeting first) meets the
-        batch: each sample's share of the gradient of input j, pulled back to the output."""
+    def _on_meeting(self, call: Call, k: int, meeting, j: int, path: list, grad_outputs: tuple) -> None:
         if not self._in_backward or grad_outputs[0] is None or call.spread is None or k not in call.spread:
             return
-        g = grad_outputs[0]  # (B, ...): the meeting's output
-        child, out_nr = meeting.next_functions[j]
-        kind = type(meeting).__name__
-        if kind in _MEETINGS:  # each sample's slice, summed to the input's shape
-            share = _share(g, child._input_metadata[out_nr].shape)  # (B, *the shape of the meeting's input j)
-            if j == 1 and kind != "ExpandBackward0":
-                share = share * (-1.0 if kind == "SubBackward0" else 1.0) * float(meeting._saved_alpha)
-        else:  # any other operation: its own backward of one sample's slice at a time (L_i reads y_i only)
-            def one(i: int) -> torch.Tensor:
-                gi = torch.zeros_like(g)
-                gi[i] = g[i]
-                return _input_grad(meeting, (gi,), j)
-            share = torch.stack([one(i) for i in range(g.shape[0])])
-        for node, input_j in path:
-            meta = node._input_metadata
-            r = out_nr
-
-            def back(t, node=node, r=r, meta=meta, input_j=input_j):
-                outs = [t if m == r else torch.zeros(tuple(md.shape), dtype=md.dtype, device=md.device)
-                        for m, md in enumerate(meta)]
-                return _input_grad(node, outs, input_j)
-            # one sample at a time: vmap over an autograd node's own backward can give wrong shapes
-            share = torch.stack([back(t) for t in share])
-            out_nr = node.next_functions[input_j][1]
-        spread = call.spread[k]
-        call.spread[k] = share if spread is None else spread + share
+        share = pulled_back(meeting, j, path, grad_outputs[0])
+        call.spread[k] = share if call.spread[k] is None else call.spread[k] + share
 
     # ------------------------------------------------------------ the computation
     def _params(self) -> list[nn.Parameter]:
@@ -659,28 +613,7 @@ class ImportanceRecorder:
         return not checks or bool(torch.stack(checks).all())
 
     def _factors(self, optimizer, lr, kind: str, unscale: float = 1.0) -> dict[int, float | torch.Tensor]:
-        """d(delta theta)/dg per parameter: a number (SGD family) or an elementwise tensor (Adam, from
-        .grad divided by `unscale`, a GradScaler's scale); kind: `_step_kind(optimizer)`."""
-        if optimizer is None:
-            return {id(p): -float(lr) for p in self._params()}
-        out: dict[int, float | torch.Tensor] = {}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                if kind != "sgd":
-                    if p.grad is not None:
-                        out[id(p)] = _adam_factor(p, group, state, kind == "adamw", unscale)
-                    continue
-                mu, tau = group["momentum"], group["dampening"]
-                first = state.get("momentum_buffer") is None
-                if mu == 0:
-                    c = 1.0
-                elif group["nesterov"]:
-                    c = 1.0 + mu * (1.0 if first else 1.0 - tau)
-                else:
-                    c = 1.0 if first else 1.0 - tau
-                out[id(p)] = -float(group["lr"]) * c
-        return out  # parameters the optimizer does not update are absent: phi = 0
+        return step_factors(optimizer, lr, kind, self._params(), unscale)
 
     def _importance(self, B: int, factors: dict, full: dict | None, loss_i: torch.Tensor) -> torch.Tensor:
         L = len(self._layers)
@@ -825,19 +758,6 @@ class _Hook:
 _COMPILED = ("ImportanceRecorder records the modules' calls one by one, which torch.compile fuses out of sight: "
              "record the eager model (model._orig_mod of a compiled one) and compile a copy for what you do not record.")
 _ACCUMULATE = torch._C._functions.AccumulateGrad  # the autograd node of a leaf's .grad
-# where a batch-less tensor meets the batch and each sample's share of its gradient is that
-# sample's slice of the gradient there, summed to its shape (`_share`)
-_MEETINGS = ("AddBackward0", "SubBackward0", "ExpandBackward0")
-
-
-def _share(g: torch.Tensor, shape) -> torch.Tensor:
-    """(B, *shape): each sample's slice of g (B, ...) summed over the axes a tensor of `shape`
-    was broadcast along to meet it."""
-    lead = (1,) * (g.dim() - len(shape)) + tuple(shape)
-    axes = [a for a in range(1, g.dim()) if lead[a] == 1 and g.shape[a] != 1]
-    if axes:
-        g = g.sum(axes, keepdim=True)
-    return g.reshape(g.shape[0], *shape)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -856,37 +776,6 @@ def _full_precision(call: Call) -> None:
         call.inner_grads = None if call.inner_grads is None else tree_map(up, call.inner_grads)
 
 
-def _batch_less(call: Call, shape, B: int) -> bool:
-    """Whether a call's output of this shape (without B on its first axis) is one without the batch,
-    broadcast into it later: a leading axis of 1, or inputs none of which has B on any axis (a
-    batch on another axis is not this: `_check_call` asks for batch-first inputs)."""
-    if len(shape) > 0 and shape[0] == 1:
-        return True
-    return not any(isinstance(t, torch.Tensor) and B in t.shape for t in tree_flatten((call.args, call.kwargs))[0])
-
-
-def _input_grad(node, grad_outputs, j: int) -> torch.Tensor:
-    """The gradient an autograd node's backward gives its input j, as the engine hands it on:
-    summed to that input's shape where the forward broadcast it, in its dtype."""
-    got = node(*grad_outputs)  # a node of one input returns its gradient, not a tuple
-    got = got[j] if isinstance(got, tuple) else got
-    child, nr = node.next_functions[j]
-    meta = child._input_metadata[nr]
-    if tuple(got.shape) != tuple(meta.shape):
-        got = got.sum_to_size(meta.shape)
-    return got if got.dtype == meta.dtype else got.to(meta.dtype)
-
-
-def _spread_arguments(call: Call, B: int, lead: bool) -> tuple[tuple, dict]:
-    """A batch-less call's tensor arguments with the batch made explicit, as its output's per-sample
-    gradients have it: a leading axis of 1 expanded to B (lead), or an axis of B put in front."""
-    def spread(t):
-        if not isinstance(t, torch.Tensor):
-            return t
-        if lead:
-            return t.expand(B, *t.shape[1:]) if t.dim() and t.shape[0] == 1 else t
-        return t.unsqueeze(0).expand(B, *t.shape)
-    return tuple(spread(a) for a in call.args), tree_map(spread, call.kwargs)
 _PROBE = torch.zeros((), requires_grad=True)
 
 
@@ -904,41 +793,3 @@ def _autocasting(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-STEP_KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}  # the steps phi is known for
-
-
-def _step_kind(optimizer) -> str:
-    """The kind of step: "sgd" (plain, momentum, Nesterov), "adam" or "adamw"; any other optimizer is refused."""
-    kind = STEP_KINDS.get(type(optimizer))
-    if kind in ("adam", "adamw"):
-        for group in optimizer.param_groups:
-            if group.get("amsgrad") or group.get("maximize"):
-                raise UserError("Adam/AdamW with amsgrad or maximize is not supported by the recorder: construct it "
-                                "with amsgrad=False, maximize=False.")
-    if kind is None:
-        raise UserError(f"The recorder knows the step of torch.optim.SGD (momentum, Nesterov), Adam and AdamW, not "
-                        f"{type(optimizer).__name__}: use one of those.")
-    return kind
-
-
-def _adam_factor(p: torch.Tensor, group: dict, state: dict, adamw: bool, unscale: float = 1.0) -> torch.Tensor:
-    """Elementwise d(delta theta)/dg of torch.optim.Adam/AdamW's coming step (see module docstring);
-    .grad divided by `unscale` (a GradScaler's scale, which scaler.step removes before the step)."""
-    b1, b2 = group["betas"]
-    lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
-    g = p.grad.detach() if unscale == 1 else p.grad.detach() / unscale
-    decoupled = adamw or group.get("decoupled_weight_decay", False)
-    if wd and not decoupled:
-        g = g + wd * p.detach()
-    t = float(state["step"]) + 1 if "step" in state else 1.0
-    m_prev = state.get("exp_avg", torch.zeros_like(g))
-    v_prev = state.get("exp_avg_sq", torch.zeros_like(g))
-    m = b1 * m_prev + (1 - b1) * g
-    v = b2 * v_prev + (1 - b2) * g * g
-    bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-    sv = v.sqrt()
-    den = sv / bc2 ** 0.5 + eps
-    second = torch.where(sv > 0, m * (1 - b2) * g / (den * den * bc2 ** 0.5 * sv.clamp_min(1e-300)), torch.zeros_like(g))
-    return -(lr / bc1) * ((1 - b1) / den - second)

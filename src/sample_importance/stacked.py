@@ -1,6 +1,6 @@
 """Many multilayer perceptrons of one shape trained at once, recording sample importance.
 
-The importance of each model is the Linear rule of `rules.py` applied to stacked (M, B, .)
+The importance of each model is the Linear rule of `importance/rules/linear.py` applied to stacked (M, B, .)
 activations and output gradients (`linear_sq_grad_norms`): tests/test_recorder.py checks that it
 equals ImportanceRecorder on each model alone.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models import MLP
-from ..tracking import StepRecord
-from .rules import linear_sq_grad_norms
+from .models import MLP
+from .tracking import StepRecord
+from .importance.rules import linear_sq_grad_norms
 
 
 class StackedMLP:
