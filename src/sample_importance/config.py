@@ -516,7 +516,10 @@ def architecture_name(model: str, depth: int, width: int, norm: str = "group", c
 
 
 def architecture_of(config: dict) -> str:
-    """The architecture name of a run, from its config (metadata["config"])."""
+    """The architecture name of a run, from its config (metadata["config"]); a track_run run's is its
+    model's class name."""
+    if "depth" not in config:
+        return str(config.get("model", "custom"))
     return architecture_name(config.get("model", "mlp"), config["depth"], config["width"], config.get("norm", "group"),
                              config.get("channels", 0))
 

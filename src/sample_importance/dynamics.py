@@ -16,6 +16,8 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
     eval_grad_norm.npy float32 (E, n)   ||grad of the sample's own loss|| (GraNd) at epoch early_epoch
                      (metadata "grand_epoch", 1-based); NaN at every other epoch
     final_loss.npy   float32 (n,)       NLL under the final parameters
+    final_prediction.npy int64 (n,)     the class under the final parameters; optional (a track_run run
+                     whose final losses came with their logits: what the explorer shows without the model)
     label.npy        int64   (n,)       training labels
     sample_id.npy    int64   (n,)       0..n-1, the index in the dataset's training split
     param_projection.npy float32 (E+1, k) fixed random projection of the flattened parameters at init and
@@ -78,6 +80,7 @@ def per_epoch_arrays(metadata: dict) -> dict:
 
 
 PER_SAMPLE = {"final_loss": np.float32, "label": np.int64, "sample_id": np.int64}
+OPTIONAL_PER_SAMPLE = {"final_prediction": np.int64}  # there where metadata.json has its checksum
 PROJECTION = "param_projection"
 METADATA_TYPES = {"n": int, "epochs": int, "epochs_completed": int, "projection_dim": int, "complete": bool,
                   "layer_names": list, "checksums": dict}  # checked before any is used
@@ -384,14 +387,18 @@ class DynamicsWriter:
         self.metadata["epochs_completed"] = epoch + 1
         self._write_metadata()
 
-    def finish(self, final_loss: np.ndarray, label: np.ndarray, sample_id: np.ndarray, final_state: dict) -> None:
+    def finish(self, final_loss: np.ndarray, label: np.ndarray, sample_id: np.ndarray, final_state: dict,
+               final_prediction: np.ndarray | None = None) -> None:
         """Write the final files and rename the per-epoch ones into place; `complete` last. Every step
         can be repeated (a resumed run whose finish was cut short does it again); the checkpoint is
         left for `discard_checkpoint` once the run is fully logged."""
         assert self.metadata["epochs_completed"] == self.epochs, "finish() before every epoch was written"
         self._save_state(final_state, FINAL_STATE)
-        for name, arr in (("final_loss", final_loss), ("label", label), ("sample_id", sample_id)):
-            arr = np.asarray(arr, dtype=PER_SAMPLE[name])
+        finals = [("final_loss", final_loss), ("label", label), ("sample_id", sample_id)]
+        if final_prediction is not None:
+            finals.append(("final_prediction", final_prediction))
+        for name, arr in finals:
+            arr = np.asarray(arr, dtype={**PER_SAMPLE, **OPTIONAL_PER_SAMPLE}[name])
             assert arr.shape == (self.n,), f"{name} must have shape ({self.n},), got {arr.shape}"
             tmp = self.folder / f"{name}.tmp.npy"
             with disk_errors(tmp):
@@ -429,6 +436,7 @@ class Dynamics:
     eval_correct: np.ndarray | None = None  # (E, n) bool
     eval_error_l2: np.ndarray | None = None  # (E, n) float32
     eval_grad_norm: np.ndarray | None = None  # (E, n) float32, NaN except at grand_epoch
+    final_prediction: np.ndarray | None = None  # (n,) int64, where the run recorded it (track_run with logits)
 
     @property
     def has_eval(self) -> bool:
@@ -518,6 +526,9 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
     arrays[PROJECTION] = _load(path(PROJECTION), np.float32, (E + 1, meta["projection_dim"]))[:done + 1]
     for name, dtype in PER_SAMPLE.items():
         arrays[name] = _load(folder / f"{name}.npy", dtype, (n,)) if complete else None
+    optional = [name for name in OPTIONAL_PER_SAMPLE if complete and name in meta["checksums"]]
+    for name in optional:
+        arrays[name] = _load(folder / f"{name}.npy", OPTIONAL_PER_SAMPLE[name], (n,))
     if verify:
         sums = meta["checksums"]
         for name in (*per_epoch, PROJECTION):
@@ -526,7 +537,7 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
                 if not isinstance(sums.get(name), dict) or sums[name].get(str(row)) != _digest(rows[row]):
                     raise DynamicsError(f"{path(name)} is damaged: row {row} does not match the checksum in "
                                         f"metadata.json; re-run the training run.")
-        for name in PER_SAMPLE:
+        for name in (*PER_SAMPLE, *optional):
             if complete and sums.get(name) != _digest(arrays[name]):
                 raise DynamicsError(f"{folder / (name + '.npy')} is damaged: it does not match the checksum in "
                                     f"metadata.json; re-run the training run.")

@@ -409,6 +409,38 @@ def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = Non
             _HEARTBEAT.remove(run.run_id)
 
 
+@contextlib.contextmanager
+def joined_run(run_id: str, entry_point: str, description: str | None = None,
+               config: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run another logger opened and ends — HuggingFace's MLflowCallback (the active run) or
+    Lightning's MLFlowLogger (by id, through its client) — as the active run of a `with` block that
+    adds this project's tags, the description and `config` (parameters it does not have yet, and
+    config.json). Its name stays the logger's. An exception ends it FAILED with the reason, as
+    `start_run` does; otherwise the logger ends it (a run this block made active ends with it)."""
+    active = mlflow.active_run()
+    joined = active is not None and active.info.run_id == run_id
+    if not joined:
+        mlflow.start_run(run_id=run_id, nested=active is not None)
+    run = OpenRun(run_id, fluent=True)
+    try:
+        run.set_tags({TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(), TAG_USER: user(),
+                      TAG_HEARTBEAT: str(int(time.time()))})
+        _HEARTBEAT.add(run_id)
+        if description:
+            run.set_tags({"mlflow.note.content": description})
+        if config is not None:
+            run.log_params_once(config)
+            run.log_dict(config, "config.json")
+        yield mlflow.active_run()
+    except BaseException as exc:
+        run.end(exc)
+        raise
+    finally:
+        _HEARTBEAT.remove(run_id)
+    if not joined:
+        mlflow.end_run()
+
+
 def _active() -> OpenRun:
     return OpenRun(mlflow.active_run().info.run_id, fluent=True)
 

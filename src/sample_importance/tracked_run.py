@@ -60,6 +60,7 @@ class TrackedRun:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self._final = np.full(self.n, np.nan, dtype=np.float32)
+        self._prediction = np.full(self.n, -1, dtype=np.int64)  # -1: not given
         self._new_epoch()
 
     def _new_epoch(self) -> None:
@@ -126,9 +127,13 @@ class TrackedRun:
         self._new_epoch()
         return record.metrics
 
-    def record_final_loss(self, sample_ids, loss_i: torch.Tensor) -> None:
-        """NLL of samples under the final parameters (final_loss.npy); every sample, in any batches."""
-        self._final[self.positions(sample_ids)] = loss_i.detach().float().cpu().numpy()
+    def record_final_loss(self, sample_ids, loss_i: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        """NLL of samples under the final parameters (final_loss.npy); every sample, in any batches.
+        With their logits, also the class each gets (final_prediction.npy, which the explorer shows)."""
+        pos = self.positions(sample_ids)
+        self._final[pos] = loss_i.detach().float().cpu().numpy()
+        if logits is not None:
+            self._prediction[pos] = logits.detach().argmax(1).cpu().numpy()
 
     def _finish(self) -> None:
         if self.epoch != self.epochs:
@@ -137,7 +142,8 @@ class TrackedRun:
         if np.isnan(self._final).any():
             raise UserError(f"{int(np.isnan(self._final).sum())} samples have no final loss: call "
                             "run.record_final_loss(sample_ids, loss_i) for every sample after training.")
-        self.writer.finish(self._final, self.labels, self.sample_ids, self.model.state_dict())
+        predicted = self._prediction if (self._prediction >= 0).all() else None
+        self.writer.finish(self._final, self.labels, self.sample_ids, self.model.state_dict(), predicted)
         names = self.recorder.layer_names
         per_layer = np.array([[h[f"importance_{n}"] for n in names] for h in self.history])
         counts = [sum(p.numel() for p in self.recorder.layer_parameters(n)) for n in names]
@@ -150,7 +156,7 @@ def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: in
               sample_ids: np.ndarray | torch.Tensor | None = None, num_classes: int | None = None,
               dataset: str = "custom", run_name: str | None = None, config: dict | None = None,
               batchnorm: str = "refuse", groups: object = None,
-              image_shape: tuple[int, ...] | None = None) -> Iterator[TrackedRun]:
+              image_shape: tuple[int, ...] | None = None, run_id: str | None = None) -> Iterator[TrackedRun]:
     """An MLflow run (nested if one is active) recording a researcher's loop into `dynamics/`.
 
     Args:
@@ -168,6 +174,8 @@ def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: in
         batchnorm: passed to ImportanceRecorder.
         groups: passed to ImportanceRecorder.
         image_shape: (C, H, W) of the samples, for analyses that draw them.
+        run_id: record into this existing run, which another logger opened and ends (HuggingFace's
+            or Lightning's MLflow logger: `mlflow_io.joined_run`), instead of a new one.
     Leaving the block without an exception finishes the dynamics (all epochs ended and every final
     loss recorded, else UserError); an exception ends the run FAILED with its finished epochs kept.
     """
@@ -192,9 +200,11 @@ def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: in
                     "weight_decay": float(optimizer.param_groups[0].get("weight_decay", 0.0)) if optimizer else 0.0,
                     "optimizer": type(optimizer).__name__ if optimizer else "SGD", "model": type(model).__name__,
                     "label_noise": 0.0, **(config or {})}
-        with mlflow_io.start_run(run_name or f"track_run {dataset} {type(model).__name__}", "track_run",
-                                 description="A researcher's own training loop with per-sample per-layer "
-                                             "importance (sample_importance.track_run).", config=settings) as run:
+        description = "A researcher's own training loop with per-sample per-layer importance (sample_importance.track_run)."
+        opened = mlflow_io.start_run(run_name or f"track_run {dataset} {type(model).__name__}", "track_run",
+                                     description=description, config=settings) if run_id is None else \
+            mlflow_io.joined_run(run_id, "track_run", description=description, config=settings)
+        with opened as run:
             metadata = {
                 "dataset": dataset, "subset": 0, "batch_size": batch_size, "lr": step_lr,
                 "weight_decay": settings["weight_decay"], "seed": settings.get("seed"), "model": type(model).__name__,

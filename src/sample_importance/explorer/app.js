@@ -114,11 +114,18 @@
 
   performance.mark("si-scores");
   // ---- images: one CSS class per WebP sprite sheet, tiles shown by background position ----
-  const im = P.images;
+  // Without images (a researcher's own data, through track_run): a tile with the sample id.
+  const im = P.images || {sheets: [], width: 28, height: 28};
   const style = el("style");
   style.textContent = im.sheets.map((s, k) => `.si-sheet${k}{background-image:url(${s})}`).join("\n");
   document.head.appendChild(style);
   function thumb(i, scale, extra = {}) {
+    if (!P.images) {
+      const d = el("div", {class: "si-img si-noimg", title: `sample ${sampleId[i]}`, ...extra}, String(sampleId[i]));
+      d.style.width = `${im.width * scale}px`;
+      d.style.height = `${im.height * scale}px`;
+      return d;
+    }
     const k = Math.floor(i / im.per_sheet), j = i % im.per_sheet;
     const r = Math.floor(j / im.columns), c = j % im.columns;
     const d = el("div", {class: `si-img si-sheet${k}`, title: `sample ${sampleId[i]}`, ...extra});

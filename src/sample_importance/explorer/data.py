@@ -209,7 +209,7 @@ def run_curves(importance: np.ndarray, loss: np.ndarray, p_true: np.ndarray) -> 
 
 def assemble(*, title: str, dataset: str, layer_names: list[str], sample_id: np.ndarray, label: np.ndarray,
              prediction: np.ndarray, scores: dict[str, np.ndarray], harder_is_larger: dict[str, bool],
-             curves: np.ndarray, images: dict, num_classes: int, runs: list[dict],
+             curves: np.ndarray, images: dict | None, num_classes: int, runs: list[dict],
              other_curves: list[dict] | None = None, flipped: np.ndarray | None = None,
              cluster: np.ndarray | None = None, cluster_summary: list[dict] | None = None,
              map_axes: tuple[str, str] = ("variability", "confidence")) -> dict:
@@ -219,7 +219,8 @@ def assemble(*, title: str, dataset: str, layer_names: list[str], sample_id: np.
         sample_id, label, prediction: (n,) integers; prediction = class under the final parameters.
         scores: name -> (n,) float, stored as float32; the page ranks them as `ranks` does (1 = hardest).
         curves: (L + 2, n, E) from `run_curves` for the main run.
-        images: `sprite_sheets` of the n samples, in sample order.
+        images: `sprite_sheets` of the n samples, in sample order; None where the run's data cannot be
+            rebuilt (a researcher's own, through track_run): the page shows sample ids instead.
         runs: [{"run_id", "role", "url" or None}] the MLflow runs the file came from.
         other_curves: [{"name", "layers", "curves": (L' + 2, n, E)}] the same samples in other runs (seeds).
         flipped: (n,) bool, the labels the run flipped (label noise); None when it flipped none.

@@ -129,6 +129,7 @@ class ImportanceRecorder:
         self._fusing: dict[int, object] = {}  # layer -> the fused context of its forward under way
         self._closed = False  # close() removed the hooks: backward refuses
         self.skipped = False  # the last backward's gradients were not finite: its scaler skips the step
+        self._pending: dict | None = None  # what `expect` prepared for `collect`
         self._steps: dict[int, int] = {}  # id(optimizer) -> its steps since the recorder first saw it
         self._last_step: tuple[int, int] | None = None  # (id(optimizer), its steps) at the last backward
         # the axis of a call's output gradient that holds the batch (`_check_call`)
@@ -223,6 +224,27 @@ class ImportanceRecorder:
         gradients in float32: beta of the step taken, up to the rounding of the half-precision
         forward and backward (tests/test_recorder_training.py states the tolerance).
         """
+        loss = self.expect(loss_i, optimizer=optimizer, lr=lr, batch_size=batch_size, grad_scale=grad_scale)
+        try:
+            if scaler is not None and scaler.is_enabled():  # as scaler.scale(loss) in a plain loop
+                loss = scaler.scale(loss)
+                self._pending["loss_scale"] = float(scaler.get_scale())
+            self._pending["scaler"] = scaler is not None
+            loss.backward()
+        except BaseException:
+            self._end()
+            raise
+        return self.collect()
+
+    def expect(self, loss_i: torch.Tensor, *, optimizer: torch.optim.Optimizer | None = None,
+               lr: float | None = None, batch_size: int | None = None, grad_scale: float = 1.0,
+               loss_scale: float = 1.0) -> torch.Tensor:
+        """`backward` in two halves, for a framework that runs the backward pass itself (HuggingFace's
+        Trainer through accelerate, Lightning): returns the loss to backpropagate — loss_i.mean(),
+        or loss_i.sum() / batch_size, times grad_scale — and `collect()` after the pass returns beta.
+        The same arguments as `backward`; loss_scale: a factor the framework puts on that loss before
+        its backward pass (a GradScaler's scale), divided out of beta and of Adam's gradient; where it
+        is not 1 a pass with gradients that are not finite gives zeros and `skipped`."""
         try:
             if self._closed:
                 raise UserError("This ImportanceRecorder was closed (close() or the end of its with block) and "
@@ -252,28 +274,54 @@ class ImportanceRecorder:
                 self._plan_columns(B, factors)
             self._batch = B
             refused = refused or (self._walk(loss_i, B) if full is None else self._walk(loss_i, B, spread=False))
+            self._pending = dict(loss_i=loss_i, optimizer=optimizer, lr=lr, kind=kind, factors=factors, full=full,
+                                 refused=refused, grad_scale=grad_scale, loss_scale=float(loss_scale),
+                                 scaler=loss_scale != 1)
             self._in_backward = full is None
-            loss, scale = batch_loss(loss_i, batch_size, grad_scale), 1.0
-            if scaler is not None and scaler.is_enabled():  # as scaler.scale(loss) in a plain loop
-                loss, scale = scaler.scale(loss), float(scaler.get_scale())
-            loss.backward()
+            return batch_loss(loss_i, batch_size, grad_scale)
+        except BaseException:
+            self._end()
+            raise
+
+    def collect(self) -> torch.Tensor:
+        """beta (B, L) of the step about to be taken, once the pass of the loss `expect` returned has
+        run (call before optimizer.step())."""
+        try:
+            p = self._pending
+            if p is None:
+                raise UserError("recorder.collect() needs recorder.expect(loss_i, ...) and then the backward pass of "
+                                "the loss it returned.")
             self._in_backward = False
-            if refused:  # said once the pass is over, .grad complete
-                raise UserError(refused)
-            self.skipped = scaler is not None and not self._finite(optimizer)
+            if not self._reached():
+                raise UserError("No backward pass reached the recorded parameters between recorder.expect() and "
+                                "recorder.collect(): backpropagate the loss expect() returned.")
+            if p["refused"]:  # said once the pass is over, .grad complete
+                raise UserError(p["refused"])
+            loss_i, scale = p["loss_i"], p["loss_scale"]
+            B = loss_i.shape[0]
+            self.skipped = p["scaler"] and not self._finite(p["optimizer"])
             if self.skipped:  # GradScaler skips this step: nothing moves
                 return torch.zeros(B, len(self.layer_names), dtype=loss_i.dtype, device=loss_i.device)
+            factors = p["factors"]
             if factors is None:
-                factors = self._factors(optimizer, lr, kind, unscale=scale)
-            beta = self._importance(B, factors, full, loss_i)
+                factors = self._factors(p["optimizer"], p["lr"], p["kind"], unscale=scale)
+            beta = self._importance(B, factors, p["full"], loss_i)
             if self._shown is not None:
                 beta = beta[:, self._shown]
             # The output gradients the rules read carry grad_scale and the loss scale; the batched VJPs do not.
-            carried = 1.0 if full is not None else grad_scale * scale
+            carried = 1.0 if p["full"] is not None else p["grad_scale"] * scale
             return beta if carried == 1 else beta / carried ** 2
         finally:
-            self._capturing, self._in_backward = True, False
-            self._clear()
+            self._end()
+
+    def cancel(self) -> None:
+        """Drop what `expect` prepared, for a pass that will not be collected."""
+        self._end()
+
+    def _end(self) -> None:
+        """After a step, recorded or refused: the hooks record again, nothing is held."""
+        self._capturing, self._in_backward, self._pending = True, False, None
+        self._clear()
 
     # ------------------------------------------------------------ hooks
     def _on_pre_forward(self, d: int, module: nn.Module, args: tuple) -> None:

@@ -103,9 +103,11 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     if not d.has_importance:
         raise ConfigError(f"Run {run_ids[0]} was trained with track=outputs: the explorer shows sample importance, "
                           "which it did not record; explore a run trained with track=importance.")
-    if meta.get("source") == "track_run":
-        raise ConfigError(f"Run {run_ids[0]} was made by track_run with the researcher's own model and data, which "
-                          "the explorer cannot rebuild (images, final predictions): explore runs of `train`.")
+    own = meta.get("source") == "track_run"  # the researcher's model and data: not rebuilt, no images
+    if own and d.final_prediction is None:
+        raise ConfigError(f"Run {run_ids[0]} was made by track_run without the final logits, and the explorer cannot "
+                          "rebuild the researcher's model for its final predictions: record them with "
+                          "run.record_final_loss(ids, loss_i, logits), or explore runs of `train`.")
     E = int(meta["epochs_completed"])
     if not 1 <= early_epoch <= E:
         raise ConfigError(f"early_epoch={early_epoch} is outside the run's {E} epochs: choose 1 to {E}.")
@@ -121,14 +123,14 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
     if len(seeds) > 1 and all(r.has_eval for r in seeds):  # Lee et al.'s learnability (eq. 1), end-of-epoch p_true
         scores["learnability"] = S.learnability([np.asarray(r.eval_p_true) for r in seeds])
         harder["learnability"] = False
-    cfg = trained_config(meta, data_dir=data_dir, device="cpu")
-    data = training_data(cfg)  # the run's samples, its label noise included
+    cfg = None if own else trained_config(meta, data_dir=data_dir, device="cpu")
+    data = None if own else training_data(cfg)  # the run's samples, its label noise included
     ids = np.asarray(d.sample_id)
     if influence is not None:
         for col, values in influence_scores(ids, influence[1]).items():
             scores[col], harder[col] = values, INFLUENCE_SCORES[col]
     flipped = None
-    if float(meta["config"].get("label_noise", 0.0)) > 0:
+    if not own and float(meta["config"].get("label_noise", 0.0)) > 0:
         flipped = np.asarray(d.label) != load_dataset(cfg.dataset, data_dir, cfg.subset).y_train[ids]
     assign, summary, cluster_run = None, None, None
     if cluster is not None:
@@ -147,14 +149,16 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
         run_rows.append({"run_id": cluster_run, "role": "cluster run", "url": links.get(cluster_run)})
     if influence is not None:
         run_rows.append({"run_id": influence[0], "role": "influence run", "url": links.get(influence[0])})
-    title = (f"Sample explorer: {meta['dataset']}, {len(ids):,} training samples, {E} epochs, seed {meta['seed']}"
+    title = (f"Sample explorer: {meta['dataset']}, {len(ids):,} training samples, {E} epochs"
+             + (f", seed {meta['seed']}" if meta.get("seed") is not None else "")
              + (f", label noise {meta['config']['label_noise']:g}" if flipped is not None else ""))
     payload = X.assemble(
         title=title, dataset=meta["dataset"], layer_names=d.layer_names, sample_id=ids, label=np.asarray(d.label),
-        prediction=final_predictions(d, data, model), scores=scores, harder_is_larger=harder,
-        curves=X.run_curves(d.importance, d.loss, d.p_true),
-        images=X.sprite_sheets(X.to_uint8_images(data.x_train[ids], meta["image_shape"])),
-        num_classes=int(meta.get("num_classes", data.num_classes)), runs=run_rows, other_curves=others,
+        prediction=np.asarray(d.final_prediction) if own else final_predictions(d, data, model), scores=scores,
+        harder_is_larger=harder, curves=X.run_curves(d.importance, d.loss, d.p_true),
+        images=None if own else X.sprite_sheets(X.to_uint8_images(data.x_train[ids], meta["image_shape"])),
+        num_classes=int(meta["num_classes"] if own else meta.get("num_classes", data.num_classes)), runs=run_rows,
+        other_curves=others,
         flipped=flipped, cluster=assign, cluster_summary=summary,
         # Cartography's axes from the end-of-epoch evaluation; a run without it (schema 2) shows the in-batch ones.
         map_axes=("variability", "confidence") if "variability" in scores else ("variability_inbatch", "confidence_inbatch"))
