@@ -12,11 +12,14 @@ timed several ways:
 Opacus and BackPACK rows appear where the library supports the model ("unsupported" otherwise).
 Models: the paper's MLP (784-512-512-512-10), a ResNet-20-sized CIFAR network (3 stages of three
 basic blocks, 16/32/64 channels, GroupNorm), a small Transformer encoder classifier (2 layers,
-d=128, 4 heads, sequences of 64 tokens). Rounds are interleaved and medians reported.
+d=128, 4 heads, sequences of 64 tokens); on request HuggingFace BERT and GPT-2 classifiers from
+configs (4 layers, hidden 256, 128 tokens), in float32 or with --autocast (bfloat16). Rounds are
+interleaved and medians reported.
 
     python bench/bench_recorder.py                 # CPU, batch sizes 32 and 128
     python bench/bench_recorder.py --quick         # tiny sizes: checks that every route runs
     python bench/bench_recorder.py --models mlp --routes plain,recorder   # some routes only
+    python bench/bench_recorder.py --models bert,gpt2 --batches 32 [--autocast]   # HuggingFace models
 """
 from __future__ import annotations
 
@@ -108,7 +111,64 @@ def resnet_bn_eval(quick: bool):
     return model.eval(), batch
 
 
-MODELS = {"mlp": mlp, "resnet20-gn": resnet, "transformer": transformer, "resnet20-bn-eval": resnet_bn_eval}
+class Classifier(nn.Module):
+    """A HuggingFace sequence classifier as a module of token ids -> logits (the routes' interface)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        return self.model(input_ids=tokens).logits
+
+
+def hf_batch(vocab: int, T: int):
+    return lambda B: (torch.randint(1, vocab, (B, T)), torch.randint(0, 10, (B,)))  # no padding token (0)
+
+
+def bert(quick: bool):
+    """HuggingFace BERT from a config (no download): 4 layers, hidden 256, 4 heads, sequences of 128
+    tokens, a vocabulary of 8,192 (BERT's own has 30,522), dropout off (the rules need none)."""
+    import transformers as tf
+
+    d, layers, T = (32, 1, 16) if quick else (256, 4, 128)
+    config = tf.BertConfig(vocab_size=8192, hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
+                           intermediate_size=4 * d, max_position_embeddings=512, num_labels=10, hidden_dropout_prob=0,
+                           attention_probs_dropout_prob=0)
+    return Classifier(tf.BertForSequenceClassification(config)), hf_batch(8192, T)
+
+
+def gpt2(quick: bool):
+    """HuggingFace GPT-2 from a config: 4 layers, hidden 256, 4 heads, 128 tokens, classifying from the
+    last token (GPT2ForSequenceClassification), dropout off."""
+    import transformers as tf
+
+    d, layers, T = (32, 1, 16) if quick else (256, 4, 128)
+    config = tf.GPT2Config(vocab_size=8192, n_positions=512, n_embd=d, n_layer=layers, n_head=4, num_labels=10,
+                           pad_token_id=0, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    return Classifier(tf.GPT2ForSequenceClassification(config)), hf_batch(8192, T)
+
+
+class Autocast(nn.Module):
+    """The model's forward pass under torch.autocast(bfloat16) (--autocast)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.inner(x).float()
+
+
+def on(device: str, made):
+    """A model and its batches moved to `device`."""
+    model, batch = made
+    return model.to(device), lambda B: tuple(t.to(device) for t in batch(B))
+
+
+MODELS = {"mlp": mlp, "resnet20-gn": resnet, "transformer": transformer, "resnet20-bn-eval": resnet_bn_eval,
+          "bert": bert, "gpt2": gpt2}
 DEFAULT_MODELS = ("mlp", "resnet20-gn", "transformer")  # the issue's three; the rest on request
 
 
@@ -149,7 +209,11 @@ def opacus(model):
     def step(x, y):
         opt.zero_grad()
         F.cross_entropy(gsm(x), y, reduction="none").mean().backward()
-        _ = torch.stack([sum(p.grad_sample.flatten(1).square().sum(1) for p in ps) for ps in owners], 1)
+        # Opacus gives a broadcast position embedding (HuggingFace BERT, GPT-2) a "per-sample" gradient
+        # of batch 1, the batch's sum: left out of its layer's column here, timed all the same.
+        B = len(y)
+        _ = torch.stack([sum((p.grad_sample.flatten(1).square().sum(1) for p in ps if p.grad_sample.shape[0] == B),
+                             torch.zeros(B, device=y.device)) for ps in owners], 1)
         for p in gsm.parameters():
             p.grad_sample = None
         opt.step()
@@ -185,13 +249,16 @@ ROUTES_ALL = ("plain", "recorder", "opacus", "backpack")
 def time_route(make_step, model, batch, B: int, steps: int) -> float:
     """Seconds per step (median over `steps` after one warm-up step)."""
     step, close = make_step(model)
+    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     try:
         x, y = batch(B)
         step(x, y)
         times = []
         for _ in range(steps):
+            sync()
             t = time.perf_counter()
             step(x, y)
+            sync()
             times.append(time.perf_counter() - t)
         return statistics.median(times)
     finally:
@@ -206,6 +273,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated: " + ", ".join(MODELS))
     ap.add_argument("--routes", default=None, help="comma-separated subset of " + ", ".join(ROUTES) + " (default: all)")
+    ap.add_argument("--autocast", action="store_true", help="every route's forward pass under torch.autocast(bfloat16)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")  # the libraries' deprecation notes would bury the tables
     wanted = set(ROUTES) if args.routes is None else set(args.routes.split(","))
@@ -216,7 +285,9 @@ def main(argv=None) -> None:
     batches = [4] if args.quick else [int(b) for b in args.batches.split(",")]
     steps, rounds = (2, 1) if args.quick else (args.steps, args.rounds)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU")
+          f"{torch.get_num_threads()} threads, "
+          + (torch.cuda.get_device_name() if args.device == "cuda" else "CPU")
+          + (", bfloat16 autocast" if args.autocast else ", float32"))
     for name in args.models.split(","):
         routes = {r: make for r, make in ROUTES.items() if r in wanted and (r in ROUTES_ALL or name == "resnet20-gn")}
         for B in batches:
@@ -228,10 +299,12 @@ def main(argv=None) -> None:
                         continue
                     torch.manual_seed(0)
                     if route.startswith("bn-"):
-                        model, batch = resnet(args.quick, norm="batch")
+                        model, batch = on(args.device, resnet(args.quick, norm="batch"))
                         make = plain if route == "bn-plain" else (lambda m: recorder(m, batchnorm="exact"))
                     else:
-                        model, batch = MODELS[name](args.quick)
+                        model, batch = on(args.device, MODELS[name](args.quick))
+                    if args.autocast:
+                        model = Autocast(model)
                     try:
                         t = time_route(make, model, batch, B, steps)
                         if r > 0:
