@@ -126,3 +126,38 @@ def test_data_parallel_refuses_what_it_cannot_do_as_one_process(change, models, 
     cfg = TrainConfig(**{"batch_size": 50, **change})
     with pytest.raises(ConfigError, match=message):
         check_data_parallel(cfg, cfg.subset or 200, models, 2)
+
+
+def test_ddp_with_gradient_accumulation_and_autocast(tmp_path):
+    """Two torchrun processes, DDP over gloo: two micro-batches per process (the first under no_sync)
+    give the beta and the gradient of one process on the whole batch (float64); bfloat16 autocast
+    gives its beta within 1e-2 of one process under the same autocast."""
+    import ddp_features as job
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(REPO / "tests" / "ddp_features.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    x, y = job.data()
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        net = job.model()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        with ImportanceRecorder(net) as rec:
+            whole = rec.backward(F.cross_entropy(net(x.double()), y, reduction="none"), optimizer=opt)
+        assert rel(torch.cat([r["accumulated"] for r in ranks]), whole) <= 1e-10
+        for r in ranks:
+            for g, p in zip(r["grad"], net.parameters()):
+                assert rel(g, p.grad) <= 1e-10
+    finally:
+        torch.set_default_dtype(torch.float32)
+    net = job.model()
+    with ImportanceRecorder(net) as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss_i = F.cross_entropy(net(x), y, reduction="none")
+        whole = rec.backward(loss_i, lr=0.1)
+    got = torch.cat([r["autocast"] for r in ranks])
+    assert ((got - whole).abs().amax(0) / whole.amax(0)).max() <= 1e-2

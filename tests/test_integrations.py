@@ -25,11 +25,13 @@ def first_batch(d) -> np.ndarray:
 
 
 def explored(run_id: str) -> str:
-    """`explore` on the run: the path of its explorer.html."""
+    """`decompose` and `explore` on the run: the path of its explorer.html."""
+    from sample_importance.stages.decompose import run as run_decompose
     from sample_importance.stages.explore import run as run_explore
 
     explore_id = run_explore(C.ExploreConfig(train_run_ids=run_id))
-    assert MlflowClient().get_run(explore_id).info.status == "FINISHED"
+    for rid in (explore_id, run_decompose(C.DecomposeConfig(train_run_ids=run_id))):
+        assert MlflowClient().get_run(rid).info.status == "FINISHED"
     return mlflow.artifacts.download_artifacts(run_id=explore_id, artifact_path="explorer.html")
 
 
