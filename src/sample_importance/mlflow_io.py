@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 import mlflow
 import mlflow.store
 import numpy as np
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -411,17 +411,13 @@ def start_run(run_name: str, entry_point: str, tags: dict[str, str] | None = Non
 
 @contextlib.contextmanager
 def joined_run(run_id: str, entry_point: str, description: str | None = None,
-               config: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+               config: dict | None = None) -> Iterator[Run]:
     """A run another logger opened and ends — HuggingFace's MLflowCallback (the active run) or
-    Lightning's MLFlowLogger (by id, through its client) — as the active run of a `with` block that
-    adds this project's tags, the description and `config` (parameters it does not have yet, and
-    config.json). Its name stays the logger's. An exception ends it FAILED with the reason, as
-    `start_run` does; otherwise the logger ends it (a run this block made active ends with it)."""
-    active = mlflow.active_run()
-    joined = active is not None and active.info.run_id == run_id
-    if not joined:
-        mlflow.start_run(run_id=run_id, nested=active is not None)
-    run = OpenRun(run_id, fluent=True)
+    Lightning's MLFlowLogger (through its client) — for a `with` block that adds this project's
+    tags, the description and `config` (parameters it does not have yet, and config.json), through
+    the client: the active-run stack stays the logger's. Its name stays the logger's. An exception
+    ends it FAILED with the reason, as `start_run` does; otherwise the logger ends it."""
+    run = OpenRun(run_id)
     try:
         run.set_tags({TAG_ENTRY_POINT: entry_point, TAG_OWNER: owner(), TAG_USER: user(),
                       TAG_HEARTBEAT: str(int(time.time()))})
@@ -431,14 +427,12 @@ def joined_run(run_id: str, entry_point: str, description: str | None = None,
         if config is not None:
             run.log_params_once(config)
             run.log_dict(config, "config.json")
-        yield mlflow.active_run()
+        yield run.client.get_run(run_id)
     except BaseException as exc:
         run.end(exc)
         raise
     finally:
         _HEARTBEAT.remove(run_id)
-    if not joined:
-        mlflow.end_run()
 
 
 def _active() -> OpenRun:

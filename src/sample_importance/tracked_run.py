@@ -52,6 +52,7 @@ class TrackedRun:
     def __init__(self, model: nn.Module, recorder: ImportanceRecorder, writer: dyn.DynamicsWriter,
                  labels: np.ndarray, sample_ids: np.ndarray, epochs: int, num_classes: int, run_id: str):
         self.model, self.recorder, self.writer = model, recorder, writer
+        self.mlflow_run = mlflow_io.OpenRun(run_id)  # logged to by id: the active-run stack may be another logger's
         self.labels, self.sample_ids, self.epochs = labels, sample_ids, epochs
         self.num_classes, self.run_id = num_classes, run_id
         self.n, self.L = len(labels), len(recorder.layer_names)
@@ -121,7 +122,7 @@ class TrackedRun:
                           **{f"importance_{n}": float(v) for n, v in zip(self.recorder.layer_names, layer_totals)},
                           **(metrics or {})}
         self.writer.write_epoch(record, self.projection(self.model))
-        mlflow_io.log_metrics(record.metrics, step=self.epoch + 1)
+        self.mlflow_run.log_metrics(record.metrics, step=self.epoch + 1)
         self.history.append(record.metrics)
         self.epoch += 1
         self._new_epoch()
@@ -147,7 +148,7 @@ class TrackedRun:
         names = self.recorder.layer_names
         per_layer = np.array([[h[f"importance_{n}"] for n in names] for h in self.history])
         counts = [sum(p.numel() for p in self.recorder.layer_parameters(n)) for n in names]
-        mlflow_io.log_figure(plots.layer_importance(per_layer, names, counts), "figures/layer_importance.png")
+        self.mlflow_run.log_figure(plots.layer_importance(per_layer, names, counts), "figures/layer_importance.png")
 
 
 @contextlib.contextmanager
@@ -213,7 +214,7 @@ def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: in
                 "image_shape": list(image_shape) if image_shape else None, "num_classes": num_classes,
                 "run_id": run.info.run_id, "config": settings, "source": "track_run",
             }
-            with mlflow_io.artifact_folder(dyn.DIRNAME) as folder:
+            with mlflow_io.OpenRun(run.info.run_id).artifact_folder(dyn.DIRNAME) as folder:
                 projection_dim = 32
                 writer = dyn.DynamicsWriter(folder, n, epochs, metadata, projection_dim)
                 handle = TrackedRun(model, recorder, writer, labels, sample_ids, epochs, num_classes, run.info.run_id)
