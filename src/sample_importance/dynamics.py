@@ -15,6 +15,9 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
     eval_error_l2.npy float32 (E, n)    ||softmax - onehot(label)||_2
     eval_grad_norm.npy float32 (E, n)   ||grad of the sample's own loss|| (GraNd) at epoch early_epoch
                      (metadata "grand_epoch", 1-based); NaN at every other epoch
+  with in-run attribution (metadata "contribution": true; "target" says what the target set V is):
+    contribution.npy float32 (E, n, L)  c_{i,d}^t = <grad of L_V at the step's parameters, phi_{i,d}>, the
+                     sample's first-order part of the change of the target loss over its step, per layer
     final_loss.npy   float32 (n,)       NLL under the final parameters
     final_prediction.npy int64 (n,)     the class under the final parameters; optional (a track_run run
                      whose final losses came with their logits: what the explorer shows without the model)
@@ -70,10 +73,16 @@ PER_EPOCH_EVAL = {"eval_loss": np.float32, "eval_p_true": np.float32, "eval_corr
                   "eval_error_l2": np.float32, "eval_grad_norm": np.float32}
 
 
+# Written only when metadata["contribution"] is true (in-run attribution to a target loss).
+PER_EPOCH_CONTRIBUTION = {"contribution": np.float32}
+LAYERED = ("importance", "contribution")  # per-epoch arrays with a column per layer: (E, n, L)
+
+
 def per_epoch_arrays(metadata: dict) -> dict:
     """The per-epoch files a run has, by its metadata: no importance for track=outputs, the eval_*
-    files with eval_train."""
-    arrays = {**PER_EPOCH, **(PER_EPOCH_EVAL if metadata.get("eval_train") else {})}
+    files with eval_train, contribution with in-run attribution."""
+    arrays = {**PER_EPOCH, **(PER_EPOCH_EVAL if metadata.get("eval_train") else {}),
+              **(PER_EPOCH_CONTRIBUTION if metadata.get("contribution") else {})}
     if metadata.get("track", "importance") == "outputs":
         del arrays["importance"]
     return arrays
@@ -147,7 +156,7 @@ def _nearly_full(path: Path, margin: int = 64 << 20) -> bool:
 def required_bytes(n: int, epochs: int, layers: int, projection_dim: int = 32, per_epoch: dict | None = None) -> int:
     """Disk space the per-epoch arrays of a run take (`per_epoch`, default PER_EPOCH, and the
     parameter projection), for checking before anything is allocated."""
-    per_sample_epoch = sum((layers if name == "importance" else 1) * np.dtype(dt).itemsize
+    per_sample_epoch = sum((layers if name in LAYERED else 1) * np.dtype(dt).itemsize
                            for name, dt in (per_epoch or PER_EPOCH).items())
     return int(epochs) * int(n) * per_sample_epoch + (int(epochs) + 1) * projection_dim * 4
 
@@ -306,7 +315,7 @@ class DynamicsWriter:
         if resume:
             metadata = json.loads((self.folder / METADATA).read_text())
         self.per_epoch = per_epoch_arrays(metadata)
-        shapes = {name: (epochs, n, L) if name == "importance" else (epochs, n) for name in self.per_epoch}
+        shapes = {name: (epochs, n, L) if name in LAYERED else (epochs, n) for name in self.per_epoch}
         shapes[PROJECTION] = (epochs + 1, projection_dim)
         dtypes = {**self.per_epoch, PROJECTION: np.float32}
         if resume:
@@ -437,6 +446,7 @@ class Dynamics:
     eval_error_l2: np.ndarray | None = None  # (E, n) float32
     eval_grad_norm: np.ndarray | None = None  # (E, n) float32, NaN except at grand_epoch
     final_prediction: np.ndarray | None = None  # (n,) int64, where the run recorded it (track_run with logits)
+    contribution: np.ndarray | None = None  # (E, n, L) float32, with in-run attribution
 
     @property
     def has_eval(self) -> bool:
@@ -521,7 +531,7 @@ def load_dir(folder: str | Path, allow_partial: bool = False, verify: bool = Tru
     arrays = {"importance_values": None}  # stays None for a track=outputs run
     per_epoch = per_epoch_arrays(meta)
     for name, dtype in per_epoch.items():
-        shape = (E, n, L) if name == "importance" else (E, n)
+        shape = (E, n, L) if name in LAYERED else (E, n)
         arrays["importance_values" if name == "importance" else name] = _load(path(name), dtype, shape)[:done]
     arrays[PROJECTION] = _load(path(PROJECTION), np.float32, (E + 1, meta["projection_dim"]))[:done + 1]
     for name, dtype in PER_SAMPLE.items():

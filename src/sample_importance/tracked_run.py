@@ -50,11 +50,12 @@ class TrackedRun:
     """The handle `track_run` yields: `recorder`, `record`, `end_epoch`, `record_final_loss`."""
 
     def __init__(self, model: nn.Module, recorder: ImportanceRecorder, writer: dyn.DynamicsWriter,
-                 labels: np.ndarray, sample_ids: np.ndarray, epochs: int, num_classes: int, run_id: str):
+                 labels: np.ndarray, sample_ids: np.ndarray, epochs: int, num_classes: int, run_id: str,
+                 contribution: bool = False):
         self.model, self.recorder, self.writer = model, recorder, writer
         self.mlflow_run = mlflow_io.OpenRun(run_id)  # logged to by id: the active-run stack may be another logger's
         self.labels, self.sample_ids, self.epochs = labels, sample_ids, epochs
-        self.num_classes, self.run_id = num_classes, run_id
+        self.num_classes, self.run_id, self.attributing = num_classes, run_id, contribution
         self.n, self.L = len(labels), len(recorder.layer_names)
         self._sorter = np.argsort(sample_ids, kind="stable")
         self.projection = ParameterProjection(model)
@@ -66,6 +67,7 @@ class TrackedRun:
 
     def _new_epoch(self) -> None:
         self._importance = np.zeros((self.n, self.L), np.float32)
+        self._contribution = np.zeros((self.n, self.L), np.float32) if self.attributing else None
         self._loss = np.zeros(self.n, np.float32)
         self._logits = np.zeros((self.n, self.num_classes), np.float32)
         self._seen = np.zeros(self.n, bool)
@@ -83,9 +85,11 @@ class TrackedRun:
                             "given to track_run.")
         return pos
 
-    def record(self, sample_ids, importance: torch.Tensor, loss_i: torch.Tensor, logits: torch.Tensor) -> None:
+    def record(self, sample_ids, importance: torch.Tensor, loss_i: torch.Tensor, logits: torch.Tensor,
+               contribution: torch.Tensor | None = None) -> None:
         """One step's per-sample quantities: ids (B,), importance (B, L) from `recorder.backward`,
-        per-sample losses (B,) and logits (B, classes) of that step's forward pass."""
+        per-sample losses (B,) and logits (B, classes) of that step's forward pass; with
+        track_run(contribution=True), `recorder.contribution` (B, L) of the step (given a target)."""
         if self.epoch >= self.epochs:
             raise UserError(f"All {self.epochs} epochs have ended: record no more steps (or track more epochs).")
         pos = self.positions(sample_ids)
@@ -99,6 +103,11 @@ class TrackedRun:
         if self._seen[pos].any() or len(np.unique(pos)) != B:
             raise UserError(f"A sample was recorded twice in epoch {self.epoch + 1}: present each sample once per "
                             "epoch and call end_epoch() after each.")
+        if self.attributing:
+            if contribution is None or tuple(contribution.shape) != (B, self.L):
+                raise UserError(f"This run records contributions: pass contribution=run.recorder.contribution, of "
+                                f"shape ({B}, {self.L}), from recorder.backward(..., target=...).")
+            self._contribution[pos] = contribution.detach().float().cpu().numpy()
         self._seen[pos] = True
         self._importance[pos] = importance.float().cpu().numpy()
         self._loss[pos] = loss_i.detach().float().cpu().numpy()
@@ -114,13 +123,16 @@ class TrackedRun:
         y = torch.as_tensor(self.labels)
         p_true, correct, error_l2 = sample_statistics(torch.as_tensor(self._logits), torch.as_tensor(self._loss), y)
         record = EpochRecord(self.epoch, np.concatenate(self._order).astype(np.int64), self._importance, self._loss,
-                             p_true.numpy().astype(np.float32), correct.numpy(), error_l2.numpy().astype(np.float32))
+                             p_true.numpy().astype(np.float32), correct.numpy(), error_l2.numpy().astype(np.float32),
+                             contribution=self._contribution)
         layer_totals = self._importance.sum(0, dtype=np.float64)
         record.metrics = {"train_loss": float(self._loss.mean(dtype=np.float64)),
                           "train_error": float(1.0 - record.correct.mean()),
                           "importance_total": float(layer_totals.sum()),
                           **{f"importance_{n}": float(v) for n, v in zip(self.recorder.layer_names, layer_totals)},
                           **(metrics or {})}
+        if self.attributing:  # the epoch's first-order change of the target loss, summed over its steps
+            record.metrics["contribution_total"] = float(self._contribution.sum(dtype=np.float64))
         self.writer.write_epoch(record, self.projection(self.model))
         self.mlflow_run.log_metrics(record.metrics, step=self.epoch + 1)
         self.history.append(record.metrics)
@@ -157,7 +169,8 @@ def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: in
               sample_ids: np.ndarray | torch.Tensor | None = None, num_classes: int | None = None,
               dataset: str = "custom", run_name: str | None = None, config: dict | None = None,
               batchnorm: str = "refuse", groups: object = None,
-              image_shape: tuple[int, ...] | None = None, run_id: str | None = None) -> Iterator[TrackedRun]:
+              image_shape: tuple[int, ...] | None = None, run_id: str | None = None,
+              contribution: str | None = None) -> Iterator[TrackedRun]:
     """An MLflow run (nested if one is active) recording a researcher's loop into `dynamics/`.
 
     Args:
@@ -177,6 +190,8 @@ def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: in
         image_shape: (C, H, W) of the samples, for analyses that draw them.
         run_id: record into this existing run, which another logger opened and ends (HuggingFace's
             or Lightning's MLflow logger: `mlflow_io.joined_run`), instead of a new one.
+        contribution: in-run attribution: a description of the target set V (stored as metadata
+            "target"); every `record` then passes `contribution=` (contribution.npy).
     Leaving the block without an exception finishes the dynamics (all epochs ended and every final
     loss recorded, else UserError); an exception ends the run FAILED with its finished epochs kept.
     """
@@ -213,11 +228,13 @@ def track_run(model: nn.Module, *, labels: np.ndarray | torch.Tensor, epochs: in
                 "layer_groups": recorder.grouping, "phi_convention": phi_convention(optimizer),
                 "image_shape": list(image_shape) if image_shape else None, "num_classes": num_classes,
                 "run_id": run.info.run_id, "config": settings, "source": "track_run",
+                **({"contribution": True, "target": str(contribution)} if contribution else {}),
             }
             with mlflow_io.OpenRun(run.info.run_id).artifact_folder(dyn.DIRNAME) as folder:
                 projection_dim = 32
                 writer = dyn.DynamicsWriter(folder, n, epochs, metadata, projection_dim)
-                handle = TrackedRun(model, recorder, writer, labels, sample_ids, epochs, num_classes, run.info.run_id)
+                handle = TrackedRun(model, recorder, writer, labels, sample_ids, epochs, num_classes, run.info.run_id,
+                                    contribution=bool(contribution))
                 writer.write_initial(handle.projection(model), model.state_dict())
                 yield handle
                 handle._finish()

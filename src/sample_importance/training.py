@@ -50,6 +50,7 @@ class EpochRecord:
     eval_correct: np.ndarray | None = None  # (n,) bool
     eval_error_l2: np.ndarray | None = None  # (n,) float32
     eval_grad_norm: np.ndarray | None = None  # (n,) float32: GraNd's ||grad L_i|| at early_epoch, else NaN
+    contribution: np.ndarray | None = None  # (n, layers) float32: in-run attribution to a target loss, if on
 
 
 @dataclass

@@ -130,6 +130,7 @@ class ImportanceRecorder:
         self._closed = False  # close() removed the hooks: backward refuses
         self.skipped = False  # the last backward's gradients were not finite: its scaler skips the step
         self._pending: dict | None = None  # what `expect` prepared for `collect`
+        self.contribution: torch.Tensor | None = None  # (B, L) of the last step given a target
         self._steps: dict[int, int] = {}  # id(optimizer) -> its steps since the recorder first saw it
         self._last_step: tuple[int, int] | None = None  # (id(optimizer), its steps) at the last backward
         # the axis of a call's output gradient that holds the batch (`_check_call`)
@@ -200,7 +201,7 @@ class ImportanceRecorder:
 
     def backward(self, loss_i: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
                  lr: float | None = None, batch_size: int | None = None, grad_scale: float = 1.0,
-                 scaler=None) -> torch.Tensor:
+                 scaler=None, target: Mapping | None = None) -> torch.Tensor:
         """Backpropagate loss_i.mean() (filling .grad exactly as loss_i.mean().backward() does) and
         return beta (B, L) of the step the optimizer is about to take (call before optimizer.step()).
 
@@ -219,12 +220,17 @@ class ImportanceRecorder:
                 times its scale, as scaler.scale(loss) does, and beta is that of the unscaled step
                 (then call scaler.step(optimizer) and scaler.update()). Where the gradients are not
                 finite, the step GradScaler will skip, beta is zeros and `skipped` is True.
+            target: {parameter: gradient of a target loss L_V at the parameters before this step}
+                (`target_gradient`): then `contribution` holds c (B, L), c_{i,d} = sum over layer
+                d's parameters of <target gradient, phi_i>, sample i's first-order part of the
+                change of L_V over this step, layer by layer.
 
         Under torch.autocast (bfloat16 or float16) the rules read the captured inputs and output
         gradients in float32: beta of the step taken, up to the rounding of the half-precision
         forward and backward (tests/test_recorder_training.py states the tolerance).
         """
-        loss = self.expect(loss_i, optimizer=optimizer, lr=lr, batch_size=batch_size, grad_scale=grad_scale)
+        loss = self.expect(loss_i, optimizer=optimizer, lr=lr, batch_size=batch_size, grad_scale=grad_scale,
+                           target=target)
         try:
             if scaler is not None and scaler.is_enabled():  # as scaler.scale(loss) in a plain loop
                 loss = scaler.scale(loss)
@@ -238,7 +244,7 @@ class ImportanceRecorder:
 
     def expect(self, loss_i: torch.Tensor, *, optimizer: torch.optim.Optimizer | None = None,
                lr: float | None = None, batch_size: int | None = None, grad_scale: float = 1.0,
-               loss_scale: float = 1.0) -> torch.Tensor:
+               loss_scale: float = 1.0, target: Mapping | None = None) -> torch.Tensor:
         """`backward` in two halves, for a framework that runs the backward pass itself (HuggingFace's
         Trainer through accelerate, Lightning): returns the loss to backpropagate — loss_i.mean(),
         or loss_i.sum() / batch_size, times grad_scale — and `collect()` after the pass returns beta.
@@ -270,13 +276,13 @@ class ImportanceRecorder:
             if self._coupled:
                 full = self._batched_vjp(loss_i, total)
             factors = self._factors(optimizer, lr, kind) if kind == "sgd" else None  # the SGD family's need no .grad
-            if full is None and kind == "sgd":
+            if full is None and kind == "sgd" and target is None:  # the contribution reads the calls after the pass
                 self._plan_columns(B, factors)
             self._batch = B
             refused = refused or (self._walk(loss_i, B) if full is None else self._walk(loss_i, B, spread=False))
             self._pending = dict(loss_i=loss_i, optimizer=optimizer, lr=lr, kind=kind, factors=factors, full=full,
                                  refused=refused, grad_scale=grad_scale, loss_scale=float(loss_scale),
-                                 scaler=loss_scale != 1)
+                                 scaler=loss_scale != 1, target=self._target(target))
             self._in_backward = full is None
             return batch_loss(loss_i, batch_size, grad_scale)
         except BaseException:
@@ -300,16 +306,22 @@ class ImportanceRecorder:
             loss_i, scale = p["loss_i"], p["loss_scale"]
             B = loss_i.shape[0]
             self.skipped = p["scaler"] and not self._finite(p["optimizer"])
+            self.contribution = None
             if self.skipped:  # GradScaler skips this step: nothing moves
+                if p["target"] is not None:
+                    self.contribution = torch.zeros(B, len(self.layer_names), dtype=loss_i.dtype, device=loss_i.device)
                 return torch.zeros(B, len(self.layer_names), dtype=loss_i.dtype, device=loss_i.device)
             factors = p["factors"]
             if factors is None:
                 factors = self._factors(p["optimizer"], p["lr"], p["kind"], unscale=scale)
             beta = self._importance(B, factors, p["full"], loss_i)
-            if self._shown is not None:
-                beta = beta[:, self._shown]
             # The output gradients the rules read carry grad_scale and the loss scale; the batched VJPs do not.
             carried = 1.0 if p["full"] is not None else p["grad_scale"] * scale
+            if p["target"] is not None:
+                c = self._contribution(B, factors, p["full"], p["target"], loss_i)
+                self.contribution = (c if self._shown is None else c[:, self._shown]) / carried
+            if self._shown is not None:
+                beta = beta[:, self._shown]
             return beta if carried == 1 else beta / carried ** 2
         finally:
             self._end()
@@ -674,27 +686,9 @@ class ImportanceRecorder:
                 if f is not None and id_ in self._owner:
                     beta[:, self._owner[pid]] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
             return beta.detach()
-        # Sources of each parameter's per-sample gradient: (layer, call, name in the layer's module).
-        sources: dict[int, list[tuple[int, Call, str]]] = {}
-        for d, (name, module, rule, names) in enumerate(self._layers):
-            if d in self._columns:
-                beta[:, d] = self._columns[d].to(beta.dtype)
-                for _, p in self._named[d]:
-                    sources[id(p)] = []  # accounted for
-                continue
-            calls = [c for c in self._calls[name] if any(g is not None for g in c.grads)]
-            for c in calls:
-                self._check_call(d, c, B)
-                _full_precision(c)
-            for n, p in self._named[d]:
-                for c in calls:
-                    sources.setdefault(id(p), []).append((d, c, n))
-        missing = [self._layers[self._owner[pid]][0] for pid in self._reached()
-                   if pid in self._owner and pid not in sources]
-        if missing:
-            raise UserError("Parameters of " + ", ".join(sorted(set(missing))) + " received gradients without a "
-                            "recorded call of their module (used directly by another module): ImportanceRecorder "
-                            "needs each parameter used only inside its own module's forward.")
+        for d, column in self._columns.items():
+            beta[:, d] = column.to(beta.dtype)
+        sources = self._sources(B)
         norms: dict[tuple[int, int], dict] = {}
         grads: dict[tuple[int, int], dict] = {}
         for pid, srcs in sources.items():
@@ -727,6 +721,78 @@ class ImportanceRecorder:
                 G = grads[key][n] if G is None else G + grads[key][n]
             beta[:, d] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
         return beta.detach()
+
+    def _sources(self, B: int) -> dict[int, list[tuple[int, Call, str]]]:
+        """{id(parameter): [(layer, call, name in the layer's module)]}: where each parameter's
+        per-sample gradient comes from (every recorded call of every layer holding it); a layer
+        whose beta column was taken during the pass lists its parameters with no source."""
+        sources: dict[int, list[tuple[int, Call, str]]] = {}
+        for d, (name, module, rule, names) in enumerate(self._layers):
+            if d in self._columns:
+                for _, p in self._named[d]:
+                    sources[id(p)] = []  # accounted for
+                continue
+            calls = [c for c in self._calls[name] if any(g is not None for g in c.grads)]
+            for c in calls:
+                self._check_call(d, c, B)
+                _full_precision(c)
+            for n, p in self._named[d]:
+                for c in calls:
+                    sources.setdefault(id(p), []).append((d, c, n))
+        missing = [self._layers[self._owner[pid]][0] for pid in self._reached()
+                   if pid in self._owner and pid not in sources]
+        if missing:
+            raise UserError("Parameters of " + ", ".join(sorted(set(missing))) + " received gradients without a "
+                            "recorded call of their module (used directly by another module): ImportanceRecorder "
+                            "needs each parameter used only inside its own module's forward.")
+        return sources
+
+    def target_gradient(self, loss_v: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+        """{parameter: d loss_v / d parameter} for `target=` of the coming step: the gradient of a
+        target loss (e.g. the mean loss of held-out samples, forward pass in evaluation mode) at the
+        parameters before the step; .grad is left as it is."""
+        params = self._params()
+        grads = torch.autograd.grad(loss_v, params, allow_unused=True)
+        return {p: torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)}
+
+    def _target(self, target: Mapping | None) -> dict[int, torch.Tensor] | None:
+        if target is None:
+            return None
+        out = {id(p): g for p, g in target.items()}
+        unknown = [p for p in out if p not in self._owner]
+        if unknown or any(out[id(p)].shape != p.shape for p in self._params() if id(p) in out):
+            raise UserError("target= maps the recorded parameters to gradients of their shapes: pass "
+                            "recorder.target_gradient(loss_v).")
+        return out
+
+    def _contribution(self, B: int, factors: dict, full: dict | None, target: dict, loss_i: torch.Tensor) -> torch.Tensor:
+        """c (B, L): per layer, sum over its parameters of <target gradient, phi_i> = <f * G, g_i / B>,
+        by each rule's `dot` route, else from its per-sample gradients."""
+        c = torch.zeros(B, len(self._layers), dtype=loss_i.dtype, device=loss_i.device)
+        scaled = {pid: factors[pid] * g for pid, g in target.items() if factors.get(pid) is not None}
+        if full is not None:
+            for pid, G in full.items():
+                if pid in scaled:
+                    c[:, self._owner[pid]] += G.flatten(1) @ scaled[pid].flatten().to(G.dtype)
+            return c.detach()
+        grads: dict[tuple[int, int], dict] = {}
+        for pid, srcs in self._sources(B).items():
+            H = scaled.get(pid)
+            if H is None:
+                continue
+            d = self._owner[pid]
+            for sd, call, n in srcs:
+                _, module, rule, _ = self._layers[sd]
+                got = rule.dot(module, call, {n: H}) if rule is not None and rule.dot is not None else None
+                if got is not None and n in got:
+                    c[:, d] += got[n].to(c.dtype)
+                    continue
+                key = (sd, id(call))
+                if key not in grads:
+                    grads[key] = self._grads(sd, call)
+                G = grads[key][n]
+                c[:, d] += (G.flatten(1) @ H.flatten().to(G.dtype)).to(c.dtype)
+        return c.detach()
 
     def _grads(self, d: int, call: Call) -> dict[str, torch.Tensor]:
         name, module, rule, names = self._layers[d]

@@ -56,6 +56,10 @@ class Rule:
     # sum over the module's parameters of f^2 ||g_i||^2 for a number f per parameter (the SGD family):
     # fn(module, call, {name: f^2}) -> (B,), or None where it has no fused route for this call
     sq_norm_column: Callable[[nn.Module, Call, dict], torch.Tensor | None] | None = None
+    # <H_p, g_i> per sample for given tensors H_p shaped like the parameters (a target gradient
+    # times the step's factor, for the contribution to a target loss): fn(module, call, {name: H})
+    # -> {name: (B,)}, without materialising g_i; None where the rule has no such route
+    dot: Callable[[nn.Module, Call, dict], dict[str, torch.Tensor] | None] | None = None
     # the module's parameters the rule covers: its own (False) or its children's too (True)
     recurse: bool = False
     # fn(module, call, output) -> {key: autograd node} at the forward pass: nodes of the module's own

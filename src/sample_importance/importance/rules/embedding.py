@@ -30,6 +30,16 @@ def embedding_sq_norms(module: nn.Embedding, call: Call) -> dict[str, torch.Tens
     return {"weight": (torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2))}
 
 
+def embedding_dot(module: nn.Embedding, call: Call, H: dict) -> dict[str, torch.Tensor]:
+    """<H, dL_i/dE> = sum over sample i's tokens t of <H[idx_t], d_t>: a gather, no (B, V, D) tensor."""
+    _check_embedding(module)
+    idx, d = _embedding_tokens(module, call)
+    return {"weight": torch.linalg.vecdot(H["weight"].to(d.dtype)[idx], d).sum(1)} if "weight" in H else {}
+
+
+embedding_grads.rule.dot = embedding_dot
+
+
 def _check_embedding(module: nn.Embedding) -> None:
     if module.scale_grad_by_freq:
         raise UserError("An nn.Embedding with scale_grad_by_freq=True scales gradients by token counts of the "

@@ -99,8 +99,21 @@ def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[st
     return out
 
 
+def linear_dot(module: nn.Linear, call: Call, H: dict) -> dict[str, torch.Tensor]:
+    """<H_W, sum_t d_t a_t^T> = sum_t d_t^T H_W a_t: one product (B, T, out) x (out, in), as the
+    forward pass costs; bias: <H_b, sum_t d_t>."""
+    a, d = _tokens(call.x, call.g)
+    out = {}
+    if "weight" in H:
+        out["weight"] = torch.linalg.vecdot(d @ H["weight"].to(d.dtype), a).sum(1)
+    if "bias" in H and _present(module, "bias"):
+        out["bias"] = d.sum(1) @ H["bias"].to(d.dtype)
+    return out
+
+
 linear_grads.rule.weighted_sq_norms = linear_weighted_sq_norms
 linear_grads.rule.sq_norm_column = linear_sq_norm_column
+linear_grads.rule.dot = linear_dot
 
 
 @register_rule("transformers.pytorch_utils.Conv1D")
@@ -119,6 +132,12 @@ def conv1d_weighted_sq_norms(module: nn.Module, call: Call, f2: dict) -> dict[st
     return linear_weighted_sq_norms(module, call, f2)
 
 
+def conv1d_dot(module: nn.Module, call: Call, H: dict) -> dict[str, torch.Tensor]:
+    """The Linear route, H's weight transposed to (out, in)."""
+    return linear_dot(module, call, {**H, "weight": H["weight"].t()} if "weight" in H else H)
+
+
+conv1d_grads.rule.dot = conv1d_dot
 conv1d_grads.rule.sq_norms = linear_sq_norms  # a transpose keeps every norm
 conv1d_grads.rule.weighted_sq_norms = conv1d_weighted_sq_norms
 conv1d_grads.rule.sq_norm_column = linear_sq_norm_column
