@@ -17,9 +17,9 @@ from sample_importance.integrations.lightning import ImportanceCallback
 
 
 class Classifier(lightning.LightningModule):
-    def __init__(self):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        self.net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, norm_layer=lambda c: nn.GroupNorm(8, c))
+        self.net = net
 
     def forward(self, x):
         return self.net(x)
@@ -45,5 +45,6 @@ if __name__ == "__main__":
     trainer = lightning.Trainer(max_epochs=3, logger=logger, accelerator="cpu", enable_checkpointing=False,
                                 callbacks=[ImportanceCallback(labels=y, sample_ids=ids, dataset="digits",
                                                               image_shape=(3, 8, 8))])
-    trainer.fit(Classifier(), loader)
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, norm_layer=lambda c: nn.GroupNorm(8, c))
+    trainer.fit(Classifier(net), loader)
     print("run:", logger.run_id)

@@ -28,11 +28,10 @@ def tracking(tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def module_store(tmp_path_factory, name: str, train_args: list[str]):
-    """For a module-scoped fixture: a private tracking store holding one `train` run made with
-    `train_args`; yields (store folder, run id)."""
+def private_store(tmp_path_factory, name: str):
+    """For a module-scoped fixture: a private tracking store (SQLite) as the working directory and
+    tracking URI for the block; yields its folder."""
     import mlflow
-    import train as train_entry
 
     tmp = tmp_path_factory.mktemp(name)
     with pytest.MonkeyPatch.context() as mp:
@@ -40,8 +39,20 @@ def module_store(tmp_path_factory, name: str, train_args: list[str]):
         uri = f"sqlite:///{tmp}/mlflow.db"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
+        try:
+            yield tmp
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def module_store(tmp_path_factory, name: str, train_args: list[str]):
+    """For a module-scoped fixture: a private tracking store holding one `train` run made with
+    `train_args`; yields (store folder, run id)."""
+    import train as train_entry
+
+    with private_store(tmp_path_factory, name) as tmp:
         yield tmp, train_entry.main(train_args)
-        mlflow.set_tracking_uri(None)
 
 
 def tiny_dataset(n: int = 42, d: int = 12, classes: int = 4, m: int = 10, seed: int = 0):

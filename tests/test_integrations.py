@@ -5,6 +5,8 @@ reads it."""
 from __future__ import annotations
 
 import copy
+import gc
+import sys
 
 import mlflow
 import numpy as np
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from conftest import REPO, private_store
 from sample_importance import ImportanceRecorder, load_dynamics
 from sample_importance import config as C
 from test_explorer import browser, check_detail, needs_chromium, wait_for  # noqa: F401  (browser: a fixture)
@@ -95,7 +98,12 @@ def huggingface_trainer(tracking):
     assert (expected.max(0) > 0).all()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-12 * expected.max())
     assert np.array_equal(d.final_prediction, [int(np.argmax(p)) for p in final_logits(trainer, rows)])
-    return run_id, d, explored(run_id)
+    page = explored(run_id)
+    with mlflow.start_run() as later:  # HuggingFace's MLflowCallback, collected, ends no later run
+        del trainer
+        gc.collect()
+        assert mlflow.active_run() is not None and mlflow.active_run().info.run_id == later.info.run_id
+    return run_id, d, page
 
 
 def final_logits(trainer, rows) -> list[np.ndarray]:
@@ -108,18 +116,8 @@ def final_logits(trainer, rows) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory):
     """A HuggingFace Trainer run and its explorer, shared by the tests that read them."""
-    import mlflow as _mlflow
-
-    folder = tmp_path_factory.mktemp("hf")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        uri = f"sqlite:///{folder}/mlflow.db"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        _mlflow.set_tracking_uri(uri)
-        try:
-            yield huggingface_trainer(folder)
-        finally:
-            _mlflow.set_tracking_uri(None)
+    with private_store(tmp_path_factory, "hf") as folder:
+        yield huggingface_trainer(folder)
 
 
 def test_huggingface_trainer(hf_run):
@@ -161,22 +159,8 @@ def test_lightning_callback(tracking):
 
     from sample_importance.integrations.lightning import ImportanceCallback
 
-    class Classifier(lightning.LightningModule):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x)
-
-        def training_step(self, batch, batch_idx):
-            x, y, ids = batch
-            logits = self(x)
-            loss_i = F.cross_entropy(logits, y, reduction="none")
-            return {"loss": loss_i.mean(), "loss_i": loss_i, "logits": logits, "sample_ids": ids}
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+    sys.path.insert(0, str(REPO / "examples"))
+    from lightning_resnet_digits import Classifier  # the documented example's module
 
     x, y, ids = digits()
     torch.manual_seed(0)

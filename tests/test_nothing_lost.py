@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_runs
+from conftest import REPO, all_runs, private_store
 from sample_importance import dynamics as dyn
 from sample_importance import load_dynamics, mlflow_io
 from sample_importance.stages import train as train_stage
@@ -325,14 +325,8 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory):
     """One tracking store for the refusals (each case looks only at the runs it made)."""
-    tmp = tmp_path_factory.mktemp("refusals")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
+    with private_store(tmp_path_factory, "refusals") as tmp:
         yield tmp
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.parametrize("entry,args,message", REFUSED, ids=[f"{e} {' '.join(a)[:30]}" for e, a, _ in REFUSED])

@@ -133,13 +133,15 @@ SCORES = {
     "el2n_inbatch": (True, "EL2N from the in-batch forward pass of early_epoch, mean over the runs given"),
     "grand_inbatch": (True, "GraNd from the recorded importance at each sample's step of early_epoch: "
                             "||g_i|| = (B / lr) sqrt(alpha_i), mean over the runs given"),
+}
+# Scores of the runs that recorded in-run attribution (contribution.npy) only; the same form.
+ATTRIBUTION_SCORES = {
     "contribution_total": (True, "sum over steps and layers of c_{i,d}^t = <grad of the target loss L_V, "
                                  "phi_{i,d}^t>: the sample's first-order part of the change of L_V over its "
                                  "steps; positive = it raised L_V (harmful). In-run attribution, as In-Run Data "
-                                 "Shapley's first order (Wang et al. 2025) under the step actually taken; runs "
-                                 "that recorded it only"),
+                                 "Shapley's first order (Wang et al. 2025) under the step actually taken"),
 }
-HARDER_IS_LARGER = {name: harder for name, (harder, _) in SCORES.items()}
+HARDER_IS_LARGER = {name: harder for name, (harder, _) in {**SCORES, **ATTRIBUTION_SCORES}.items()}
 NEEDS_EVAL = ("confidence", "variability", "correctness", "el2n", "grand")  # read the end-of-epoch arrays
 
 
@@ -194,12 +196,12 @@ def score_table(runs, early_epoch: int) -> tuple[pd.DataFrame, dict[str, str]]:
                                                 r.metadata["batch_size"], _step_scale(r.metadata)) for r in runs], axis=0)
         for k, name in enumerate(d.layer_names):
             table[f"importance_{name}"] = layer_importance(imp)[:, k]
-    if d.contribution is not None:  # in-run attribution (a run that recorded it; not asked of the others)
+    if getattr(d, "contribution", None) is not None:  # in-run attribution (a run that recorded it; not asked of the others)
         per_layer = np.asarray(d.contribution, np.float64).sum(0)  # (n, L) over epochs
         table["contribution_total"] = per_layer.sum(1)
         for k, name in enumerate(d.layer_names):
             table[f"contribution_{name}"] = per_layer[:, k]
-    order = [c for c in ("sample_id", "label", *SCORES) if c in table]
+    order = [c for c in ("sample_id", "label", *SCORES, *ATTRIBUTION_SCORES) if c in table]
     return table[order + [c for c in table if c not in order]], missing
 
 

@@ -61,10 +61,17 @@ class ImportanceTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         try:
-            return super().train(*args, **kwargs)
+            result = super().train(*args, **kwargs)
         except BaseException as exc:
             self.recording.fail(exc)
             raise
+        # HuggingFace's MLflowCallback ends *the active run* when it is garbage-collected (its
+        # __del__), whichever run that is by then: a later run of this process could be ended
+        # mid-way. Its own run ended with the training (on_train_end), so it is disarmed.
+        for callback in self.callback_handler.callbacks:
+            if type(callback).__name__ == "MLflowCallback" and hasattr(callback, "_auto_end_run"):
+                callback._auto_end_run = False
+        return result
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()

@@ -23,7 +23,8 @@ def scored_runs(cfg: ScoresConfig) -> tuple[list[Dynamics], pd.DataFrame, dict[s
         print(f"score {name} cannot be given: {reason}", flush=True)
     mlflow_io.log_dict({name: {"definition": text, "harder_is_larger": harder, "available": name in table,
                                **({"why_not": missing[name]} if name in missing else {})}
-                        for name, (harder, text) in S.SCORES.items()}, "score_definitions.json")
+                        for name, (harder, text) in {**S.SCORES, **S.ATTRIBUTION_SCORES}.items()
+                        if name in S.SCORES or name in table}, "score_definitions.json")  # attribution: where recorded
     return runs, table, missing
 
 
@@ -37,7 +38,7 @@ def run(cfg: ScoresConfig) -> str:
     with start_analysis(cfg, "scores", "Every per-sample difficulty score of one run, side by side") as run:
         runs, table, _ = scored_runs(cfg)
         d = runs[0]
-        columns = [c for c in S.SCORES if c in table]
+        columns = [c for c in (*S.SCORES, *S.ATTRIBUTION_SCORES) if c in table]
         noise = float(d.metadata["config"].get("label_noise", 0.0))
         flipped = flipped_labels(d, cfg.data_dir) if noise > 0 else None
         if flipped is not None:
