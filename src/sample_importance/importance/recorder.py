@@ -201,7 +201,7 @@ class ImportanceRecorder:
 
     def backward(self, loss_i: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
                  lr: float | None = None, batch_size: int | None = None, grad_scale: float = 1.0,
-                 scaler=None, target: Mapping | None = None) -> torch.Tensor:
+                 scaler: "torch.amp.GradScaler | None" = None, target: Mapping | None = None) -> torch.Tensor:
         """Backpropagate loss_i.mean() (filling .grad exactly as loss_i.mean().backward() does) and
         return beta (B, L) of the step the optimizer is about to take (call before optimizer.step()).
 
