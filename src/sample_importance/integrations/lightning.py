@@ -14,8 +14,8 @@
 
 Lightning runs the forward pass, the backward pass and the optimizer step itself; the callback
 takes each step's per-sample losses from what `training_step` returns, prepares the recorder in
-`on_before_backward` (and checks that the loss Lightning backpropagates is the one the recorder
-expects: loss_i.mean(), divided by accumulate_grad_batches), collects β in `on_after_backward`, ends
+`on_before_backward` (and, on the first step, checks that the loss Lightning backpropagates is the
+one the recorder expects: loss_i.mean(), divided by accumulate_grad_batches), collects β in `on_after_backward`, ends
 each epoch, and at the end of training records every sample's final loss (batches (x, y, ids) of the
 train dataloader, or `final_forward`) and finishes the run. The dynamics go into the run of the
 Trainer's MLFlowLogger (on the same tracking store), or into a new run.
@@ -47,7 +47,7 @@ class ImportanceCallback(Callback):
                                    groups=groups)
         self.final_forward = final_forward or (lambda module, batch: (batch[2], module(batch[0]), batch[1]))
         self._out: dict | None = None
-        self._expected: torch.Tensor | None = None
+        self._checked = False  # the backpropagated loss was compared with the expected one (first step)
 
     def on_train_start(self, trainer, pl_module) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
@@ -75,6 +75,9 @@ class ImportanceCallback(Callback):
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         loss_i = out["loss_i"]
         expected = self.recording.expect(loss_i, trainer.optimizers[0], len(loss_i) * k if k > 1 else None, scale)
+        if self._checked:  # the loss's form does not change between steps: one host sync, on the first step
+            return
+        self._checked = True
         if not torch.allclose(loss.detach().float(), expected.detach().float(), rtol=1e-5, atol=1e-7, equal_nan=True):
             self.recording.run.recorder.cancel()
             raise UserError(f"The loss Lightning backpropagates ({float(loss.detach()):.6g}) is not loss_i.mean() "
