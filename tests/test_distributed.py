@@ -58,12 +58,13 @@ def torchrun(store, *args: str, processes: int = 2) -> subprocess.Popen:
 
 def test_two_processes_write_the_run_one_process_writes(tmp_path, tracking):
     (tmp_path / "ddp").mkdir()
-    proc = torchrun(tmp_path / "ddp", *ARGS, "--epochs", "2")
+    attribution = ["--attribute_to", "test", "--target_size", "60"]  # in-run attribution, summed over the processes
+    proc = torchrun(tmp_path / "ddp", *ARGS, "--epochs", "2", *attribution)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     import train as train_entry
 
-    alone = load_dynamics(train_entry.main([*ARGS, "--epochs", "2"]))  # this test's own store
+    alone = load_dynamics(train_entry.main([*ARGS, "--epochs", "2", *attribution]))  # this test's own store
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/ddp/mlflow.db")
     try:
         [run] = all_runs(tmp_path / "ddp")
@@ -71,8 +72,9 @@ def test_two_processes_write_the_run_one_process_writes(tmp_path, tracking):
         ddp = load_dynamics(run.info.run_id)
         # Not bit for bit: the processes' gradients are summed by an all-reduce, in another order.
         assert np.array_equal(ddp.batch_order, alone.batch_order) and np.array_equal(ddp.label, alone.label)
-        for name in ARRAYS:
+        for name in (*ARRAYS, "contribution"):
             assert rel(getattr(ddp, name), getattr(alone, name)) <= 1e-5, name
+        assert ddp.metadata["target_ids"] == alone.metadata["target_ids"] == list(range(60))
         mine, theirs = ddp.state(dyn.FINAL_STATE), alone.state(dyn.FINAL_STATE)
         assert all(rel(mine[k], theirs[k]) <= 1e-5 for k in theirs)
         assert ddp.metadata["layer_names"] == alone.metadata["layer_names"]

@@ -62,6 +62,21 @@ def test_curve_encoding_with_one_layer_and_bad_input():
         X.log_codes(np.array([np.nan]))
 
 
+def test_signed_curves_keep_their_sign_and_the_log_grid_bound():
+    rng = np.random.default_rng(3)
+    c = (rng.choice([-1.0, 1.0], size=(2, 7, 5)) * 10.0 ** rng.uniform(-30, 2, size=(2, 7, 5))).astype(np.float32)
+    c[0, 1, 2] = 0.0
+    c[1, 3] = np.float32(-1e-45)  # float32's smallest subnormal, negative
+    b = X.encode_signed(c, chunk=3)
+    assert len(b["chunks"]) == 3
+    shown = X.decode_signed(b)
+    expected = np.sign(c) * np.vectorize(reference_grid)(np.abs(c.astype(np.float64)))
+    np.testing.assert_allclose(shown, expected, rtol=1e-14, atol=0)
+    np.testing.assert_array_equal(np.sign(shown), np.sign(c))
+    nonzero = c != 0
+    assert (np.abs(shown[nonzero] - c[nonzero]) / np.abs(c[nonzero])).max() <= X.MAX_RELATIVE_ERROR
+
+
 def test_blobs_round_trip():
     rng = np.random.default_rng(1)
     for a in (rng.normal(size=(5, 4)).astype(np.float32), np.arange(-3, 9, dtype=np.int32), np.zeros(0, np.uint8)):
@@ -130,7 +145,7 @@ def explored(tmp_path_factory):
     from sample_importance import mlflow_io
 
     args = ["--dataset", "digits", "--subset", "300", "--epochs", "4", "--depth", "2", "--width", "16",
-            "--batch_size", "50", "--device", "cpu"]
+            "--batch_size", "50", "--device", "cpu", "--attribute_to", "test", "--target_size", "50"]
     with module_store(tmp_path_factory, "explorer", args) as (tmp, run_id), pytest.MonkeyPatch.context() as mp:
         mp.setattr(X, "CURVE_CHUNK", 64)  # 300 samples: the page reads curves from 5 chunks
         cluster_id = cluster_entry.main([*args, "--train_run_ids", run_id, "--label", "3", "--num_clusters", "3"])
@@ -207,6 +222,12 @@ def check_detail(driver, d, sample_id: int) -> None:
     assert shown(driver, '[data-curve="nll"] .value') == pytest.approx(float(d.loss[-1, i]), rel=bound)
     assert shown(driver, '[data-curve="p_true"] .value') == pytest.approx(float(d.p_true[-1, i]), rel=bound)
     assert driver.find_element("css selector", "#detail-image .si-img").size["width"] > 0
+    # The in-run attribution beside beta: one signed curve per layer, each epoch within the encoding's bound.
+    c = np.asarray(d.contribution[:, i], np.float64)  # (E, L)
+    curves = driver.execute_script("return document.getElementById('contribution-plot').data.map((t) => t.y);")
+    np.testing.assert_allclose(np.array(curves).T, c, rtol=bound)
+    verdict = "raised" if c.sum() > 0 else "lowered"
+    assert f"sample {sample_id} {verdict} the target loss" in driver.find_element("id", "contribution-note").text
 
 
 @needs_chromium
@@ -254,6 +275,20 @@ def test_explorer_in_headless_chromium(explored, browser):
     labels = [r.find_element("css selector", "td:nth-child(2)").text for r in browser.find_elements("css selector", "#table tbody tr")]
     assert labels and all(text.startswith("3") for text in labels)
     assert len(labels) == min(100, int((d.label == 3).sum()))
+
+    # The most harmful samples to the target (largest contribution first), and the most helpful.
+    total = np.asarray(d.contribution, np.float64).sum((0, 2))
+    in_class = np.where(d.label == 3, total, np.nan)  # the class filter above still holds: within class 3
+    for button, pick in (("most-harmful", np.nanargmax), ("most-helpful", np.nanargmin)):
+        browser.find_element("id", button).click()
+        first = int(browser.find_element("css selector", "#table tbody tr td").text)
+        assert first == int(d.sample_id[pick(in_class)])
+    Select(browser.find_element("id", "f-class")).select_by_value("")
+    for button, pick in (("most-harmful", np.argmax), ("most-helpful", np.argmin)):
+        browser.find_element("id", button).click()
+        first = int(browser.find_element("css selector", "#table tbody tr td").text)
+        assert first == int(d.sample_id[pick(total)])
+    assert browser.find_element("id", "colour-by").get_attribute("value") == "score:contribution_total"
 
     # The clusters of the cluster run, with their members' images.
     assert len(browser.find_elements("css selector", ".si-cluster")) == 3

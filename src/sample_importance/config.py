@@ -19,10 +19,13 @@ from .data import DATASETS
 from .errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 TRACKS = ("importance", "outputs")
+ATTRIBUTION_TARGETS = ("none", "test", "holdout")  # attribute_to: the target set V of in-run attribution
+ATTRIBUTION_DETAILS = ("target_size", "target_every")  # what attribute_to=none leaves unused
 NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
 # Options added after runs existed: at these values a configuration keeps its older fingerprint.
 LATER_DEFAULTS = {"model": "mlp", "label_noise": 0.0, "norm": "group", "channels": 0, "track": "importance",
-                  "batchnorm": "refuse", "momentum": 0.0, "nesterov": 0}
+                  "batchnorm": "refuse", "momentum": 0.0, "nesterov": 0, "attribute_to": "none", "target_size": 1000,
+                  "target_every": 1}
 
 
 def fingerprint_of(key: dict) -> str:
@@ -33,7 +36,9 @@ def fingerprint_of(key: dict) -> str:
 def _fingerprint(fields: dict) -> str:
     """Hash of the fields that determine a result (those in NOT_RESULT and later options at their
     defaults left out)."""
-    return fingerprint_of({k: v for k, v in fields.items() if k not in NOT_RESULT and LATER_DEFAULTS.get(k, object()) != v})
+    idle = ATTRIBUTION_DETAILS if fields.get("attribute_to", "none") == "none" else ()  # no target: no size or schedule
+    return fingerprint_of({k: v for k, v in fields.items() if k not in NOT_RESULT and k not in idle
+                           and LATER_DEFAULTS.get(k, object()) != v})
 DEFAULT_DATA_DIR = str(Path.home() / ".cache" / "sample-importance")
 MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit integers for torch's and numpy's generators
 MAX_RUNS = 1000  # training runs one stage may ask for (seeds x methods x architectures)
@@ -72,6 +77,9 @@ class TrainConfig:
     batchnorm: str = opt("refuse", 'BatchNorm in training mode with track=importance: refuse | exact (exact per-sample gradients by batched vector-Jacobian products, several times slower)')
     momentum: float = opt(0.0, "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i")
     nesterov: int = opt(0, '1 = Nesterov momentum (needs momentum > 0)')
+    attribute_to: str = opt("none", "in-run attribution (dynamics/contribution.npy): none | test (the first target_size test samples) | holdout (the last target_size training samples, held out of training)")
+    target_size: int = opt(1000, 'samples in the target set of attribute_to (test: at most the test split)')
+    target_every: int = opt(1, 'recompute the target gradient every this many steps (1 = every step: exact first order; k > 1: the steps between use the last one)')
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
@@ -106,12 +114,23 @@ class TrainConfig:
         if self.parallel_models < 0:
             raise ConfigError(f"parallel_models must be 0 (auto), 1 (each alone) or a count, got {self.parallel_models}.")
         check_seed(self.seed)
+        self._check_attribution()
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError("device=cuda was requested but no CUDA device is available: use device=auto or cpu.")
         return self
+
+    def _check_attribution(self) -> None:
+        if self.attribute_to not in ATTRIBUTION_TARGETS:
+            raise ConfigError(f"Unknown attribute_to {self.attribute_to!r}: choose one of {', '.join(ATTRIBUTION_TARGETS)}.")
+        if self.target_size < 1 or self.target_every < 1:
+            raise ConfigError(f"target_size and target_every must be at least 1, got target_size={self.target_size}, "
+                              f"target_every={self.target_every}.")
+        if self.attribute_to != "none" and self.track != "importance":
+            raise ConfigError("attribute_to needs track=importance (the contribution is read from the same step as "
+                              "importance): set track=importance or attribute_to=none.")
 
     def _check_model(self) -> None:
         from .importance.recorder import BATCHNORM_CHOICES

@@ -42,6 +42,11 @@ class Dataset:
     y_test: np.ndarray  # (m,) int64
     image_shape: tuple[int, ...]  # (C, H, W) of one sample, for figures and convolutions
     num_classes: int = 10
+    # In-run attribution's target set V (`with_target`): its inputs, labels and where they come from.
+    x_target: np.ndarray | None = None  # (|V|, d) float32
+    y_target: np.ndarray | None = None  # (|V|,) int64
+    target_ids: np.ndarray | None = None  # (|V|,) int64: indices in the split named by target_split
+    target_split: str = ""  # "test", or "train" (held out of training)
 
     @property
     def n_train(self) -> int:
@@ -89,10 +94,31 @@ def with_label_noise(data: Dataset, fraction: float, seed: int) -> Dataset:
     return dataclasses.replace(data, y_train=y)
 
 
+def with_target(data: Dataset, attribute_to: str, size: int) -> Dataset:
+    """The dataset with in-run attribution's target set V: the first `size` test samples (`test`,
+    at most the test split), or the last `size` training samples, which then leave the training set
+    (`holdout`: sample ids stay indices in the training split). `none`: `data` itself."""
+    if attribute_to == "none":
+        return data
+    if attribute_to == "test":
+        ids = np.arange(min(size, len(data.y_test)), dtype=np.int64)
+        return dataclasses.replace(data, x_target=data.x_test[ids], y_target=data.y_test[ids], target_ids=ids,
+                                   target_split="test")
+    n = data.n_train
+    if size >= n:
+        raise ConfigError(f"attribute_to=holdout with target_size={size} would hold out all {n} training samples: "
+                          "choose a target_size below the training-set size.")
+    ids = np.arange(n - size, n, dtype=np.int64)
+    return dataclasses.replace(data.keep(np.arange(n - size)), x_target=data.x_train[ids], y_target=data.y_train[ids],
+                               target_ids=ids, target_split="train")
+
+
 def training_data(cfg) -> Dataset:
-    """The data a training configuration (TrainConfig) trains on: the dataset, its subset, and the
+    """The data a training configuration (TrainConfig) trains on: the dataset, its subset, the
+    target set of in-run attribution (a held-out one leaves the training set, clean) and the
     configured label noise."""
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.subset)
+    data = with_target(data, cfg.attribute_to, cfg.target_size)
     return with_label_noise(data, cfg.label_noise, cfg.seed)
 
 

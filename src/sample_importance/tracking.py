@@ -27,6 +27,7 @@ class StepRecord:
     loss: torch.Tensor  # (B,) NLL of each sample before the step
     logits: torch.Tensor  # (B, classes), detached: `sample_statistics` turns them into the rest
     importance: torch.Tensor | None  # (B, layers) beta; None when not tracked
+    contribution: torch.Tensor | None = None  # (B, layers) c, the in-run attribution to a target; None without one
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def checkpoint_sq_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
              track: bool = True, weight: torch.Tensor | None = None,
              recorder: ImportanceRecorder | None = None, batch_size: int | None = None,
-             grad_scale: float = 1.0) -> StepRecord:
+             grad_scale: float = 1.0, target: dict | None = None) -> StepRecord:
     """One SGD step on the mean cross-entropy of the batch (x, y), recording beta when `track`.
 
     `weight` (B,) multiplies each sample's loss in that mean (the sample weights v_i of paper
@@ -71,7 +72,9 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
     excludes it, as defined. `recorder`: the model's ImportanceRecorder (one for the whole run);
     without it a temporary one is made for this step. beta is the recorder's (B, columns) for the
     optimizer's step (plain SGD, momentum or Nesterov). `batch_size`, `grad_scale`: for this
-    process's share of a data-parallel batch (`ImportanceRecorder.backward`).
+    process's share of a data-parallel batch (`ImportanceRecorder.backward`). `target`: the
+    recorder's `target_gradient` of a target loss at the current parameters; the record then holds
+    each sample's contribution c (B, columns) to that loss's change over this step.
     """
     own = track and recorder is None
     if own:
@@ -84,12 +87,13 @@ def sgd_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor
         if track:
             # (B, columns); .grad as weighted.mean().backward(); phi of the optimizer's own step
             importance = recorder.grouped(recorder.backward(weighted, optimizer=optimizer, batch_size=batch_size,
-                                                            grad_scale=grad_scale))
+                                                            grad_scale=grad_scale, target=target))
+            contribution = None if target is None else recorder.grouped(recorder.contribution)
         else:
             batch_loss(weighted, batch_size, grad_scale).backward()
-            importance = None
+            importance = contribution = None
     finally:
         if own:
             recorder.close()
     optimizer.step()
-    return StepRecord(loss=loss_i.detach(), logits=logits.detach(), importance=importance)
+    return StepRecord(loss=loss_i.detach(), logits=logits.detach(), importance=importance, contribution=contribution)

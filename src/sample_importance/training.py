@@ -213,9 +213,8 @@ def fit_many(
     cfg = cfgs[0]
     n = datas[0].n_train
     for c, d in zip(cfgs, datas):
-        if (c.epochs, c.batch_size, c.device, c.track) != (cfg.epochs, cfg.batch_size, cfg.device, cfg.track) or \
-                d.x_train.shape != datas[0].x_train.shape:
-            raise ValueError("fit_many trains models on the same inputs, epochs, batch size, device and track")
+        if _shared(c) != _shared(cfg) or d.x_train.shape != datas[0].x_train.shape:
+            raise ValueError("fit_many trains models on the same inputs, epochs, batch size, device, track and target")
     check_batching(cfg, n)
     orders = [shuffled_orders(n, c.epochs, c.seed) if o is None else np.asarray(o)
               for o, c in zip(orders or [None] * M, cfgs)]
@@ -232,13 +231,14 @@ def fit_many(
     if world > 1:
         check_data_parallel(cfg, n, M, world)
     # Batched where it can be (MLPs of one shape, plain SGD, no per-model probe, one process); otherwise in turn.
+    importance_on = track and cfg.track == "importance"  # track=outputs: the per-sample statistics alone
+    attributing = importance_on and cfg.attribute_to != "none"  # in-run attribution to datas[m]'s target set
     batched = batched is not False and on_batch is None and StackedMLP.stackable(models) and \
-        not any(c.momentum for c in cfgs) and world == 1
+        not any(c.momentum for c in cfgs) and world == 1 and not attributing
     # Data-parallel (torchrun): each process steps its share of every batch through DDP, which
     # averages the processes' gradients (grad_scale = world undoes the average's 1/world).
     steppers = [torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m for m in models]
     stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs]) if batched else None
-    importance_on = track and cfg.track == "importance"  # track=outputs: the per-sample statistics alone
 
     # The data and each epoch's presentation orders live on the device; batches are gathered there.
     x_train = torch.as_tensor(datas[0].x_train, device=device, dtype=dtype)  # (n, d)
@@ -250,6 +250,7 @@ def fit_many(
     x_test = torch.as_tensor(datas[0].x_test, device=device, dtype=dtype)
     y_test = torch.as_tensor(datas[0].y_test, device=device)
     rows = torch.arange(M, device=device).unsqueeze(1)  # (M, 1): scatters each model's batch into its row
+    targets = [Target(d, device, dtype) for d in datas] if attributing else None
 
     # One recorder per model for the whole run (hooks on its layers, summed into the model's importance
     # columns), unless stacked or not recording importance.
@@ -259,6 +260,10 @@ def fit_many(
     layers = len(columns)
     for rec in recorders:
         assert rec is None or rec.group_names == columns, (rec.group_names, columns)
+    steps_per_epoch = -(-n // cfg.batch_size)
+    if attributing:
+        for m in range(M):
+            targets[m].start(models[m])
     try:
         results: list[FitResult | DivergenceError | None] = [None] * M
         live = [True] * M
@@ -269,10 +274,11 @@ def fit_many(
             importance = torch.zeros(M, n, layers, device=device, dtype=dtype)
             loss = torch.zeros(M, n, device=device, dtype=dtype)
             logits = torch.zeros(M, n, classes, device=device, dtype=dtype)
+            contribution = torch.zeros(M, n, layers, device=device, dtype=dtype) if attributing else None
             order_dev = torch.as_tensor(np.stack([o[epoch] for o in orders]), device=device)  # (M, n): one copy an epoch
             for model in models:
                 model.train()
-            for s in range(0, n, cfg.batch_size):
+            for j, s in enumerate(range(0, n, cfg.batch_size)):
                 ids = order_dev[:, s:s + cfg.batch_size]  # (M, B)
                 size = ids.shape[1]
                 if world > 1:
@@ -285,17 +291,24 @@ def fit_many(
                 for m in (m for m in range(M) if live[m]):
                     if on_batch is not None:
                         on_batch(models[m], ids[m])
+                    target = None
+                    if attributing:
+                        target = targets[m].gradient(models[m], recorders[m], (epoch * steps_per_epoch + j) % cfg.target_every == 0)
                     rec = sgd_step(steppers[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]],
                                    track=importance_on, weight=None if w is None else w[m], recorder=recorders[m],
-                                   batch_size=size, grad_scale=world)
+                                   batch_size=size, grad_scale=world, target=target)
                     _store((m, ids[m]), rec, importance, loss, logits, importance_on)
+                    if attributing:
+                        contribution[m, ids[m]] = rec.contribution
+                        targets[m].stepped(models[m])
             if stack is not None:
                 stack.write_back()
             if world > 1:  # every process gets every sample's entries (zeros where another trained it)
-                distributed.sum_over_processes([importance, loss, logits])
+                distributed.sum_over_processes([importance, loss, logits] + ([contribution] if attributing else []))
             seconds = time.perf_counter() - start
             p_true, correct, error_l2 = sample_statistics(logits, loss, y_train)
             host = [_host32(t) for t in (importance, loss, p_true, error_l2)] + [correct.cpu().numpy()]
+            contribution = None if contribution is None else _host32(contribution)
             # End-of-epoch evaluation of the training set (one extra forward pass; a backward pass too at
             # early_epoch), each array stacked over models and copied to the host once.
             start = time.perf_counter()
@@ -331,6 +344,9 @@ def fit_many(
                     "epoch_seconds": seconds,  # of the whole loop: all M models
                     "samples_per_second": n / seconds,  # per model
                 }
+                if attributing:
+                    record.contribution = contribution[m]
+                    record.metrics |= targets[m].epoch_metrics(model, record.contribution, columns)
                 if record.eval_loss is not None:
                     record.metrics |= {
                         "eval_train_loss": float(record.eval_loss.mean(dtype=np.float64)),  # end-of-epoch parameters
@@ -355,6 +371,83 @@ def fit_many(
         for rec in recorders:
             if rec is not None:
                 rec.close()
+
+
+def _shared(cfg: TrainConfig) -> tuple:
+    """What the models of one `fit_many` loop share."""
+    return (cfg.epochs, cfg.batch_size, cfg.device, cfg.track, cfg.attribute_to, cfg.target_size, cfg.target_every)
+
+
+class Target:
+    """In-run attribution's target set V of one model: the gradient of its mean loss L_V (evaluation
+    mode) at the parameters before a step — every `target_every`-th step, the steps between reusing
+    the last — and the epoch's fidelity figures: the actual change of L_V, and its first-order
+    prediction sum_t grad L_V(theta_t) . delta theta_t (the samples' contributions, weight decay and
+    momentum's carry-over together)."""
+
+    def __init__(self, data: Dataset, device: torch.device, dtype: torch.dtype, chunk: int = 1024):
+        self.x = torch.as_tensor(data.x_target, device=device, dtype=dtype)
+        self.y = torch.as_tensor(data.y_target, device=device)
+        self.chunk = chunk
+        self.grad: dict | None = None
+        self.before: list[torch.Tensor] | None = None
+        self.loss = self.first_order = None
+
+    def value(self, model: torch.nn.Module) -> float:
+        """L_V at the current parameters, in evaluation mode."""
+        was = model.training
+        model.eval()
+        try:
+            total, _ = evaluate(model, self.x, self.y, self.chunk)
+        finally:
+            model.train(was)
+        return float(total.double().mean())
+
+    def start(self, model: torch.nn.Module) -> None:
+        """Before the first step (of this process's training: a resumed run starts at its checkpoint)."""
+        self.loss = self.value(model)
+
+    def gradient(self, model: torch.nn.Module, recorder: ImportanceRecorder, fresh: bool) -> dict:
+        """{parameter: d L_V / d parameter} for the coming step (`fresh`: at the current parameters;
+        else the last one); the parameters are remembered for the step's first-order term."""
+        if fresh or self.grad is None:
+            was = model.training
+            model.eval()
+            try:
+                with recorder.unrecorded(), torch.enable_grad():
+                    grad = None
+                    for k in range(0, len(self.y), self.chunk):
+                        logits = model(self.x[k:k + self.chunk])
+                        part = torch.nn.functional.cross_entropy(logits, self.y[k:k + self.chunk], reduction="sum")
+                        g = recorder.target_gradient(part / len(self.y))
+                        grad = g if grad is None else {p: grad[p] + g[p] for p in g}
+            finally:
+                model.train(was)
+            self.grad = grad
+        self.before = [p.detach().clone() for p in self.grad]
+        return self.grad
+
+    def stepped(self, model: torch.nn.Module) -> None:
+        """After the step: add grad L_V . delta theta to the epoch's first-order prediction."""
+        with torch.no_grad():
+            term = sum((g * (p.detach() - b)).sum(dtype=torch.float64) for (p, g), b in zip(self.grad.items(), self.before))
+        self.first_order = term if self.first_order is None else self.first_order + term
+        self.before = None
+
+    def epoch_metrics(self, model: torch.nn.Module, contribution: np.ndarray, columns: list[str]) -> dict[str, float]:
+        """The epoch's figures: the summed contributions (total and per layer), L_V after the epoch,
+        its actual change, the first-order prediction and the share of the change it explains."""
+        totals = contribution.sum(0, dtype=np.float64)
+        after = self.value(model)
+        change = after - self.loss
+        first = 0.0 if self.first_order is None else float(self.first_order)
+        self.loss, self.first_order = after, None
+        out = {"contribution_total": float(totals.sum()),
+               **{f"contribution_{name}": float(v) for name, v in zip(columns, totals)},
+               "target_loss": after, "target_change": change, "target_first_order": first}
+        if change != 0:
+            out["target_explained"] = first / change
+        return out
 
 
 def _store(where, rec, importance, loss, logits, track: bool) -> None:

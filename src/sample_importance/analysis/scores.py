@@ -86,6 +86,22 @@ def grand(importance: np.ndarray, batch_order: np.ndarray, epoch: int, batch_siz
     return np.sqrt(alpha) * batch_sizes(batch_order[epoch - 1], batch_size) / lr
 
 
+def self_contribution(importance: np.ndarray, batch_order: np.ndarray, batch_size: int, step_scale: float) -> np.ndarray:
+    """In-run self-contribution (TracIn-self restricted to the steps actually taken): sum over the
+    sample's own steps of <g_i, phi_i> = -(step_scale / B) ||g_i||^2 = -(B / step_scale) alpha_i^t,
+    exactly from the recorded importance (SGD family: phi_i = -(step_scale / B) g_i). Negative: a
+    step always lowers the sample's own loss to first order; more negative = larger self-influence."""
+    alpha = importance.sum(axis=2, dtype=np.float64)  # (E, n)
+    sizes = np.stack([batch_sizes(order, batch_size) for order in batch_order])  # (E, n)
+    return -(alpha * sizes).sum(0) / step_scale
+
+
+def sgd_family(metadata: dict) -> bool:
+    """Whether the run's phi is -(lr / B) c g_i (torch.optim.SGD, with or without momentum): what
+    GraNd from the importance and the self-contribution read."""
+    return str(metadata.get("phi_convention", "")).startswith("phi_i = -(lr / B)")
+
+
 def _step_scale(metadata: dict) -> float:
     """lr times the momentum factor c of the recorder (phi = -(lr / B) c g_i): c = 1 for plain SGD and
     for momentum without dampening, 1 + momentum for Nesterov (see importance.recorder)."""
@@ -133,6 +149,9 @@ SCORES = {
     "el2n_inbatch": (True, "EL2N from the in-batch forward pass of early_epoch, mean over the runs given"),
     "grand_inbatch": (True, "GraNd from the recorded importance at each sample's step of early_epoch: "
                             "||g_i|| = (B / lr) sqrt(alpha_i), mean over the runs given"),
+    "self_contribution": (False, "in-run self-contribution (TracIn-self over the steps taken): sum over the "
+                                 "sample's own steps of <grad of its own loss, phi_i> = -(B / lr) alpha_i^t "
+                                 "(SGD family); more negative = larger self-influence (Pruthi et al. 2020)"),
 }
 # Scores of the runs that recorded in-run attribution (contribution.npy) only; the same form.
 ATTRIBUTION_SCORES = {
@@ -196,6 +215,15 @@ def score_table(runs, early_epoch: int) -> tuple[pd.DataFrame, dict[str, str]]:
                                                 r.metadata["batch_size"], _step_scale(r.metadata)) for r in runs], axis=0)
         for k, name in enumerate(d.layer_names):
             table[f"importance_{name}"] = layer_importance(imp)[:, k]
+    if d.has_importance and sgd_family(d.metadata):
+        table["self_contribution"] = self_contribution(imp, np.asarray(d.batch_order), d.metadata["batch_size"],
+                                                       _step_scale(d.metadata))
+    elif d.has_importance:
+        missing["self_contribution"] = (f"run {d.metadata.get('run_id', d.folder)} did not step with SGD "
+                                        f"({d.metadata.get('phi_convention')}): its importance does not give "
+                                        "<g_i, phi_i>")
+    else:
+        missing["self_contribution"] = missing["total_importance"]
     if getattr(d, "contribution", None) is not None:  # in-run attribution (a run that recorded it; not asked of the others)
         per_layer = np.asarray(d.contribution, np.float64).sum(0)  # (n, L) over epochs
         table["contribution_total"] = per_layer.sum(1)
@@ -213,17 +241,24 @@ def rank_correlations(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rho, index=columns, columns=columns)
 
 
+INSPECTED = (0.05, 0.10, 0.20)  # fractions of the data inspected, most suspicious first (kronfluence's curve)
+
+
 def detection(table: pd.DataFrame, flipped: np.ndarray, columns: list[str]) -> pd.DataFrame:
-    """How well each score finds the flipped labels: AUROC and precision among the k highest-scored
-    samples, k = the number flipped (harder = more suspicious)."""
+    """How well each score finds the flipped labels: AUROC, precision among the k highest-scored
+    samples (k = the number flipped; harder = more suspicious) and, for each fraction f of
+    INSPECTED, the share of the flipped samples among the round(f * n) most suspicious
+    (`found_at_<percent>`)."""
     flipped = np.asarray(flipped, bool)
-    k = int(flipped.sum())
+    k, n = int(flipped.sum()), len(flipped)
     rows = []
     for col in columns:
         s = table[col].to_numpy(np.float64) * (1 if HARDER_IS_LARGER.get(col, True) else -1)
-        top = np.argsort(-s, kind="stable")[:k]
+        ranked = np.argsort(-s, kind="stable")
         rows.append({"score": col, "auroc": float(roc_auc_score(flipped, s)),
-                     "precision_at_k": float(flipped[top].mean()) if k else float("nan"), "k": k})
+                     "precision_at_k": float(flipped[ranked[:k]].mean()) if k else float("nan"), "k": k,
+                     **{f"found_at_{round(100 * f)}": float(flipped[ranked[:round(f * n)]].sum() / k) if k
+                        else float("nan") for f in INSPECTED}})
     return pd.DataFrame(rows)
 
 

@@ -67,6 +67,22 @@
     };
   }
 
+  // In-run attribution per layer: (L, n, E) int16 codes sign * (log-grid code + offset), 0 = zero
+  // (explorer/data.py, encode_signed / decode_signed), in chunks of samples.
+  function signedReader(b) {
+    const [Lc, n, E] = b.shape, per = b.chunk;
+    const chunks = new Map();
+    return async function (i) {  // sample index -> Lc arrays of E values
+      const k = Math.floor(i / per), j = i - k * per, m = Math.min(per, n - k * per);
+      if (!chunks.has(k)) chunks.set(k, unblob(b.chunks[k]));
+      const codes = await chunks.get(k);
+      return Array.from({length: Lc}, (_, q) => Float64Array.from({length: E}, (_, t) => {
+        const s = codes[(q * m + j) * E + t];
+        return s === 0 ? 0 : Math.sign(s) * Math.exp((Math.abs(s) - b.offset) * P.log_step);
+      }));
+    };
+  }
+
   performance.mark("si-start");
   const packed = await inflate($("si-plotly").textContent);
   performance.mark("si-plotly-inflated");
@@ -89,6 +105,7 @@
     sorted[s.name] = {v, harder_is_larger: s.harder_is_larger};
   }));
   const [curves, ...otherCurves] = [P.curves, ...P.other_runs.map((o) => o.curves)].map(curveReader);
+  const contributions = P.contribution ? signedReader(P.contribution) : null;
   const indexOf = new Map();
   for (let i = 0; i < n; i++) indexOf.set(sampleId[i], i);
 
@@ -163,7 +180,8 @@
   if (cluster) colourOptions.push(["cluster", "cluster"]);
   for (const s of scoreNames) colourOptions.push([`score:${s}`, s]);
   for (const [v, t] of colourOptions) $("colour-by").appendChild(el("option", {value: v}, t));
-  $("colour-by").value = "total_importance" in scores ? "score:total_importance" : "class";
+  $("colour-by").value = "contribution_total" in scores ? "score:contribution_total"
+    : "total_importance" in scores ? "score:total_importance" : "class";
 
   function colouring(what) {
     const cat = (values, names) => ({
@@ -177,6 +195,12 @@
     const name = what.slice(6), v = scores[name];
     let lo = Infinity, hi = -Infinity;
     for (const x of v) { if (x < lo) lo = x; if (x > hi) hi = x; }
+    if (lo < 0 && hi > 0) {  // signed (the contribution): red raised the target loss, blue lowered it
+      const m = Math.max(-lo, hi);
+      return {marker: {color: Array.from(v), colorscale: "RdBu", reversescale: true, cmin: -m, cmax: m, showscale: true,
+                       colorbar: {title: {text: name}, thickness: 12}}, legend: [["raised the target loss", "#b2182b"],
+                                                                                  ["lowered it", "#2166ac"]]};
+    }
     const useLog = lo > 0 && hi / lo > 1e3;  // importance spans orders of magnitude
     return {marker: {color: useLog ? Array.from(v, Math.log10) : Array.from(v), colorscale: "Viridis", showscale: true,
                      colorbar: {title: {text: useLog ? `log10 ${name}` : name}, thickness: 12}}, legend: []};
@@ -280,6 +304,12 @@
     $(id).addEventListener("change", () => { filters[field] = $(id).value; renderTable(); });
   }
   sortSel.addEventListener("change", () => { sortBy = sortSel.value; sortDesc = true; renderTable(); });
+  if ("contribution_total" in scores) {  // rank by the in-run attribution: positive = raised the target loss
+    for (const [id, desc] of [["most-harmful", true], ["most-helpful", false]]) {
+      $(id).hidden = false;
+      $(id).addEventListener("click", () => { sortBy = "contribution_total"; sortDesc = desc; sortSel.value = sortBy; renderTable(); });
+    }
+  }
   $("top-k").addEventListener("change", renderTable);
   $("search").addEventListener("keydown", (ev) => {
     if (ev.key !== "Enter") return;
@@ -295,7 +325,8 @@
   performance.mark("si-table-setup");
   async function select(i) {
     const token = ++shownToken;
-    const [mine, ...others] = await Promise.all([curves(i), ...otherCurves.map((reader) => reader(i))]);
+    const [mine, contribution, ...others] = await Promise.all([curves(i), contributions ? contributions(i) : null,
+                                                                 ...otherCurves.map((reader) => reader(i))]);
     if (token !== shownToken) return;  // a later selection came first
     selected = i;
     Plotly.restyle($("map"), {x: [[scores[xName][i]]], y: [[scores[yName][i]]]}, [1]);
@@ -350,6 +381,16 @@
     Plotly.react($("loss-plot"), lossTraces, {...small, legend: {font: {size: 10}, x: 1.12}, title: {text: `in-batch NLL and p_true, sample ${id}`, font: {size: 13}},
       yaxis: {title: {text: "NLL"}}, yaxis2: {title: {text: "p_true"}, overlaying: "y", side: "right", range: [0, 1], tickformat: ".1f"}},
       {displaylogo: false});
+    if (contribution) {  // beside beta: the same steps' contribution to the target loss, signed
+      let total = 0;
+      for (const c of contribution) for (const x of c) total += x;
+      $("contribution-note").hidden = $("contribution-plot").hidden = false;
+      $("contribution-note").textContent = `Over its steps, sample ${id} ${total > 0 ? "raised" : total < 0 ? "lowered" : "left"} `
+        + `the target loss (${P.target}) by ${fmt(Math.abs(total))} to first order: ${total > 0 ? "it hurt" : total < 0 ? "it helped" : "no effect"}.`;
+      Plotly.react($("contribution-plot"), P.layers.map((name, q) => ({x: epochs, y: Array.from(contribution[q]), name: `c ${name}`,
+        mode: "lines", line: {color: LAYER_COLOURS[q % 7]}})), {...small, title: {text: `contribution to the target loss per layer, sample ${id} (> 0: hurt)`, font: {size: 13}},
+        yaxis: {exponentformat: "e", zeroline: true}}, {displaylogo: false});
+    }
     for (const tr of document.querySelectorAll("#table tbody tr")) tr.classList.toggle("si-current", Number(tr.dataset.index) === i);
     document.body.dataset.selected = String(id);
   }

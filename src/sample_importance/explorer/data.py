@@ -142,6 +142,28 @@ def _unplanes(b: dict, Q: int, E: int) -> np.ndarray:
     return (planes[0] | (planes[1] << 8)).reshape(Q, -1, E)
 
 
+SIGNED_OFFSET = 6000  # float32's log-grid codes lie within +-5,300: sign * (code + offset) fits int16, 0 = zero
+
+
+def encode_signed(curves: np.ndarray, chunk: int | None = None) -> dict:
+    """(L, n, E) signed curves (the in-run contribution per layer) -> chunks of int16 codes, each
+    sign(v) * (log-grid code of |v| + SIGNED_OFFSET), 0 for an exact zero: the same relative error
+    bound as the other curves (MAX_RELATIVE_ERROR), the sign exact. `decode_signed` inverts it."""
+    v = np.asarray(curves, dtype=np.float64)
+    L, n, E = v.shape
+    chunk = chunk or CURVE_CHUNK
+    codes = log_codes(np.abs(v)).astype(np.int32)
+    signed = np.where(v == 0, 0, np.sign(v) * (codes + SIGNED_OFFSET)).astype(np.int16)
+    return {"shape": [L, n, E], "chunk": chunk, "offset": SIGNED_OFFSET,
+            "chunks": [blob(np.ascontiguousarray(signed[:, start:start + chunk])) for start in range(0, n, chunk)]}
+
+
+def decode_signed(b: dict) -> np.ndarray:
+    """The inverse of `encode_signed` on the log grid: (L, n, E) float64 (what app.js does per sample)."""
+    s = np.concatenate([unblob(c).astype(np.int64) for c in b["chunks"]], axis=1)
+    return np.where(s == 0, 0.0, np.sign(s) * np.exp((np.abs(s) - b["offset"]) * LOG_STEP))
+
+
 def ranks(values: np.ndarray, harder_is_larger: bool = True) -> np.ndarray:
     """1 = hardest: the rank of each sample by a score (larger is harder unless told otherwise), ties
     sharing the best (smallest) rank, as the page shows it. (n,) int32."""
@@ -212,7 +234,8 @@ def assemble(*, title: str, dataset: str, layer_names: list[str], sample_id: np.
              curves: np.ndarray, images: dict | None, num_classes: int, runs: list[dict],
              other_curves: list[dict] | None = None, flipped: np.ndarray | None = None,
              cluster: np.ndarray | None = None, cluster_summary: list[dict] | None = None,
-             map_axes: tuple[str, str] = ("variability", "confidence")) -> dict:
+             map_axes: tuple[str, str] = ("variability", "confidence"),
+             contribution: np.ndarray | None = None, target: str = "") -> dict:
     """The explorer's whole payload (JSON-able). Shapes: n samples, E epochs, L layers.
 
     Args:
@@ -226,6 +249,8 @@ def assemble(*, title: str, dataset: str, layer_names: list[str], sample_id: np.
         flipped: (n,) bool, the labels the run flipped (label noise); None when it flipped none.
         cluster: (n,) int, the cluster of each sample, -1 outside the clustered class; None without a cluster run.
         cluster_summary: one dict per cluster (cluster, size, difficulty, peak_epoch, ...), easiest first.
+        contribution: (L, n, E) the in-run attribution per layer and epoch (a run that recorded it),
+            `target` what its target loss is.
     """
     n = len(sample_id)
     Q, n_c, E = curves.shape
@@ -252,4 +277,5 @@ def assemble(*, title: str, dataset: str, layer_names: list[str], sample_id: np.
         "curves": encode_curves(curves), "curve_names": [f"beta_{l}" for l in layer_names] + ["nll", "p_true"],
         "log_step": LOG_STEP, "zero_code": ZERO_CODE, "max_relative_error": MAX_RELATIVE_ERROR,
         "other_runs": others, "images": images, "runs": runs,
+        "contribution": None if contribution is None else encode_signed(contribution), "target": target,
     }

@@ -31,6 +31,7 @@ i.e. torch.func.vmap over vjp): exact, at several times the cost of one backward
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -746,6 +747,16 @@ class ImportanceRecorder:
                             "recorded call of their module (used directly by another module): ImportanceRecorder "
                             "needs each parameter used only inside its own module's forward.")
         return sources
+
+    @contextlib.contextmanager
+    def unrecorded(self):
+        """Forward passes inside this block are not recorded: a target or evaluation pass with gradients
+        between steps costs what it costs without the recorder (recording stays as it was outside)."""
+        before, self._capturing = self._capturing, False
+        try:
+            yield self
+        finally:
+            self._capturing = before
 
     def target_gradient(self, loss_v: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """{parameter: d loss_v / d parameter} for `target=` of the coming step: the gradient of a

@@ -160,6 +160,8 @@ def explorer_html(runs: dict[str, Dynamics], data_dir: str, early_epoch: int = 2
         num_classes=int(meta["num_classes"] if own else meta.get("num_classes", data.num_classes)), runs=run_rows,
         other_curves=others,
         flipped=flipped, cluster=assign, cluster_summary=summary,
+        contribution=None if d.contribution is None else np.asarray(d.contribution).transpose(2, 1, 0),
+        target=str(meta.get("target", "")),
         # Cartography's axes from the end-of-epoch evaluation; a run without it (schema 2) shows the in-batch ones.
         map_axes=("variability", "confidence") if "variability" in scores else ("variability_inbatch", "confidence_inbatch"))
     if summary is not None:

@@ -102,6 +102,15 @@ def _chosen(values: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return top, np.sort(rnd)
 
 
+def inrun_target(d: dyn.Dynamics, cfg: InfluenceConfig) -> np.ndarray | None:
+    """The run's in-run attribution target (its test-sample indices) where this influence measures
+    the same target: the run attributed to test samples and no other target set was asked for."""
+    meta = d.metadata
+    if d.contribution is None or meta.get("target_split") != "test" or cfg.test_id_list() or cfg.test_class >= 0:
+        return None
+    return np.asarray(meta["target_ids"], dtype=np.int64)
+
+
 def run(cfg: InfluenceConfig) -> str:
     cfg.check()
     with mlflow_io.start_run(f"influence {cfg.dataset}" + ("" if cfg.mode == "influence" else f" {cfg.mode}"),
@@ -114,7 +123,11 @@ def run(cfg: InfluenceConfig) -> str:
         run_id, d = next(iter(train_runs(cfg, [cfg.seed]).items()))
         trained = load_trained(run_id, d, cfg.data_dir, cfg.device)
         data, dev = trained.data, trained.device
-        test = target_set(data, cfg)
+        inrun = inrun_target(d, cfg)
+        test = target_set(data, cfg) if inrun is None else inrun
+        if inrun is not None:
+            print(f"the run recorded in-run attribution to {d.metadata['target']}: the targets are measured on the "
+                  "same test samples and compared with it", flush=True)
         flat = inf.Flat(trained.model)
         x = torch.as_tensor(data.x_train, dtype=torch.float64, device=dev)
         y = torch.as_tensor(data.y_train, device=dev)
@@ -134,6 +147,8 @@ def run(cfg: InfluenceConfig) -> str:
 
         table = pd.DataFrame({"sample_id": d.sample_id, "label": d.label, "total_importance": d.total_importance,
                               "final_nll": d.final_loss})
+        if inrun is not None:  # sum over epochs and layers: the sample's first-order part of the change of L_V
+            table["inrun_contribution"] = np.asarray(d.contribution, np.float64).sum(axis=(0, 2))
         damping = choose_damping(cfg, obj, theta)
         solves = []
         blocks = flat.blocks(d.layer_names)
@@ -264,6 +279,15 @@ def _log_influence(trained: Trained, table: pd.DataFrame, targets: list[inf.Targ
             metrics[f"pearson_fixed_unrolled_{t.name}"] = float(np.corrcoef(col, unrolled)[0, 1])
             panels.append({"x": col, "y": unrolled, "xlabel": "fixed-point influence (eq. 5)",
                            "ylabel": "unrolled influence", "title": f"{t.name}: fixed point vs trajectory"})
+        if t.name == "test_loss" and "inrun_contribution" in table:  # the same target, attributed in the run
+            c = table["inrun_contribution"].to_numpy()
+            for method, values in (("fixed", col), ("unrolled", table.get("unrolled_test_loss"))):
+                if values is not None:
+                    values = np.asarray(values)
+                    metrics[f"pearson_inrun_{method}_test_loss"] = float(np.corrcoef(c, values)[0, 1])
+                    metrics[f"spearman_inrun_{method}_test_loss"] = float(spearmanr(c, values).statistic)
+                    panels.append({"x": values, "y": c, "xlabel": f"{method} influence", "ylabel": "in-run contribution",
+                                   "title": f"test_loss: {method} influence vs in-run"})
         fig = plots.scatter_panels(panels)
         for ax in fig.axes[:2]:
             ax.set(xscale="log", yscale="log")

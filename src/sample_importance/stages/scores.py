@@ -8,7 +8,7 @@ import pandas as pd
 from .. import mlflow_io, plots
 from ..analysis import scores as S
 from ..config import ScoresConfig
-from ..data import load_dataset
+from ..data import load_dataset, with_target
 from ..dynamics import Dynamics
 from .common import start_analysis, train_runs
 from .explore import log_explorer_of_active_run
@@ -30,7 +30,9 @@ def scored_runs(cfg: ScoresConfig) -> tuple[list[Dynamics], pd.DataFrame, dict[s
 
 def flipped_labels(d: Dynamics, data_dir: str) -> np.ndarray:
     """Which training labels of the run differ from the dataset's (the run's label noise)."""
-    clean = load_dataset(d.metadata["dataset"], data_dir, d.metadata["subset"]).y_train
+    config = d.metadata.get("config") or {}
+    clean = with_target(load_dataset(d.metadata["dataset"], data_dir, d.metadata["subset"]),
+                        config.get("attribute_to", "none"), config.get("target_size", 0)).y_train
     return np.asarray(d.label) != clean
 
 
@@ -54,10 +56,12 @@ def run(cfg: ScoresConfig) -> str:
         if flipped is not None:
             found = S.detection(table, flipped, columns)
             mlflow_io.log_table(found, "label_noise_detection.csv")
-            mlflow_io.log_metrics({f"auroc_{r.score}": r.auroc for r in found.itertuples()}
-                                  | {f"precision_at_k_{r.score}": r.precision_at_k for r in found.itertuples()}, step=0)
-            for r in found.itertuples():
-                print(f"label noise {noise:g}: {r.score:<16} AUROC {r.auroc:.3f}  precision@{r.k} "
-                      f"{r.precision_at_k:.3f}", flush=True)
+            found_columns = [c for c in found if c.startswith("found_at_")]
+            mlflow_io.log_metrics({f"{metric}_{r['score']}": r[metric] for r in found.to_dict("records")
+                                   for metric in ("auroc", "precision_at_k", *found_columns)}, step=0)
+            for r in found.to_dict("records"):
+                print(f"label noise {noise:g}: {r['score']:<19} AUROC {r['auroc']:.3f}  precision@{r['k']} "
+                      f"{r['precision_at_k']:.3f}  found after inspecting "
+                      + ", ".join(f"{c.removeprefix('found_at_')}%: {r[c]:.2f}" for c in found_columns), flush=True)
         log_explorer_of_active_run(cfg.data_dir, cfg.early_epoch, model=cfg.model)
         return run.info.run_id

@@ -53,6 +53,17 @@ def presentation_order(cfg: TrainRunConfig, data: Dataset) -> np.ndarray | None:
     return ordering.presentation_order(cfg.ordering, n, cfg.batch_size, cfg.epochs, nll, tau, seed=cfg.seed)
 
 
+def target_metadata(cfg: TrainConfig, data: Dataset) -> dict:
+    """metadata.json's account of in-run attribution (none without attribute_to): the target set V
+    (its split and the indices of its samples there) and how often its gradient was taken."""
+    if cfg.attribute_to == "none":
+        return {}
+    where = "the first" if data.target_split == "test" else "the held-out last"
+    return {"contribution": True, "target": f"mean NLL of {where} {len(data.target_ids)} {data.target_split} samples",
+            "target_split": data.target_split, "target_ids": data.target_ids.tolist(),
+            "target_every": cfg.target_every}
+
+
 TAG_PROCESSES = "sample_importance.processes"  # a data-parallel run's number of processes
 
 
@@ -138,6 +149,7 @@ class TrainRun:
             # The end-of-epoch evaluation (dynamics eval_*.npy) and the epoch of its GraNd row.
             "eval_train": bool(cfg.eval_train),
             "grand_epoch": cfg.early_epoch if cfg.eval_train and cfg.early_epoch <= cfg.epochs else None,
+            **target_metadata(cfg, data),
         }
         self.folder = self._held.enter_context(self.run.artifact_folder(dyn.DIRNAME))
         if resume:
@@ -285,7 +297,7 @@ def train_many(cfgs: list[TrainConfig], parallel_models: int = 0, verbose: bool 
     for k in fresh:  # models trained together share inputs, shape and schedule
         c = cfgs[k]
         groups.setdefault((c.dataset, c.subset, c.model, c.depth, c.width, c.norm, c.channels, c.track, c.batch_size,
-                           c.epochs, c.device), []).append(k)
+                           c.epochs, c.device, c.attribute_to, c.target_size, c.target_every), []).append(k)
     parent = mlflow_io.active_run_id()
     errors, group = [], 0
     for members in groups.values():
