@@ -132,6 +132,50 @@ def test_huggingface_bert_with_its_broadcast_position_embeddings():
     check(Logits(), torch.randint(1, 30, (B, 7)), labels(B), torch.randint(1, 30, (3, 7)), labels(3), "adam", 2)
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_k_stacked_targets_give_k_single_target_contributions_at_once(kind):
+    """target_gradient of a (K,) vector of target losses stacks K gradients per parameter; one
+    backward with them gives c (B, L, K), column k the contribution to target k alone (every rule's
+    dot route with a target axis, the fallback, Adam's elementwise factor)."""
+    torch.manual_seed(1)
+    t = torch.randint(0, 12, (B, 5))
+    for model, x, y, tx, ty in ((Text(), t, labels(B), torch.randint(1, 12, (3, 5)), labels(3)),
+                                (images(), torch.randn(B, 2, 4, 4), labels(B), torch.randn(3, 2, 4, 4), labels(3))):
+        make = (lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9)) if kind == "sgd" else \
+            (lambda ps: torch.optim.Adam(ps, lr=1e-2))
+        opt = make(model.parameters())
+        with ImportanceRecorder(model) as rec:  # a first step: momentum's and Adam's state in the factor
+            opt.zero_grad()
+            rec.backward(F.cross_entropy(model(x), y, reduction="none"), optimizer=opt)
+            opt.step()
+
+        def second_step(targets):
+            """The second step of a copy of the model and optimizer, with target=targets(recorder, copy)."""
+            twin = copy.deepcopy(model)
+            twin_opt = make(twin.parameters())
+            twin_opt.load_state_dict(opt.state_dict())
+            with ImportanceRecorder(twin) as r:
+                target = targets(r, twin)
+                twin_opt.zero_grad()
+                r.backward(F.cross_entropy(twin(x), y, reduction="none"), optimizer=twin_opt, target=target)
+                return target, r.contribution
+
+        stacked, got = second_step(lambda r, m: r.target_gradient(F.cross_entropy(m(tx), ty, reduction="none")))
+        singles = []
+        for k in range(len(ty)):
+            one, c = second_step(lambda r, m: r.target_gradient(F.cross_entropy(m(tx[k:k + 1]), ty[k:k + 1])))
+            for a, b in zip(stacked.values(), one.values()):  # the same parameters, in the same order
+                torch.testing.assert_close(a[k], b, rtol=1e-12, atol=1e-14)
+            singles.append(c)
+        assert got.shape == (B, len(singles[0][0]), len(ty))
+        torch.testing.assert_close(got, torch.stack(singles, dim=2), rtol=1e-10, atol=1e-15)
+        assert (got.abs().amax((0, 2)) > 0).all()
+    rec_model = images()
+    with pytest.raises(Exception, match="gradients of their shapes"), ImportanceRecorder(rec_model) as rec:
+        rec.backward(F.cross_entropy(rec_model(torch.randn(B, 2, 4, 4)), labels(B), reduction="none"), lr=0.1,
+                     target={p: torch.zeros(2, 3, *p.shape) for p in rec_model.parameters()})
+
+
 def test_the_contributions_sum_to_the_first_order_change_of_the_target_loss():
     """Plain SGD with weight decay: sum over samples and layers of c, plus the weight decay's part
     <G, -lr wd theta>, is <G, delta theta> (to rounding); at a small learning rate it explains the

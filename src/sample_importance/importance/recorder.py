@@ -131,7 +131,7 @@ class ImportanceRecorder:
         self._closed = False  # close() removed the hooks: backward refuses
         self.skipped = False  # the last backward's gradients were not finite: its scaler skips the step
         self._pending: dict | None = None  # what `expect` prepared for `collect`
-        self.contribution: torch.Tensor | None = None  # (B, L) of the last step given a target
+        self.contribution: torch.Tensor | None = None  # (B, L) of the last step given a target; (B, L, K) for K
         self._steps: dict[int, int] = {}  # id(optimizer) -> its steps since the recorder first saw it
         self._last_step: tuple[int, int] | None = None  # (id(optimizer), its steps) at the last backward
         # the axis of a call's output gradient that holds the batch (`_check_call`)
@@ -310,7 +310,9 @@ class ImportanceRecorder:
             self.contribution = None
             if self.skipped:  # GradScaler skips this step: nothing moves
                 if p["target"] is not None:
-                    self.contribution = torch.zeros(B, len(self.layer_names), dtype=loss_i.dtype, device=loss_i.device)
+                    K = self._stack_size(p["target"])
+                    self.contribution = torch.zeros(B, len(self.layer_names), *(() if K is None else (K,)),
+                                                    dtype=loss_i.dtype, device=loss_i.device)
                 return torch.zeros(B, len(self.layer_names), dtype=loss_i.dtype, device=loss_i.device)
             factors = p["factors"]
             if factors is None:
@@ -761,30 +763,48 @@ class ImportanceRecorder:
     def target_gradient(self, loss_v: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """{parameter: d loss_v / d parameter} for `target=` of the coming step: the gradient of a
         target loss (e.g. the mean loss of held-out samples, forward pass in evaluation mode) at the
-        parameters before the step; .grad is left as it is."""
+        parameters before the step; .grad is left as it is. `loss_v` of shape (K,), K target losses
+        (say, one per test sample): each parameter's K gradients stacked, (K, *shape), by one batched
+        backward pass; `contribution` is then (B, L, K)."""
         params = self._params()
-        grads = torch.autograd.grad(loss_v, params, allow_unused=True)
-        return {p: torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)}
+        if loss_v.dim() == 0:
+            grads = torch.autograd.grad(loss_v, params, allow_unused=True)
+            return {p: torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)}
+        K = loss_v.shape[0]
+        eye = torch.eye(K, dtype=loss_v.dtype, device=loss_v.device)
+        grads = torch.autograd.grad(loss_v, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        return {p: p.new_zeros(K, *p.shape) if g is None else g.detach() for p, g in zip(params, grads)}
 
     def _target(self, target: Mapping | None) -> dict[int, torch.Tensor] | None:
         if target is None:
             return None
         out = {id(p): g for p, g in target.items()}
         unknown = [p for p in out if p not in self._owner]
-        if unknown or any(out[id(p)].shape != p.shape for p in self._params() if id(p) in out):
-            raise UserError("target= maps the recorded parameters to gradients of their shapes: pass "
-                            "recorder.target_gradient(loss_v).")
+        shapes = {tuple(out[id(p)].shape[:out[id(p)].dim() - p.dim()]) for p in self._params() if id(p) in out
+                  if tuple(out[id(p)].shape[out[id(p)].dim() - p.dim():]) == tuple(p.shape)}
+        if unknown or len(shapes) != 1 or len(next(iter(shapes))) > 1 or \
+                any(out[id(p)].dim() - p.dim() not in (0, 1) for p in self._params() if id(p) in out):
+            raise UserError("target= maps the recorded parameters to gradients of their shapes (or K of them, "
+                            "stacked): pass recorder.target_gradient(loss_v).")
         return out
+
+    def _stack_size(self, target: dict) -> int | None:
+        """K where `target` holds K stacked target gradients per parameter, else None."""
+        dims = {id(p): p.dim() for p in self._params()}
+        return next((g.shape[0] for pid, g in target.items() if g.dim() > dims[pid]), None)
 
     def _contribution(self, B: int, factors: dict, full: dict | None, target: dict, loss_i: torch.Tensor) -> torch.Tensor:
         """c (B, L): per layer, sum over its parameters of <target gradient, phi_i> = <f * G, g_i / B>,
         by each rule's `dot` route, else from its per-sample gradients."""
-        c = torch.zeros(B, len(self._layers), dtype=loss_i.dtype, device=loss_i.device)
+        stacked = self._stack_size(target)
+        c = torch.zeros(B, len(self._layers), *(() if stacked is None else (stacked,)), dtype=loss_i.dtype,
+                        device=loss_i.device)
         scaled = {pid: factors[pid] * g for pid, g in target.items() if factors.get(pid) is not None}
+        flat = (lambda H: H.flatten()) if stacked is None else (lambda H: H.flatten(1).T)  # (P,) or (P, K)
         if full is not None:
             for pid, G in full.items():
                 if pid in scaled:
-                    c[:, self._owner[pid]] += G.flatten(1) @ scaled[pid].flatten().to(G.dtype)
+                    c[:, self._owner[pid]] += G.flatten(1) @ flat(scaled[pid]).to(G.dtype)
             return c.detach()
         grads: dict[tuple[int, int], dict] = {}
         for pid, srcs in self._sources(B).items():
@@ -802,7 +822,7 @@ class ImportanceRecorder:
                 if key not in grads:
                     grads[key] = self._grads(sd, call)
                 G = grads[key][n]
-                c[:, d] += (G.flatten(1) @ H.flatten().to(G.dtype)).to(c.dtype)
+                c[:, d] += (G.flatten(1) @ flat(H).to(G.dtype)).to(c.dtype)
         return c.detach()
 
     def _grads(self, d: int, call: Call) -> dict[str, torch.Tensor]:

@@ -31,10 +31,16 @@ def embedding_sq_norms(module: nn.Embedding, call: Call) -> dict[str, torch.Tens
 
 
 def embedding_dot(module: nn.Embedding, call: Call, H: dict) -> dict[str, torch.Tensor]:
-    """<H, dL_i/dE> = sum over sample i's tokens t of <H[idx_t], d_t>: a gather, no (B, V, D) tensor."""
+    """<H, dL_i/dE> = sum over sample i's tokens t of <H[idx_t], d_t>: a gather, no (B, V, D) tensor;
+    H stacked over K targets (K, V, D): (B, K)."""
     _check_embedding(module)
     idx, d = _embedding_tokens(module, call)
-    return {"weight": torch.linalg.vecdot(H["weight"].to(d.dtype)[idx], d).sum(1)} if "weight" in H else {}
+    if "weight" not in H:
+        return {}
+    W = H["weight"].to(d.dtype)
+    if W.dim() == 2:
+        return {"weight": torch.linalg.vecdot(W[idx], d).sum(1)}
+    return {"weight": torch.linalg.vecdot(W[:, idx], d).sum(2).T}  # (K, B, T) -> (B, K)
 
 
 embedding_grads.rule.dot = embedding_dot

@@ -101,13 +101,16 @@ def linear_weighted_sq_norms(module: nn.Linear, call: Call, f2: dict) -> dict[st
 
 def linear_dot(module: nn.Linear, call: Call, H: dict) -> dict[str, torch.Tensor]:
     """<H_W, sum_t d_t a_t^T> = sum_t d_t^T H_W a_t: one product (B, T, out) x (out, in), as the
-    forward pass costs; bias: <H_b, sum_t d_t>."""
+    forward pass costs; bias: <H_b, sum_t d_t>. H stacked over K targets ((K, out, in), (K, out)):
+    (B, K) each."""
     a, d = _tokens(call.x, call.g)
     out = {}
     if "weight" in H:
-        out["weight"] = torch.linalg.vecdot(d @ H["weight"].to(d.dtype), a).sum(1)
+        W = H["weight"].to(d.dtype)
+        out["weight"] = torch.linalg.vecdot(d @ W, a).sum(1) if W.dim() == 2 else \
+            torch.einsum("bto,koi,bti->bk", d, W, a)
     if "bias" in H and _present(module, "bias"):
-        out["bias"] = d.sum(1) @ H["bias"].to(d.dtype)
+        out["bias"] = d.sum(1) @ H["bias"].to(d.dtype).transpose(-1, 0)  # (B,) or (B, K)
     return out
 
 
@@ -134,7 +137,7 @@ def conv1d_weighted_sq_norms(module: nn.Module, call: Call, f2: dict) -> dict[st
 
 def conv1d_dot(module: nn.Module, call: Call, H: dict) -> dict[str, torch.Tensor]:
     """The Linear route, H's weight transposed to (out, in)."""
-    return linear_dot(module, call, {**H, "weight": H["weight"].t()} if "weight" in H else H)
+    return linear_dot(module, call, {**H, "weight": H["weight"].transpose(-1, -2)} if "weight" in H else H)
 
 
 conv1d_grads.rule.dot = conv1d_dot
