@@ -158,3 +158,23 @@ def test_scores_and_influence_read_the_contribution(attributed):
     metrics = mlflow.tracking.MlflowClient().get_run(influence_id).data.metrics
     rho = metrics["pearson_inrun_unrolled_test_loss"]
     assert rho == pytest.approx(np.corrcoef(inf_table["inrun_contribution"], inf_table["unrolled_test_loss"])[0, 1])
+
+
+def test_lds_is_dattri_s_mean_spearman_over_targets_of_subset_sums():
+    from scipy.stats import spearmanr
+
+    from sample_importance.analysis.attribution import lds, lds_subsets
+
+    subsets = lds_subsets(30, 12, 0.5, seed=3)
+    assert subsets.shape == (12, 30) and (subsets.sum(1) == 15).all()
+    assert np.array_equal(subsets[4], np.isin(np.arange(30), np.random.default_rng(7).choice(30, 15, replace=False)))
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(4, 30))
+    additive = subsets @ scores.T  # a model exactly linear in the subset
+    assert lds(scores, subsets, additive)[0] == pytest.approx(1.0)
+    assert lds(-scores, subsets, additive)[0] == pytest.approx(-1.0)
+    noisy = additive + rng.normal(scale=2.0, size=additive.shape)
+    noisy[:, 2] = 1.0  # a constant target: its correlation is undefined and left out
+    value, per_target = lds(scores, subsets, noisy)
+    expected = [spearmanr((subsets * scores[k]).sum(1), noisy[:, k]).statistic for k in (0, 1, 3)]
+    assert np.isnan(per_target[2]) and value == pytest.approx(np.mean(expected))

@@ -17,7 +17,9 @@ Files (n = training samples, indexed by sample_id; E = epochs; L = layers):
                      (metadata "grand_epoch", 1-based); NaN at every other epoch
   with in-run attribution (metadata "contribution": true; "target" says what the target set V is):
     contribution.npy float32 (E, n, L)  c_{i,d}^t = <grad of L_V at the step's parameters, phi_{i,d}>, the
-                     sample's first-order part of the change of the target loss over its step, per layer
+                     sample's first-order part of the change of the target loss over its step, per layer;
+                     a `train` run (attribute_to) also stores metadata "target_split" (test, or train:
+                     held out of training), "target_ids" (indices in that split) and "target_every"
     final_loss.npy   float32 (n,)       NLL under the final parameters
     final_prediction.npy int64 (n,)     the class under the final parameters; optional (a track_run run
                      whose final losses came with their logits: what the explorer shows without the model)
