@@ -157,13 +157,17 @@ def test_k_stacked_targets_give_k_single_target_contributions_at_once(kind):
             with ImportanceRecorder(twin) as r:
                 target = targets(r, twin)
                 twin_opt.zero_grad()
-                r.backward(F.cross_entropy(twin(x), y, reduction="none"), optimizer=twin_opt, target=target)
-                return target, r.contribution
+                beta = r.backward(F.cross_entropy(twin(x), y, reduction="none"), optimizer=twin_opt, target=target)
+                return target, r.contribution, beta
 
-        stacked, got = second_step(lambda r, m: r.target_gradient(F.cross_entropy(m(tx), ty, reduction="none")))
+        _, _, beta = second_step(lambda r, m: None)
+        stacked, got, beta_stacked = second_step(
+            lambda r, m: r.target_gradient(F.cross_entropy(m(tx), ty, reduction="none")))
         singles = []
         for k in range(len(ty)):
-            one, c = second_step(lambda r, m: r.target_gradient(F.cross_entropy(m(tx[k:k + 1]), ty[k:k + 1])))
+            one, c, beta_one = second_step(lambda r, m: r.target_gradient(F.cross_entropy(m(tx[k:k + 1]), ty[k:k + 1])))
+            for b in (beta_one, beta_stacked):  # a target changes nothing of beta
+                torch.testing.assert_close(b, beta, rtol=1e-12, atol=0)
             for a, b in zip(stacked.values(), one.values()):  # the same parameters, in the same order
                 torch.testing.assert_close(a[k], b, rtol=1e-12, atol=1e-14)
             singles.append(c)

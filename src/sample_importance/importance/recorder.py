@@ -113,6 +113,7 @@ class ImportanceRecorder:
         self._batch = 0  # B of the pass under way
         self._plans: dict[int, tuple[int, dict]] = {}  # id(call) -> (layer, f^2 per parameter name)
         self._columns: dict[int, torch.Tensor] = {}  # layer -> its beta column, taken during the pass
+        self._dotted: dict[tuple[int, int], dict] = {}  # (layer, id(call)) -> {id(param): its contribution}, in the pass
         self._coupled: set[str] = set()
         self._capturing = True  # forward hooks record calls
         self._in_backward = False  # output gradients are taken only inside recorder.backward
@@ -277,13 +278,14 @@ class ImportanceRecorder:
             if self._coupled:
                 full = self._batched_vjp(loss_i, total)
             factors = self._factors(optimizer, lr, kind) if kind == "sgd" else None  # the SGD family's need no .grad
-            if full is None and kind == "sgd" and target is None:  # the contribution reads the calls after the pass
-                self._plan_columns(B, factors)
+            target = self._target(target)
+            if full is None and kind == "sgd":
+                self._plan_columns(B, factors, target)
             self._batch = B
             refused = refused or (self._walk(loss_i, B) if full is None else self._walk(loss_i, B, spread=False))
             self._pending = dict(loss_i=loss_i, optimizer=optimizer, lr=lr, kind=kind, factors=factors, full=full,
                                  refused=refused, grad_scale=grad_scale, loss_scale=float(loss_scale),
-                                 scaler=loss_scale != 1, target=self._target(target))
+                                 scaler=loss_scale != 1, target=target)
             self._in_backward = full is None
             return batch_loss(loss_i, batch_size, grad_scale)
         except BaseException:
@@ -487,24 +489,43 @@ class ImportanceRecorder:
             return
         plan = self._plans.pop(id(call), None)
         if plan is not None:
+            d, f2, dots, keep = plan
             try:
-                self._columns[plan[0]] = self._column(plan[0], call, plan[1])
+                self._columns[d] = self._column(d, call, f2)
             except UserError:  # said after the pass by the general path, with .grad complete
                 return
+            if keep or (dots and not self._dot_parts(d, call, dots)):
+                return  # the contribution's general path reads the call after the pass
             call.args, call.kwargs, call.extra, call.inner_grads = (), {}, None, None
             call.grads = [None] * len(call.grads)
 
-    def _plan_columns(self, B: int, factors: dict) -> None:
+    def _plan_columns(self, B: int, factors: dict, target: dict | None = None) -> None:
         """Before an SGD-family backward pass: every layer called once, with a norm route, gets its
         beta column as soon as the last of its gradients arrives (`_arrived`), so the recorder holds
         no layer's input and output gradient until the end of the pass (memory, and the allocator
-        reuses what the pass frees as it would without the recorder)."""
-        for d, (name, _, _, _) in enumerate(self._layers):
+        reuses what the pass frees as it would without the recorder). With a target (one, not
+        stacked), such a layer with a dot route takes its contribution then too."""
+        single = target is not None and self._stack_size(target) is None
+        for d, (name, _, rule, _) in enumerate(self._layers):
             calls = self._calls[name]
             if self._normed[d] and len(calls) == 1 and calls[0].pending:
                 f2 = {n: 0.0 if factors.get(id(p)) is None else factors[id(p)] ** 2 for n, p in self._named[d]}
-                self._plans[id(calls[0])] = (d, f2)
+                dots = {n: (target[id(p)], factors[id(p)]) for n, p in self._named[d]
+                        if single and rule.dot is not None and id(p) in target and factors.get(id(p)) is not None}
+                keep = target is not None and len(dots) < len(self._named[d])  # the rest read after the pass
+                self._plans[id(calls[0])] = (d, f2, dots, keep)
         self._batch = B
+
+    def _dot_parts(self, d: int, call: Call, dots: dict) -> bool:
+        """Layer d's contribution from its one call during the pass (`_plan_columns`): per parameter,
+        f <G, g_i> by the rule's dot route, kept for `_contribution`; False where the route declines."""
+        _, module, rule, _ = self._layers[d]
+        got = rule.dot(module, call, {n: G for n, (G, _) in dots.items()})
+        if got is None or any(n not in got for n in dots):
+            return False
+        named = dict(self._named[d])
+        self._dotted[(d, id(call))] = {id(named[n]): (got[n] * f).detach() for n, (_, f) in dots.items()}
+        return True
 
     def _column(self, d: int, call: Call, f2: dict) -> torch.Tensor:
         """Layer d's beta column from its one call: sum over its parameters of f^2 ||g_i||^2. A
@@ -535,7 +556,7 @@ class ImportanceRecorder:
             calls.clear()
         self._coupled = set()
         self._grads_before = []
-        self._plans, self._columns = {}, {}
+        self._plans, self._columns, self._dotted = {}, {}, {}
 
     def _accumulation(self, optimizer, kind: str, B: int, batch_size: int | None, grad_scale: float) -> str | None:
         """Gradient accumulation: several recorder.backward calls (micro-batches, each passing the
@@ -725,13 +746,15 @@ class ImportanceRecorder:
             beta[:, d] += (f * G).flatten(1).square().sum(1).to(beta.dtype)
         return beta.detach()
 
-    def _sources(self, B: int) -> dict[int, list[tuple[int, Call, str]]]:
+    def _sources(self, B: int, taken=None) -> dict[int, list[tuple[int, Call, str]]]:
         """{id(parameter): [(layer, call, name in the layer's module)]}: where each parameter's
         per-sample gradient comes from (every recorded call of every layer holding it); a layer
-        whose beta column was taken during the pass lists its parameters with no source."""
+        in `taken` (default: those whose beta column was taken during the pass) lists its
+        parameters with no source."""
+        taken = self._columns if taken is None else taken
         sources: dict[int, list[tuple[int, Call, str]]] = {}
         for d, (name, module, rule, names) in enumerate(self._layers):
-            if d in self._columns:
+            if d in taken:
                 for _, p in self._named[d]:
                     sources[id(p)] = []  # accounted for
                 continue
@@ -799,30 +822,40 @@ class ImportanceRecorder:
         stacked = self._stack_size(target)
         c = torch.zeros(B, len(self._layers), *(() if stacked is None else (stacked,)), dtype=loss_i.dtype,
                         device=loss_i.device)
-        scaled = {pid: factors[pid] * g for pid, g in target.items() if factors.get(pid) is not None}
+        # <f * G, g> with f a number (the SGD family) is f <G, g>: the number multiplies the result, not G.
+        scaled, after = {}, {}
+        for pid, g in target.items():
+            f = factors.get(pid)
+            if f is not None:
+                scaled[pid], after[pid] = (f * g, 1.0) if isinstance(f, torch.Tensor) else (g, float(f))
         flat = (lambda H: H.flatten()) if stacked is None else (lambda H: H.flatten(1).T)  # (P,) or (P, K)
         if full is not None:
             for pid, G in full.items():
                 if pid in scaled:
-                    c[:, self._owner[pid]] += G.flatten(1) @ flat(scaled[pid]).to(G.dtype)
+                    c[:, self._owner[pid]] += (G.flatten(1) @ flat(scaled[pid]).to(G.dtype)) * after[pid]
             return c.detach()
+        for parts in self._dotted.values():  # taken during the pass (`_dot_parts`)
+            for pid, v in parts.items():
+                c[:, self._owner[pid]] += v.to(c.dtype)
         grads: dict[tuple[int, int], dict] = {}
-        for pid, srcs in self._sources(B).items():
+        for pid, srcs in self._sources(B, taken={d for d, _ in self._dotted}).items():
             H = scaled.get(pid)
             if H is None:
                 continue
             d = self._owner[pid]
             for sd, call, n in srcs:
+                if pid in self._dotted.get((sd, id(call)), ()):
+                    continue
                 _, module, rule, _ = self._layers[sd]
                 got = rule.dot(module, call, {n: H}) if rule is not None and rule.dot is not None else None
                 if got is not None and n in got:
-                    c[:, d] += got[n].to(c.dtype)
+                    c[:, d] += (got[n] * after[pid]).to(c.dtype)
                     continue
                 key = (sd, id(call))
                 if key not in grads:
                     grads[key] = self._grads(sd, call)
                 G = grads[key][n]
-                c[:, d] += (G.flatten(1) @ flat(H).to(G.dtype)).to(c.dtype)
+                c[:, d] += ((G.flatten(1) @ flat(H).to(G.dtype)) * after[pid]).to(c.dtype)
         return c.detach()
 
     def _grads(self, d: int, call: Call) -> dict[str, torch.Tensor]:

@@ -45,6 +45,23 @@ def conv_grads(module: nn.modules.conv._ConvNd, call: Call) -> dict[str, torch.T
     return out
 
 
+def conv_dot(module: nn.modules.conv._ConvNd, call: Call, H: dict) -> dict[str, torch.Tensor]:
+    """<H_W, dL_i/dW> = sum over output positions of d_i . (the convolution of x_i with H_W): one
+    forward convolution with the target gradient as its weight, no per-sample weight gradient;
+    bias: <H_b, sum over positions of d_i>. H stacked over K targets: per-sample gradients instead
+    (None)."""
+    if any(t.dim() > getattr(module, n).dim() for n, t in H.items()):
+        return None
+    out = {}
+    d = call.g
+    if "weight" in H:
+        z = module._conv_forward(call.x, H["weight"].to(call.x.dtype), None)  # (B, O, *out): every padding mode
+        out["weight"] = (z.to(d.dtype) * d).flatten(1).sum(1)
+    if "bias" in H and _present(module, "bias"):
+        out["bias"] = d.flatten(2).sum(2) @ H["bias"].to(d.dtype)
+    return out
+
+
 def _geometry(module: nn.modules.conv._ConvNd, padding) -> tuple:
     """(stride, padding, dilation, groups) of the module's convolution, padding explicit."""
     return tuple(module.stride), tuple(padding), tuple(module.dilation), module.groups
@@ -187,3 +204,4 @@ class _ConvWithPerSample(torch.autograd.Function):
 
 
 conv_grads.rule.fused = FusedConv
+conv_grads.rule.dot = conv_dot
