@@ -223,6 +223,9 @@ def check_detail(driver, d, sample_id: int) -> None:
     assert shown(driver, '[data-curve="p_true"] .value') == pytest.approx(float(d.p_true[-1, i]), rel=bound)
     assert driver.find_element("css selector", "#detail-image .si-img").size["width"] > 0
     # The in-run attribution beside beta: one signed curve per layer, each epoch within the encoding's bound.
+    if d.contribution is None:  # a run without it shows none
+        assert not driver.find_element("id", "contribution-plot").is_displayed()
+        return
     c = np.asarray(d.contribution[:, i], np.float64)  # (E, L)
     curves = driver.execute_script("return document.getElementById('contribution-plot').data.map((t) => t.y);")
     np.testing.assert_allclose(np.array(curves).T, c, rtol=bound)
