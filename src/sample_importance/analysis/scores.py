@@ -98,8 +98,10 @@ def self_contribution(importance: np.ndarray, batch_order: np.ndarray, batch_siz
 
 def sgd_family(metadata: dict) -> bool:
     """Whether the run's phi is -(lr / B) c g_i (torch.optim.SGD, with or without momentum): what
-    GraNd from the importance and the self-contribution read."""
-    return str(metadata.get("phi_convention", "")).startswith("phi_i = -(lr / B)")
+    GraNd from the importance and the self-contribution read. A run whose metadata names no
+    convention is one of this project's plain-SGD runs."""
+    convention = metadata.get("phi_convention")
+    return convention is None or str(convention).startswith("phi_i = -(lr / B)")
 
 
 def _step_scale(metadata: dict) -> float:
