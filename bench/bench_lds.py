@@ -166,7 +166,6 @@ def main() -> None:
         x, y, EPOCHS, SUBSETS, recipe["targets"] = x[:400], y[:400], 4, 10, 20
     K = recipe["targets"]
     xt, yt = xt[:K], yt[:K]
-    torch.set_num_threads(torch.get_num_threads())
     print(f"mnist-5k, {args.model}: {len(y)} training samples, {K} targets, {SUBSETS} subsets of {FRACTION:g}, "
           f"{EPOCHS} epochs; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
     t = time.perf_counter()
