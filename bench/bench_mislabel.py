@@ -23,7 +23,6 @@ import tempfile
 import time
 
 import mlflow
-import numpy as np
 import pandas as pd
 
 from sample_importance import config as C
