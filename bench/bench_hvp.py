@@ -8,7 +8,7 @@ other training parameters at their defaults, untracked) and times, in one proces
   - the smallest eigenvalue by eigsh (what damping=auto costs) and the damping it gives;
   - the conjugate-gradient solve of the test-loss target at that damping (residual, products, seconds).
 
-    python bench/bench_hvp.py                  # subset=300, as `mlflow run . -e influence -P subset=300`
+    python bench/bench_hvp.py                  # subset=300, as `mlflow run . -e influence -P train=subset=300`
     python bench/bench_hvp.py --subset 60 --width 32 --epochs 3    # a quick check that it runs
 """
 from __future__ import annotations
@@ -79,11 +79,13 @@ def main() -> None:
     spec = inf.auto_damping(obj, theta64)
     print(f"smallest eigenvalue {spec.min_eigenvalue:.4e} (+- {spec.residual:.1e}): damping {spec.damping:.4e}, "
           f"{spec.matvecs} products, {spec.seconds:.1f} s")
-    icfg = InfluenceConfig(subset=args.subset)
-    test = torch.as_tensor(data.x_test[:icfg.num_test], dtype=torch.float64)
-    target = inf.make_target("test_loss", flat, test, torch.as_tensor(data.y_test[:icfg.num_test]))
+    icfg = InfluenceConfig()  # the entry point's defaults
+    num_test = icfg.target_set.num_test
+    test = torch.as_tensor(data.x_test[:num_test], dtype=torch.float64)
+    target = inf.make_target("test_loss", flat, test, torch.as_tensor(data.y_test[:num_test]))
     b = torch.func.grad(target.fn)(theta64)
-    sol = inf.solve("cg", obj, theta64, b, spec.damping, cg_tol=icfg.cg_tol, cg_maxiter=icfg.cg_maxiter)
+    sol = inf.solve("cg", obj, theta64, b, spec.damping, cg_tol=icfg.hessian.cg_tol,
+                    cg_maxiter=icfg.hessian.cg_maxiter)
     print(f"cg solve (test_loss): residual {sol.residual:.2e} (tol {sol.tol:g}, converged {sol.converged}), "
           f"{sol.matvecs} products, {sol.seconds:.1f} s")
 

@@ -21,7 +21,7 @@ import mlflow
 
 from sample_importance.config import TrainRunConfig
 from sample_importance.data import training_data
-from sample_importance.stages.train import run_train
+from sample_importance.runs import run_train
 
 
 def rss_mb() -> float:

@@ -53,13 +53,14 @@ def main() -> None:
                       batch_size=100, label_noise=0.1, attribute_to="test", target_size=1000, device="cpu", **shape)
         t = time.perf_counter()
         run_id = STAGES["train"].run(C.TrainRunConfig(**common).check())
-        scores_id = STAGES["scores"].run(C.ScoresConfig(**common, train_run_ids=run_id).check())
+        train = C.TrainConfig(**common)
+        scores_id = STAGES["scores"].run(C.ScoresConfig(train=train, train_run_ids=run_id).check())
         found = artifact(scores_id, "label_noise_detection.csv")
         table = artifact(scores_id, "scores.csv")
         if shape["depth"] == 0:  # self-influence: -(1/n) g_i^T (H + lambda I)^-1 g_i, more negative = more suspicious
             influence_id = STAGES["influence"].run(C.InfluenceConfig(
-                **common, train_run_ids=run_id, targets="self", solver="direct", max_direct=8000, per_layer=0,
-                unrolled=0).check())
+                train=train, train_run_ids=run_id, targets="self", hessian="solver=direct max_direct=8000",
+                variants="per_layer=0 unrolled=0").check())
             inf = artifact(influence_id, "influence.csv").set_index("sample_id").loc[table["sample_id"]]
             table["self_influence"] = inf["influence_self"].to_numpy()
             S.HARDER_IS_LARGER["self_influence"] = False

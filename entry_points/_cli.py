@@ -3,7 +3,6 @@ errors. (Lives beside the scripts: the library itself parses no command lines.)"
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import faulthandler
 import os
 import signal
@@ -26,12 +25,12 @@ PROJECT = Path(__file__).resolve().parent.parent  # the MLproject folder (steps 
 
 
 def parse_config(cls: type[C], argv: list[str] | None, description: str) -> C:
-    """Build `cls` from --field flags (one per dataclass field, typed, defaulting to the field's default)."""
+    """Build `cls` from --field flags (one per parameter, typed, defaulting to the field's default)."""
     parser = argparse.ArgumentParser(description=description)
     help_texts = cls.field_help()
-    for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                            help=f"{help_texts.get(f.name, '')} (default: {f.default})")
+    for name, default in cls().params().items():  # a block of options is one key=value text
+        parser.add_argument(f"--{name}", type=type(default), default=default,
+                            help=f"{help_texts.get(name, '')} (default: {default!r})")
     return cls(**vars(parser.parse_args(argv)))
 
 

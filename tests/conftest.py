@@ -186,3 +186,25 @@ def float64():
     torch.manual_seed(0)
     yield
     torch.set_default_dtype(old)
+
+
+def folded(stage: str, argv: list[str]) -> list[str]:
+    """`argv` with every option that belongs to a block of the stage's configuration (--epochs 3,
+    --num_test=20) moved into that block's one flag (--train "epochs=3"), as the entry point takes it."""
+    import dataclasses
+
+    from sample_importance.stages import STAGES
+
+    owner = {d.name: f.name for f in dataclasses.fields(STAGES[stage].config) if "block" in f.metadata
+             for d in dataclasses.fields(f.metadata["block"])}
+    out, blocks, i = [], {}, 0
+    while i < len(argv):
+        name, eq, value = argv[i][2:].partition("=")
+        step = 1 if eq else 2
+        value = value if eq else argv[i + 1]
+        if name in owner:
+            blocks.setdefault(owner[name], []).append(f"{name}={value}")
+        else:
+            out += argv[i:i + step]
+        i += step
+    return out + [x for block, parts in blocks.items() for x in (f"--{block}", " ".join(parts))]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import module_store
+from conftest import folded, module_store
 from sample_importance.config import TrainConfig
 from sample_importance.data import training_data
 from sample_importance.models import model_for
@@ -135,7 +135,7 @@ def test_scores_and_influence_read_the_contribution(attributed):
     from sample_importance.analysis import scores as S
 
     _, args, run_id, d = attributed
-    scores_id = scores_entry.main([*args, "--train_run_ids", run_id])
+    scores_id = scores_entry.main(folded("scores", [*args, "--train_run_ids", run_id]))
     table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{scores_id}/scores.csv"))
     np.testing.assert_allclose(table["contribution_total"], np.asarray(d.contribution, np.float64).sum((0, 2)), rtol=1e-6)
     # The in-run self-contribution: -(B / lr) alpha summed over the sample's steps (the last batch of 300/50 is full).
@@ -149,8 +149,8 @@ def test_scores_and_influence_read_the_contribution(attributed):
     assert {"contribution_total", "self_contribution"} <= set(found["score"])
     assert S.HARDER_IS_LARGER["self_contribution"] is False
 
-    influence_id = influence_entry.main([*args, "--train_run_ids", run_id, "--targets", "test_loss", "--per_layer", "0",
-                                         "--num_test", "7"])
+    influence_id = influence_entry.main(folded("influence", [*args, "--train_run_ids", run_id, "--targets", "test_loss",
+                                                              "--per_layer", "0", "--num_test", "7"]))
     targets = mlflow.artifacts.load_dict(f"runs:/{influence_id}/targets.json")
     assert targets["test_ids"] == list(range(40))  # the run's own target set, not num_test drawn ones
     inf_table = pd.read_csv(mlflow.artifacts.download_artifacts(f"runs:/{influence_id}/influence.csv"))

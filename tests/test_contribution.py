@@ -245,7 +245,7 @@ def test_an_own_loop_records_contributions_that_scores_and_explore_read(tracking
         np.testing.assert_allclose(np.asarray(d.contribution[k // 3])[b.numpy()], c.numpy(), rtol=1e-6)
     metric = mlflow_metric(run.run_id, "contribution_total")
     assert abs(metric - float(np.asarray(d.contribution[-1], np.float64).sum())) <= 1e-6 * abs(metric)
-    scores_id = run_scores(C.ScoresConfig(train_run_ids=run.run_id, epochs=2, early_epoch=1))
+    scores_id = run_scores(C.ScoresConfig(train_run_ids=run.run_id, train="epochs=2 early_epoch=1"))
     import mlflow
     table = mlflow.artifacts.load_text(f"runs:/{scores_id}/scores.csv").splitlines()
     header = table[0].split(",")

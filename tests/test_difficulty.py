@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import folded
+
 from sample_importance.errors import UserError
 from sample_importance.explorer import data as X
 
@@ -47,7 +49,7 @@ def test_scores_with_label_noise(tracking):
     import train
 
     noisy = train.main(BASE + ["--width", "32", "--label_noise", "0.2", "--lr", "0.3"])
-    run_id = scores.main(["--train_run_ids", noisy, "--early_epoch", "2"] + BASE)
+    run_id = scores.main(folded("scores", ["--train_run_ids", noisy, "--early_epoch", "2"] + BASE))
     s = table(run_id, "scores.csv")
     assert s["sample_id"].tolist() == list(range(100)) and s["flipped"].sum() == 20
     from sample_importance.analysis.scores import SCORES
@@ -98,7 +100,7 @@ def test_scores_with_label_noise(tracking):
 
     # Several runs: EL2N and GraNd are the mean over them (Paul et al.: an expectation over initialisations).
     other = train.main(BASE + ["--width", "32", "--label_noise", "0.2", "--lr", "0.3", "--seed", "1"])
-    both = table(scores.main(["--train_run_ids", f"{noisy},{other}"] + BASE), "scores.csv")
+    both = table(scores.main(folded("scores", ["--train_run_ids", f"{noisy},{other}"] + BASE)), "scores.csv")
     e = load_dynamics(other)
     np.testing.assert_allclose(both["el2n"], (d.eval_error_l2[1].astype(np.float64) + e.eval_error_l2[1]) / 2,
                                rtol=1e-6)
@@ -110,7 +112,7 @@ def test_scores_with_label_noise(tracking):
     downgrade_to_schema_2(d.folder)
     old = load_dynamics(noisy)
     assert old.metadata["schema_version"] == 2 and not old.has_eval and old.grand_epoch is None
-    run_id = scores.main(["--train_run_ids", noisy] + BASE)
+    run_id = scores.main(folded("scores", ["--train_run_ids", noisy] + BASE))
     s2 = table(run_id, "scores.csv")
     gone = {"confidence", "variability", "correctness", "el2n", "grand"}
     assert set(SCORES) - set(s2) == gone

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import module_store
+from conftest import folded, module_store
 from sample_importance.explorer import data as X
 
 
@@ -148,8 +148,8 @@ def explored(tmp_path_factory):
             "--batch_size", "50", "--device", "cpu", "--attribute_to", "test", "--target_size", "50"]
     with module_store(tmp_path_factory, "explorer", args) as (tmp, run_id), pytest.MonkeyPatch.context() as mp:
         mp.setattr(X, "CURVE_CHUNK", 64)  # 300 samples: the page reads curves from 5 chunks
-        cluster_id = cluster_entry.main([*args, "--train_run_ids", run_id, "--label", "3", "--num_clusters", "3"])
-        explore_id = explore_entry.main([*args, "--train_run_ids", run_id])
+        cluster_id = cluster_entry.main(folded("cluster", [*args, "--train_run_ids", run_id, "--label", "3", "--num_clusters", "3"]))
+        explore_id = explore_entry.main(folded("explore", [*args, "--train_run_ids", run_id]))
         path = mlflow_io._local_path(mlflow_io.get_run(explore_id).info.artifact_uri) / "explorer.html"
         yield run_id, cluster_id, path, mlflow_io.load_dynamics(run_id)
 
@@ -318,7 +318,7 @@ def test_explorer_inside_the_mlflow_ui(tmp_path, monkeypatch, mlflow_server, bro
     try:
         args = ["--subset", "100", "--epochs", "2", "--width", "8", "--batch_size", "50", "--device", "cpu"]
         train_id = train_entry.main(args)
-        explore_id = explore_entry.main([*args, "--train_run_ids", train_id])
+        explore_id = explore_entry.main(folded("explore", [*args, "--train_run_ids", train_id]))
         experiment = mlflow_io.get_run(explore_id).info.experiment_id
     finally:
         mlflow.set_tracking_uri(None)
@@ -344,7 +344,7 @@ def test_explore_refuses_an_early_epoch_beyond_the_run(explored, capsys):
 
     run_id, _, _, _ = explored
     with pytest.raises(SystemExit) as info:
-        run_cli(lambda: explore_entry.main(["--train_run_ids", run_id, "--early_epoch", "9"]))
+        run_cli(lambda: explore_entry.main(["--train_run_ids", run_id, "--train", "early_epoch=9"]))
     assert info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert err == ["error: early_epoch=9 is outside the run's 4 epochs: choose 1 to 4."]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_runs, module_store
+from conftest import REPO, all_runs, folded, module_store
 from sample_importance.errors import UserError
 
 TRAIN = ["--subset", "60", "--depth", "1", "--width", "8", "--batch_size", "20", "--epochs", "3", "--lr", "0.2",
@@ -25,16 +25,21 @@ def store(tmp_path_factory):
         yield tmp, run_id
 
 
+def run_influence(argv: list[str]) -> str:
+    """The influence entry point, with its block options (num_test, solver, ...) given as flags."""
+    import influence
+
+    return influence.main(folded("influence", argv))
+
+
 def table(run_id: str, name: str) -> pd.DataFrame:
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name)
     return pd.read_csv(path)
 
 
 def test_validate_mode_logs_influence_and_checks_it_against_retraining(store):
-    import influence as entry
-
     _, train_id = store
-    run_id = entry.main(["--train_run_ids", train_id, "--mode", "validate", "--targets", "test_loss,class_prob,self",
+    run_id = run_influence(["--train_run_ids", train_id, "--mode", "validate", "--targets", "test_loss,class_prob,self",
                          "--num_test", "20", "--num_validate", "3", "--solver", "direct", "--damping", "0.05",
                          "--polish_steps", "30", "--loo_steps", "30", "--device", "cpu"])
     run = MlflowClient().get_run(run_id)
@@ -61,10 +66,8 @@ def test_validate_mode_logs_influence_and_checks_it_against_retraining(store):
 
 
 def test_default_damping_is_logged_and_every_solve_converges(store):
-    import influence as entry
-
     _, train_id = store
-    run_id = entry.main(["--train_run_ids", train_id, "--targets", "test_loss", "--num_test", "20", "--unrolled", "0",
+    run_id = run_influence(["--train_run_ids", train_id, "--targets", "test_loss", "--num_test", "20", "--unrolled", "0",
                          "--device", "cpu"])
     run = MlflowClient().get_run(run_id)
     metrics = run.data.metrics
@@ -86,10 +89,8 @@ def test_the_explorer_shows_the_influence_of_the_newest_influence_run(store):
     from sample_importance.explorer import data as X
     from sample_importance.stages.explore import explorer_html
 
-    import influence as entry
-
     _, train_id = store
-    inf_id = entry.main(["--train_run_ids", train_id, "--targets", "test_loss,self", "--num_test", "20", "--device",
+    inf_id = run_influence(["--train_run_ids", train_id, "--targets", "test_loss,self", "--num_test", "20", "--device",
                          "cpu"])
     assert mlflow_io.find_influence_run(train_id) == inf_id  # the newest finished one
     inf = mlflow_io.load_table(inf_id, "influence.csv").set_index("sample_id")
@@ -106,10 +107,8 @@ def test_the_explorer_shows_the_influence_of_the_newest_influence_run(store):
 
 
 def test_a_solve_that_did_not_converge_is_not_reported_as_a_result(store, capfd):
-    import influence as entry
-
     _, train_id = store
-    run_id = entry.main(["--train_run_ids", train_id, "--targets", "test_loss", "--num_test", "20", "--unrolled", "0",
+    run_id = run_influence(["--train_run_ids", train_id, "--targets", "test_loss", "--num_test", "20", "--unrolled", "0",
                          "--per_layer", "0", "--cg_maxiter", "1", "--device", "cpu"])
     assert "WARNING: 1 solve(s) did not converge" in capfd.readouterr().err
     run = MlflowClient().get_run(run_id)
@@ -121,9 +120,7 @@ def test_a_solve_that_did_not_converge_is_not_reported_as_a_result(store, capfd)
 
 
 def test_breakdown_mode_maps_linear_response(store):
-    import influence as entry
-
-    run_id = entry.main(TRAIN[:10] + ["--device", "cpu", "--mode", "breakdown", "--breakdown_lrs", "0.2",
+    run_id = run_influence(TRAIN[:10] + ["--device", "cpu", "--mode", "breakdown", "--breakdown_lrs", "0.2",
                                       "--breakdown_epochs", "2", "--breakdown_changes", "1e-6,1",
                                       "--num_validate", "3", "--num_test", "20"])
     bd = table(run_id, "breakdown.csv")
@@ -140,12 +137,10 @@ def test_breakdown_mode_maps_linear_response(store):
     (["--targets", "loss"], "Unknown target"),
 ])
 def test_bad_input_is_refused(store, args, message):
-    import influence as entry
-
     _, train_id = store
     before = {r.info.run_id for r in all_runs(None)}
     with pytest.raises(UserError, match=message):
-        entry.main(["--train_run_ids", train_id, "--device", "cpu"] + args)
+        run_influence(["--train_run_ids", train_id, "--device", "cpu"] + args)
     new = [r for r in all_runs(None) if r.info.run_id not in before]
     assert all(r.info.status == "FAILED" for r in new)  # nothing left RUNNING
 

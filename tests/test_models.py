@@ -14,7 +14,7 @@ from sample_importance.config import ConfigError, TrainConfig, parse_architectur
 from sample_importance.data import Dataset
 from sample_importance.models import REGISTRY, build_model, importance_columns, importance_groups
 from sample_importance.training import fit, make_optimizer
-from sample_importance.tracking import sgd_step
+from sample_importance.step import sgd_step
 from sample_importance.importance import ImportanceRecorder
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]  # digits, (Fashion-)MNIST, CIFAR-10
@@ -173,11 +173,11 @@ def test_own_model_through_mlflow_run_then_decompose_and_scores(tracking):
     assert d.metadata["parameter_counts"] == {"0": 30, "1": 6, "4": 3 * 64 * 10 + 10}
     assert d.metadata["layer_groups"] == {"0": "0", "1": "1", "4": "4"}
     # The decomposition's per-layer totals and the scores' per-layer importance are the run's arrays.
-    base = ["--train_run_ids", run.info.run_id, "--subset", "60", "--epochs", "3", "--batch_size", "20", "--device", "cpu"]
+    base = ["--train_run_ids", run.info.run_id, "--train", "subset=60 epochs=3 batch_size=20 device=cpu"]
     dec = decompose.main(base)
     totals = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=dec, artifact_path="layer_totals.csv"))
     np.testing.assert_allclose(totals["importance_4"], d.importance[:, :, 2].sum(1, dtype=np.float64), rtol=1e-6)
-    sc = scores.main(base + ["--early_epoch", "2"])
+    sc = scores.main(base[:-1] + [base[-1] + " early_epoch=2"])
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=sc, artifact_path="scores.csv"))
     np.testing.assert_allclose(table["total_importance"], d.total_importance, rtol=1e-6)
     assert np.isfinite(table[["importance_0", "importance_1", "importance_4", "grand", "el2n"]]).all().all()
@@ -221,7 +221,7 @@ def test_an_outputs_run_is_refused_by_importance_analyses(tracking):
     import decompose
     import scores
     import train
-    from conftest import all_runs
+    from conftest import all_runs, folded
     from sample_importance import load_dynamics
     from sample_importance.errors import UserError
 
@@ -230,9 +230,9 @@ def test_an_outputs_run_is_refused_by_importance_analyses(tracking):
     d = load_dynamics(run_id)
     assert not (d.folder / "importance.npy").exists() and d.eval_p_true.shape == (2, 60)
     with pytest.raises(UserError, match=f"Run {run_id} was trained with track=outputs"):
-        decompose.main(["--train_run_ids", run_id] + base)
+        decompose.main(folded("decompose", ["--train_run_ids", run_id] + base))
     assert {r.info.status for r in all_runs(tracking)} == {"FINISHED", "FAILED"}
-    sc = scores.main(["--train_run_ids", run_id] + base)
+    sc = scores.main(folded("scores", ["--train_run_ids", run_id] + base))
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=sc, artifact_path="scores.csv"))
     assert "total_importance" not in table and np.isfinite(table[["final_nll", "confidence", "el2n"]]).all().all()
     defs = mlflow.artifacts.load_dict(f"runs:/{sc}/score_definitions.json")

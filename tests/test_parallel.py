@@ -134,19 +134,19 @@ def test_runs_trained_together_equal_runs_trained_alone(tracking):
 
 
 def test_a_failing_run_fails_alone_in_its_group(tracking):
-    from sample_importance.stages.train import train_many
+    from sample_importance.runs import get_or_train
 
     base = TrainRunConfig(subset=100, epochs=2, batch_size=20, width=16, device="cpu")
     cfgs = [base, dataclasses.replace(base, seed=1, lr=1e4), dataclasses.replace(base, seed=2)]
     with mlflow.start_run(run_name="parent"), pytest.raises(DivergenceError):
-        train_many(cfgs, parallel_models=3)
+        get_or_train(cfgs, parallel_models=3)
     runs = {r.info.run_name: r for r in MlflowClient().search_runs(["0"])}
     assert runs["train digits seed=0"].info.status == runs["train digits seed=2"].info.status == "FINISHED"
     bad = runs["train digits seed=1"]
     assert bad.info.status == "FAILED" and "sample_importance.diverged" in bad.data.tags
     # Asked again, the finished runs are reused and only the failed one trains (and fails) again.
     with mlflow.start_run(run_name="again"), pytest.raises(DivergenceError):
-        train_many(cfgs, parallel_models=3)
+        get_or_train(cfgs, parallel_models=3)
     names = [r.info.run_name for r in MlflowClient().search_runs(["0"])]
     assert names.count("train digits seed=0") == names.count("train digits seed=2") == 1
     assert names.count("train digits seed=1") == 2
@@ -168,7 +168,7 @@ def test_models_trained_at_once_on_a_gpu_match_the_cpu():
 
 
 def test_an_interrupted_group_leaves_no_run_running_and_resumes(tracking):
-    from sample_importance.stages.train import train_many
+    from sample_importance.runs import get_or_train
 
     base = TrainRunConfig(subset=100, epochs=3, batch_size=20, width=16, device="cpu")
     cfgs = [base, dataclasses.replace(base, seed=1)]
@@ -178,11 +178,11 @@ def test_an_interrupted_group_leaves_no_run_running_and_resumes(tracking):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt), mlflow.start_run(run_name="parent"):
-        train_many(cfgs, parallel_models=2, epoch_callback=interrupt)
+        get_or_train(cfgs, parallel_models=2, epoch_callback=interrupt)
     runs = [r for r in MlflowClient().search_runs(["0"]) if r.info.run_name.startswith("train")]
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
     with mlflow.start_run(run_name="again"):
-        ids = train_many(cfgs, parallel_models=2)  # each resumes in its own run after epoch 2
+        ids = get_or_train(cfgs, parallel_models=2)  # each resumes in its own run after epoch 2
     assert sorted(ids) == sorted(r.info.run_id for r in runs)
     for run_id, cfg in zip(ids, cfgs):
         assert MlflowClient().get_run(run_id).info.status == "FINISHED"

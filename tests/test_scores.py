@@ -43,7 +43,7 @@ def test_grand_recovers_the_gradient_norm_from_importance_with_a_ragged_batch():
 
 def test_recorded_error_l2_is_the_distance_of_softmax_to_the_label():
     from sample_importance.models import build_model
-    from sample_importance.tracking import sample_statistics, sgd_step
+    from sample_importance.step import sample_statistics, sgd_step
 
     model = build_model(6, 4, 1, 8, 0)
     x = torch.randn(9, 6, generator=torch.Generator().manual_seed(0))

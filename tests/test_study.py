@@ -33,10 +33,30 @@ def test_mlproject_parameters_mirror_the_configs():
             declared = ep["parameters"][key]["default"]
             if key == "data_dir":
                 assert declared == "~/.cache/sample-importance"
-            else:
-                assert type(default)(declared) == default, (name, key)
+            else:  # a block of options is declared as its key=value text ("" = its defaults)
+                assert getattr(cls(**{key: type(cls().params()[key])(declared)}), key) == default, (name, key)
             assert f"--{key} {{{key}}}" in ep["command"], (name, key)
         assert ep["command"].startswith(f"python entry_points/{name}.py ")
+
+
+ANALYSES = ("decompose", "nll", "cluster", "scores", "explore", "influence")  # read runs, train none of their own
+
+
+def test_analyses_take_their_own_options_and_the_runs_they_read():
+    """An analysis entry point takes at most 8 parameters: its own, train_run_ids, and the training
+    configuration as one block; its fingerprint is the one of the flat configuration it replaced."""
+    spec = yaml.safe_load((REPO / "MLproject").read_text())
+    for name in ANALYSES:
+        params = spec["entry_points"][name]["parameters"]
+        assert len(params) <= 8 and {"train_run_ids", "train"} <= set(params), (name, list(params))
+        assert not set(params) & {f.name for f in dataclasses.fields(C.TrainConfig)}, name
+    cfg = C.ClusterConfig(train="epochs=3 'data_dir=/a folder/x' lr=0.05", label=2)
+    assert cfg.train == C.TrainConfig(epochs=3, data_dir="/a folder/x", lr=0.05)
+    assert C.ClusterConfig(train=cfg.params()["train"], label=2) == cfg  # the text a launcher passes on reads back
+    with pytest.raises(C.ConfigError, match="'epoch=3' is not one of its options"):
+        C.ClusterConfig(train="epoch=3")
+    with pytest.raises(C.ConfigError, match="lr must be positive, got -1.0"):
+        C.ScoresConfig(train="lr=-1").check()
 
 
 def test_mlproject_and_entry_point_scripts_are_generated_from_the_stage_registry():

@@ -68,7 +68,7 @@ def test_own_loop_run_feeds_decompose_and_scores(tracking):
     assert all(not m._forward_hooks for m in run.model.modules())  # the recorder was closed
 
     decompose_id = run_decompose(C.DecomposeConfig(train_run_ids=run.run_id))
-    scores_id = run_scores(C.ScoresConfig(train_run_ids=run.run_id, epochs=2, early_epoch=1))
+    scores_id = run_scores(C.ScoresConfig(train_run_ids=run.run_id, train="epochs=2 early_epoch=1"))
     client = MlflowClient()
     for rid in (decompose_id, scores_id):
         assert client.get_run(rid).info.status == "FINISHED"

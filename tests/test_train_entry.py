@@ -15,7 +15,7 @@ from conftest import REPO, all_runs, module_store
 from sample_importance import load_dynamics
 from sample_importance.config import TrainRunConfig
 from sample_importance.data import load_dataset
-from sample_importance.stages.train import replay
+from sample_importance.runs import replay
 
 ARGS = ["--subset", "120", "--epochs", "3", "--width", "32", "--batch_size", "25", "--device", "cpu", "--seed", "4"]
 METRICS = ["train_loss", "train_error", "test_loss", "test_error", "importance_total", "importance_L1",

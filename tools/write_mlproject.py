@@ -6,7 +6,6 @@ checks they agree).
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,11 +26,11 @@ def render() -> str:
         cls, doc = stage.config, stage.description
         out += [f"  # {doc}", f"  {name}:", "    parameters:"]
         command = f"python entry_points/{name}.py"
-        for f in dataclasses.fields(cls):
-            default = "~/.cache/sample-importance" if f.name == "data_dir" else f.default
+        for name, value in cls().params().items():  # a block of options is one key=value string
+            default = "~/.cache/sample-importance" if name == "data_dir" else value
             shown = f'"{default}"' if isinstance(default, str) else default
-            out.append(f"      {f.name}: {{type: {TYPES[type(f.default)]}, default: {shown}}}")
-            command += f" --{f.name} {{{f.name}}}"
+            out.append(f"      {name}: {{type: {TYPES[type(value)]}, default: {shown}}}")
+            command += f" --{name} {{{name}}}"
         out += ["    command: >-", f"      {command}", ""]
     return "\n".join(out)
 
@@ -58,10 +57,10 @@ def parameters_page() -> str:
     for name, stage in STAGES.items():
         help_texts = stage.config.field_help()
         out += [f"## `{name}`", "", stage.description + ".", "", "| parameter | default | meaning |", "|---|---|---|"]
-        for f in dataclasses.fields(stage.config):
-            default = "~/.cache/sample-importance" if f.name == "data_dir" else f.default
-            text = help_texts.get(f.name, "").replace("|", "\\|")
-            out.append(f"| `{f.name}` | `{default}` | {text} |")
+        for name, value in stage.config().params().items():
+            default = "~/.cache/sample-importance" if name == "data_dir" else value
+            text = help_texts.get(name, "").replace("|", "\\|")
+            out.append(f"| `{name}` | `{default}` | {text} |")
         out.append("")
     return "\n".join(out)
 

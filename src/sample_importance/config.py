@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -47,90 +48,170 @@ MAX_RUNS = 1000  # training runs one stage may ask for (seeds x methods x archit
 SEEDS_HELP = "seeds (seed, seed+1, ...) trained when train_run_ids is empty"  # every stage that trains several
 
 
-def opt(default, help: str):
-    """A configuration field: its default and its one line of help (what the command line and
-    the MLproject show), written once, beside the field."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None):
+    """A configuration field: its default, its one line of help (what the command line and the
+    MLproject show) and the values it accepts (`choices`, or bounds ge/gt/le/lt), written once,
+    beside the field; `check_fields` turns them into the one-sentence errors."""
+    limits = {k: v for k, v in {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    return dataclasses.field(default=default, metadata={"help": help, **limits})
+
+
+def block(cls: type, help: str):
+    """A field holding a block of options (a frozen `Options` dataclass): one parameter on the
+    command line and in the MLproject, written as key=value pairs (`parse_block`)."""
+    return dataclasses.field(default=cls(), metadata={"help": help, "block": cls})
+
+
+def _bounds(m: dict) -> str:
+    """'at least 1', 'positive', 'in [0, 1)' ... from a field's bounds."""
+    low = ("ge", m["ge"]) if "ge" in m else ("gt", m["gt"]) if "gt" in m else None
+    high = ("le", m["le"]) if "le" in m else ("lt", m["lt"]) if "lt" in m else None
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}"
+    if low:
+        return f"at least {low[1]}" if low[0] == "ge" else "positive" if low[1] == 0 else f"greater than {low[1]}"
+    return f"at most {high[1]}" if high[0] == "le" else f"below {high[1]}"
+
+
+def _within(value, m: dict) -> bool:
+    return (value >= m.get("ge", value) and value <= m.get("le", value)
+            and ("gt" not in m or value > m["gt"]) and ("lt" not in m or value < m["lt"]))
+
+
+def check_fields(options) -> None:
+    """The one checker of field metadata: every number finite, every choice known, every bound kept
+    (blocks checked with their own `check`); ConfigError in one sentence otherwise."""
+    for f in dataclasses.fields(options):
+        value, m = getattr(options, f.name), f.metadata
+        if "block" in m:
+            value.check()
+            continue
+        if isinstance(value, float) and not math.isfinite(value):  # nan and inf pass every comparison
+            raise ConfigError(f"{f.name} must be a finite number, got {value}.")
+        if "choices" in m and value not in m["choices"]:
+            choices = ", ".join(map(str, m["choices"]))
+            raise ConfigError(f"Unknown {f.name} {value!r}: choose one of {choices}." if isinstance(value, str)
+                              else f"{f.name} must be one of {choices}, got {value}.")
+        if not _within(value, m):
+            raise ConfigError(f"{f.name} must be {_bounds(m)}, got {value}.")
+
+
+def _typed(kind: type, raw: str, name: str):
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}.") from None
+
+
+def parse_block(cls: type, text: str, name: str):
+    """Options of `cls` from `text`, written as key=value pairs separated by spaces (shell quoting for
+    values with spaces), e.g. "epochs=10 lr=0.05"; fields left out keep their defaults."""
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+    try:
+        parts = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name} cannot be read ({exc}): write it as key=value pairs separated by spaces.") from None
+    values = {}
+    for part in parts:
+        key, sep, raw = part.partition("=")
+        if not sep or key not in kinds:
+            raise ConfigError(f"{name}: {part!r} is not one of its options as key=value; its options are "
+                              f"{', '.join(kinds)}.")
+        values[key] = _typed(kinds[key], raw, key)
+    return cls(**values)
+
+
+def block_text(options) -> str:
+    """The inverse of parse_block: the fields that differ from their defaults, as key=value pairs."""
+    return " ".join(shlex.quote(f"{f.name}={getattr(options, f.name)}") for f in dataclasses.fields(options)
+                    if getattr(options, f.name) != f.default)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    dataset: str = opt("digits", " | ".join(f"{name} ({text})" for name, text in DATASETS.items()))
+class Options:
+    """Base of every configuration: fields made with `opt` (and `block`), checked by `check_fields`.
+    A block may be given as its key=value text."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if "block" in f.metadata and isinstance(getattr(self, f.name), str):
+                object.__setattr__(self, f.name, parse_block(f.metadata["block"], getattr(self, f.name), f.name))
+
+    def check(self):
+        """Raise ConfigError for a value no data can make valid; return self."""
+        check_fields(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def params(self) -> dict:
+        """The MLproject parameters of this configuration (a block as its key=value text)."""
+        return {f.name: block_text(v) if "block" in f.metadata else v
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    def flat(self, skip: tuple = ()) -> dict:
+        """Every option by name, the blocks' options in place of the blocks (those in `skip` left out)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name not in skip:
+                value = getattr(self, f.name)
+                out.update(value.flat() if "block" in f.metadata else {f.name: value})
+        return out
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """One line of help per field, for the command line and the docs (a block's with its options)."""
+        return {f.name: f.metadata["help"] + ("" if "block" not in f.metadata else
+                                              ", as key=value pairs (empty = the defaults): " + "; ".join(
+                    f"{k}={d.default!r} ({text})" for d in dataclasses.fields(f.metadata["block"])
+                    for k, text in [(d.name, f.metadata["block"].field_help()[d.name])]))
+                for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class TrainConfig(Options):
+    dataset: str = opt("digits", " | ".join(f"{name} ({text})" for name, text in DATASETS.items()), choices=tuple(DATASETS))
     data_dir: str = opt(DEFAULT_DATA_DIR, 'folder where torchvision datasets are read (and downloaded to)')
-    subset: int = opt(0, 'keep the first n training samples; 0 = all')
+    subset: int = opt(0, 'keep the first n training samples; 0 = all', ge=0)
     model: str = opt("mlp", "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear) | resnet20 | vgg16 | mobilenet (Lee et al.'s architectures) | package.module:factory (your own: factory(image_shape, num_classes) -> nn.Module)")
-    depth: int = opt(3, 'hidden layers; 0 = logistic regression')
-    width: int = opt(512, 'units per hidden layer')
-    lr: float = opt(0.1, 'SGD step size (paper: 0.1)')
-    batch_size: int = opt(100, 'samples per SGD step (paper: 100)')
-    epochs: int = opt(50, 'passes over the training set (paper: 50)')
-    weight_decay: float = opt(1e-5, 'L2 coefficient added to the gradient as weight_decay * theta')
-    seed: int = opt(0, 'fixes the initialisation and the per-epoch shuffle')
-    label_noise: float = opt(0.0, 'fraction of training labels flipped to another class, drawn with seed (label-noise experiment)')
-    device: str = opt("auto", 'auto (CUDA if available) | cpu | cuda')
-    parallel_models: int = opt(0, 'models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)')
-    eval_train: int = opt(1, '1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off')
-    early_epoch: int = opt(2, '1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)')
+    depth: int = opt(3, 'hidden layers; 0 = logistic regression', ge=0)
+    width: int = opt(512, 'units per hidden layer', ge=1)
+    lr: float = opt(0.1, 'SGD step size (paper: 0.1)', gt=0)
+    batch_size: int = opt(100, 'samples per SGD step (paper: 100)', ge=1)
+    epochs: int = opt(50, 'passes over the training set (paper: 50)', ge=1)
+    weight_decay: float = opt(1e-5, 'L2 coefficient added to the gradient as weight_decay * theta', ge=0)
+    seed: int = opt(0, 'fixes the initialisation and the per-epoch shuffle', ge=0, le=MAX_SEED)
+    label_noise: float = opt(0.0, 'fraction of training labels flipped to another class, drawn with seed (label-noise experiment)', ge=0, lt=1)
+    device: str = opt("auto", 'auto (CUDA if available) | cpu | cuda', choices=DEVICES)
+    parallel_models: int = opt(0, 'models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)', ge=0)
+    eval_train: int = opt(1, '1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off', choices=(0, 1))
+    early_epoch: int = opt(2, '1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)', ge=1)
     norm: str = opt("group", 'resnet20, vgg16, mobilenet: group (GroupNorm: exact and cheap per-sample importance) | batch (BatchNorm, as published; needs batchnorm=exact or track=outputs)')
-    channels: int = opt(0, 'resnet20, vgg16, mobilenet: channels of the first stage (later stages scale with it); 0 = as published (16, 64, 32)')
-    track: str = opt("importance", 'importance (per-sample importance and every other statistic) | outputs (per-sample loss, p_true, correctness, EL2N only: what learnability needs, at the cost of plain training)')
+    channels: int = opt(0, 'resnet20, vgg16, mobilenet: channels of the first stage (later stages scale with it); 0 = as published (16, 64, 32)', ge=0)
+    track: str = opt("importance", 'importance (per-sample importance and every other statistic) | outputs (per-sample loss, p_true, correctness, EL2N only: what learnability needs, at the cost of plain training)', choices=TRACKS)
     batchnorm: str = opt("refuse", 'BatchNorm in training mode with track=importance: refuse | exact (exact per-sample gradients by batched vector-Jacobian products, several times slower)')
-    momentum: float = opt(0.0, "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i")
-    nesterov: int = opt(0, '1 = Nesterov momentum (needs momentum > 0)')
-    attribute_to: str = opt("none", "in-run attribution (dynamics/contribution.npy): none | test (the first target_size test samples) | holdout (the last target_size training samples, held out of training)")
-    target_size: int = opt(1000, 'samples in the target set of attribute_to (test: at most the test split)')
-    target_every: int = opt(1, 'recompute the target gradient every this many steps (1 = every step: exact first order; k > 1: the steps between use the last one)')
+    momentum: float = opt(0.0, "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i", ge=0, lt=1)
+    nesterov: int = opt(0, '1 = Nesterov momentum (needs momentum > 0)', choices=(0, 1))
+    attribute_to: str = opt("none", "in-run attribution (dynamics/contribution.npy): none | test (the first target_size test samples) | holdout (the last target_size training samples, held out of training)", choices=ATTRIBUTION_TARGETS)
+    target_size: int = opt(1000, 'samples in the target set of attribute_to (test: at most the test split)', ge=1)
+    target_every: int = opt(1, 'recompute the target gradient every this many steps (1 = every step: exact first order; k > 1: the steps between use the last one)', ge=1)
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"Unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}.")
-        for f in dataclasses.fields(self):  # every stage's numbers: nan and inf pass every comparison below
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name} must be a finite number, got {value}.")
+        super().check()  # every field's range
         self._check_model()
-        if self.device not in DEVICES:
-            raise ConfigError(f"Unknown device {self.device!r}: choose one of {', '.join(DEVICES)}.")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}.")
-        if self.batch_size <= 0:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}.")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}.")
-        if self.subset < 0:
-            raise ConfigError(f"subset must be 0 (all samples) or a positive count, got {self.subset}.")
-        if self.depth < 0 or self.width < 1:
-            raise ConfigError(f"depth must be >= 0 and width >= 1, got depth={self.depth}, width={self.width}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
-        if not 0 <= self.label_noise < 1:
-            raise ConfigError(f"label_noise must be a fraction in [0, 1), got {self.label_noise}.")
-        if self.eval_train not in (0, 1):
-            raise ConfigError(f"eval_train must be 1 (evaluate the training set after every epoch) or 0, got "
-                              f"{self.eval_train}.")
-        if self.early_epoch < 1:
-            raise ConfigError(f"early_epoch must be a 1-based epoch (1 or more), got {self.early_epoch}.")
-        if self.parallel_models < 0:
-            raise ConfigError(f"parallel_models must be 0 (auto), 1 (each alone) or a count, got {self.parallel_models}.")
-        check_seed(self.seed)
-        self._check_attribution()
+        if self.nesterov and not self.momentum:
+            raise ConfigError("nesterov=1 needs momentum > 0: set a momentum or nesterov=0.")
+        if self.attribute_to != "none" and self.track != "importance":
+            raise ConfigError("attribute_to needs track=importance (the contribution is read from the same step as "
+                              "importance): set track=importance or attribute_to=none.")
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ConfigError("device=cuda was requested but no CUDA device is available: use device=auto or cpu.")
         return self
-
-    def _check_attribution(self) -> None:
-        if self.attribute_to not in ATTRIBUTION_TARGETS:
-            raise ConfigError(f"Unknown attribute_to {self.attribute_to!r}: choose one of {', '.join(ATTRIBUTION_TARGETS)}.")
-        if self.target_size < 1 or self.target_every < 1:
-            raise ConfigError(f"target_size and target_every must be at least 1, got target_size={self.target_size}, "
-                              f"target_every={self.target_every}.")
-        if self.attribute_to != "none" and self.track != "importance":
-            raise ConfigError("attribute_to needs track=importance (the contribution is read from the same step as "
-                              "importance): set track=importance or attribute_to=none.")
 
     def _check_model(self) -> None:
         from .importance.recorder import BATCHNORM_CHOICES
@@ -147,22 +228,12 @@ class TrainConfig:
         if not normed and (self.norm != "group" or self.channels):
             raise ConfigError(f"norm and channels apply to {', '.join(n for n, e in REGISTRY.items() if e.norm)}, not "
                               f"model={self.model}: leave them at their defaults.")
-        if self.channels < 0:
-            raise ConfigError(f"channels must be 0 (as published) or a positive count, got {self.channels}.")
-        if self.track not in TRACKS:
-            raise ConfigError(f"Unknown track {self.track!r}: choose {' or '.join(TRACKS)}.")
         if self.batchnorm not in BATCHNORM_CHOICES:
             raise ConfigError(f"Unknown batchnorm {self.batchnorm!r}: choose {' or '.join(BATCHNORM_CHOICES)}.")
         if self.norm == "batch" and self.track == "importance" and self.batchnorm == "refuse":
-            raise ConfigError(f"norm=batch couples the samples of a batch, so per-sample importance needs "
-                              f"batchnorm=exact (exact, several times slower); or use norm=group, or track=outputs "
+            raise ConfigError("norm=batch couples the samples of a batch, so per-sample importance needs "
+                              "batchnorm=exact (exact, several times slower); or use norm=group, or track=outputs "
                               "(learnability's statistics at the cost of plain training).")
-        if not 0 <= self.momentum < 1 or self.nesterov not in (0, 1) or (self.nesterov and not self.momentum):
-            raise ConfigError(f"momentum must lie in [0, 1) and nesterov be 0 or 1 (1 needs momentum > 0), got "
-                              f"momentum={self.momentum}, nesterov={self.nesterov}.")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def train_config(self) -> "TrainConfig":
         """The training fields alone (for configs of later stages, which extend this one)."""
@@ -174,11 +245,6 @@ class TrainConfig:
         configuration."""
         return _fingerprint(self.to_dict())
 
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        """One line of help per field, for the command line."""
-        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
-
 
 ORDERINGS = ordering_methods.METHODS
 
@@ -187,14 +253,12 @@ ORDERINGS = ordering_methods.METHODS
 class TrainRunConfig(TrainConfig):
     """The `train` entry point: training plus the presentation order (paper section 3.6)."""
 
-    ordering: str = opt("shuffle", 'shuffle | rand | nlo | rnlo | nlm | sio | rsio | sim (paper section 3.6)')
+    ordering: str = opt("shuffle", 'shuffle | rand | nlo | rnlo | nlm | sio | rsio | sim (paper section 3.6)', choices=ORDERINGS)
     reference_run_id: str = opt("", 'train run whose final NLL and total importance order the batches')
     resume_run_id: str = opt("", 'continue this interrupted train run; empty = resume one with the same configuration if any')
 
     def check(self) -> "TrainRunConfig":
         super().check()
-        if self.ordering not in ORDERINGS:
-            raise ConfigError(f"Unknown ordering {self.ordering!r}: choose one of {', '.join(ORDERINGS)}.")
         if self.ordering in ordering_methods.NEEDS_REFERENCE and not self.reference_run_id:
             raise ConfigError(f"ordering={self.ordering} sorts samples by a reference run's scores: pass "
                               "reference_run_id (the id of a finished train run on the same data).")
@@ -256,34 +320,30 @@ def check_unique(items: list, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class SharedRunsConfig:
+class SharedRunsConfig(Options):
     """A multi-run stage whose runs several workers may share (`workers.share`): how, not what, so
     outside every fingerprint."""
 
     storage: str = opt("", 'share the runs among workers: an Optuna storage every worker of the same command names (a journal .log path on one machine, a database URL across machines); empty = this process trains them all')
-    heartbeat: int = opt(60, 'seconds between a worker\'s heartbeats on database storages; a claim whose worker is silent for twice that is taken over')
-
-    def check(self):
-        super().check()
-        if self.heartbeat < 1:
-            raise ConfigError(f"heartbeat must be at least 1 second, got {self.heartbeat}.")
-        return self
+    heartbeat: int = opt(60, 'seconds between a worker\'s heartbeats on database storages; a claim whose worker is silent for twice that is taken over', ge=1)
 
 
 SHARED_RUNS_FIELDS = tuple(f.name for f in dataclasses.fields(SharedRunsConfig))
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 @dataclass(frozen=True)
-class AnalysisConfig(TrainConfig):
-    """An analysis of `train` runs: the given ones, or those matching the training fields."""
+class RunsConfig(Options):
+    """A stage that reads train runs: the ones named in train_run_ids, or those its training
+    configuration (`train_config()`) finds or trains."""
 
-    train_run_ids: str = opt("", 'comma-separated train run ids to analyse; empty = find or launch runs matching the training parameters')
-    SINGLE_RUN: ClassVar[bool] = False  # the analysis reads one train run
+    train_run_ids: str = opt("", 'comma-separated train run ids to analyse; empty = find or train runs of the training configuration')
+    SINGLE_RUN: ClassVar[bool] = False  # the stage reads one train run
 
     def run_ids(self) -> list[str]:
         return _ids(self.train_run_ids)
 
-    def check(self) -> "AnalysisConfig":
+    def check(self):
         super().check()
         check_unique(self.run_ids(), "train_run_ids")
         if self.SINGLE_RUN and len(self.run_ids()) > 1:
@@ -295,19 +355,35 @@ class AnalysisConfig(TrainConfig):
         return cls.__name__.removesuffix("Config").lower()
 
     def fingerprint(self) -> str:
-        """Identifies the analysis: its own fields and either the runs it reads or the training
-        configuration they are found by."""
-        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        own = {k: v for k, v in self.to_dict().items()
-               if k not in train_fields and k != "train_run_ids" and k not in SHARED_RUNS_FIELDS}
+        """Identifies the stage's result: its own options and either the runs it reads or the
+        fingerprint of the training configuration they are found by."""
+        own = {k: v for k, v in self.flat(skip=("train", "train_run_ids", *SHARED_RUNS_FIELDS)).items()
+               if k not in TRAIN_FIELDS}
         return fingerprint_of({"class": type(self).__name__, **own,
                                "runs": self.run_ids() or self.train_config().fingerprint()})
 
 
 @dataclass(frozen=True)
-class StabilityConfig(SharedRunsConfig, AnalysisConfig):
+class AnalysisConfig(RunsConfig):
+    """An analysis: its own options and the runs it reads, named by id or by one training
+    configuration (the `train` block: what the `train` entry point would be given)."""
+
+    train: TrainConfig = block(TrainConfig, 'the training configuration, with the train entry point\'s parameters (e.g. "epochs=10 lr=0.05"): the run found or trained when train_run_ids is empty; its data_dir and device apply either way')
+
+    def train_config(self) -> TrainConfig:
+        return self.train
+
+
+@dataclass(frozen=True)
+class TrainingRunsConfig(RunsConfig, TrainConfig):
+    """A stage that trains several runs (seeds, architectures, subsets) or reads the given ones: the
+    training options in full, as the `train` entry point takes them."""
+
+
+@dataclass(frozen=True)
+class StabilityConfig(SharedRunsConfig, TrainingRunsConfig):
     num_seeds: int = opt(3, SEEDS_HELP)
-    every: int = opt(5, 'compare importance every this many epochs (paper: 5)')
+    every: int = opt(5, 'compare importance every this many epochs (paper: 5)', ge=1)
 
     def check(self) -> "StabilityConfig":
         super().check()
@@ -316,8 +392,6 @@ class StabilityConfig(SharedRunsConfig, AnalysisConfig):
         check_run_count(self.num_seeds, f"num_seeds={self.num_seeds}")
         if self.run_ids() and len(self.run_ids()) < 2:
             raise ConfigError("stability needs at least two train_run_ids (comma-separated) to compare.")
-        if self.every < 1:
-            raise ConfigError(f"every must be at least 1, got {self.every}.")
         return self
 
 
@@ -331,32 +405,26 @@ class NllConfig(AnalysisConfig):
     SINGLE_RUN: ClassVar[bool] = True
 
 
+CLUSTER_HELP = {"label": "class whose samples are clustered (paper: 5 on MNIST)",
+                "num_clusters": "k of k-means (paper: 20 on MNIST, 30 on CIFAR-10); at least 3 (easy, middle, hard)"}
+
+
 @dataclass(frozen=True)
 class ClusterConfig(AnalysisConfig):
     SINGLE_RUN: ClassVar[bool] = True
-    label: int = opt(5, 'class whose samples are clustered (paper: 5 on MNIST)')
-    num_clusters: int = opt(20, 'k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)')
-    feature_scale: str = opt("log", 'log | raw: cluster log10(beta) profiles or raw beta')
-
-    def check(self) -> "ClusterConfig":
-        super().check()
-        if not 0 <= self.label <= 9:
-            raise ConfigError(f"label must be a class between 0 and 9, got {self.label}.")
-        if self.num_clusters < 3:
-            raise ConfigError(f"num_clusters must be at least 3 (easy, middle, hard), got {self.num_clusters}.")
-        if self.feature_scale not in ("log", "raw"):
-            raise ConfigError(f"feature_scale must be log or raw, got {self.feature_scale!r}.")
-        return self
+    label: int = opt(5, CLUSTER_HELP["label"], ge=0)
+    num_clusters: int = opt(20, CLUSTER_HELP["num_clusters"], ge=3)
+    feature_scale: str = opt("log", 'log | raw: cluster log10(beta) profiles or raw beta', choices=("log", "raw"))
 
 
 @dataclass(frozen=True)
 class StudyConfig(TrainConfig):
     """`main`: the whole study on one dataset."""
 
-    num_seeds: int = opt(3, "stability: " + SEEDS_HELP)
-    every: int = opt(5, "stability: compare importance every this many epochs (paper: 5)")
-    label: int = opt(5, "cluster: class whose samples are clustered (paper: 5 on MNIST)")
-    num_clusters: int = opt(20, "cluster: k of k-means (paper: 20 on MNIST, 30 on CIFAR-10)")
+    num_seeds: int = opt(3, "stability: " + SEEDS_HELP, ge=2)
+    every: int = opt(5, "stability: compare importance every this many epochs (paper: 5)", ge=1)
+    label: int = opt(5, "cluster: " + CLUSTER_HELP["label"], ge=0)
+    num_clusters: int = opt(20, "cluster: " + CLUSTER_HELP["num_clusters"], ge=3)
 
 
 @dataclass(frozen=True)
@@ -365,7 +433,7 @@ class OrderingConfig(SharedRunsConfig, TrainConfig):
 
     reference_run_id: str = opt("", 'train run whose final NLL and total importance order the batches')
     methods: str = opt(",".join(ORDERINGS), 'comma-separated batch constructions: shuffle, rand, nlo, rnlo, nlm, sio, rsio, sim')
-    num_seeds: int = opt(5, SEEDS_HELP)
+    num_seeds: int = opt(5, SEEDS_HELP, ge=1)
 
     def method_list(self) -> list[str]:
         return _ids(self.methods)
@@ -376,8 +444,6 @@ class OrderingConfig(SharedRunsConfig, TrainConfig):
         if unknown or not self.method_list():
             raise ConfigError(f"Unknown ordering method(s) {', '.join(unknown) or '(none given)'}: choose from "
                               f"{', '.join(ORDERINGS)}.")
-        if self.num_seeds < 1:
-            raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
         check_unique(self.method_list(), "methods")
         check_run_count(self.num_seeds * len(self.method_list()), f"{len(self.method_list())} methods x num_seeds={self.num_seeds}")
         return self
@@ -395,18 +461,18 @@ SWEEP_METRICS = {"final_test_error": "test_error", "final_test_loss": "test_loss
 class SweepConfig(TrainConfig):
     """`sweep`: Optuna search over the learning rate, each trial repeated over seeds."""
 
-    n_trials: int = opt(10, 'trials this invocation (worker) adds to the study; 0 = as many as fit in timeout (which must then be set)')
-    timeout: float = opt(0.0, 'stop starting trials after this many seconds; 0 = no limit')
-    lr_min: float = opt(0.01, 'lower bound of the log-uniform learning-rate range')
-    lr_max: float = opt(0.5, 'upper bound of the log-uniform learning-rate range')
+    n_trials: int = opt(10, 'trials this invocation (worker) adds to the study; 0 = as many as fit in timeout (which must then be set)', ge=0)
+    timeout: float = opt(0.0, 'stop starting trials after this many seconds; 0 = no limit', ge=0)
+    lr_min: float = opt(0.01, 'lower bound of the log-uniform learning-rate range', gt=0)
+    lr_max: float = opt(0.5, 'upper bound of the log-uniform learning-rate range', gt=0)
     seeds: str = opt("2", 'seeds per trial: a count n (seed..seed+n-1) or a comma-separated list')
-    metric: str = opt("final_test_error", 'minimised: final_test_error | final_test_loss | final_train_loss')
+    metric: str = opt("final_test_error", 'minimised: final_test_error | final_test_loss | final_train_loss', choices=tuple(SWEEP_METRICS))
     study_name: str = opt("", 'Optuna study name; empty = sweep-<dataset>')
     storage: str = opt("", 'Optuna storage: empty = optuna-journal.log beside the tracking store (mlflow.db); a journal .log path (relative: from there); or a database URL')
-    sampler_seed: int = opt(0, 'seed of the TPE sampler')
-    pruner: str = opt("median", 'median | none')
+    sampler_seed: int = opt(0, 'seed of the TPE sampler', ge=0, le=MAX_SEED)
+    pruner: str = opt("median", 'median | none', choices=("median", "none"))
     reference_lr: float = opt(0.1, "learning rate each trial's importance ranking is compared with (paper: 0.1)")
-    heartbeat: int = opt(60, 'seconds between trial heartbeats on database storages; stale trials fail after twice that')
+    heartbeat: int = opt(60, 'seconds between trial heartbeats on database storages; stale trials fail after twice that', ge=1)
 
     def seed_list(self) -> list[int]:
         parts = _ids(self.seeds)
@@ -429,23 +495,20 @@ class SweepConfig(TrainConfig):
 
     def check(self) -> "SweepConfig":
         super().check()
-        if not (self.lr_min > 0 and self.lr_max > 0):
-            raise ConfigError(f"lr_min and lr_max must be positive, got {self.lr_min} and {self.lr_max}.")
         if self.lr_min >= self.lr_max:
             raise ConfigError(f"lr_min ({self.lr_min}) must be smaller than lr_max ({self.lr_max}).")
-        if self.metric not in SWEEP_METRICS:
-            raise ConfigError(f"Unknown metric {self.metric!r}: choose one of {', '.join(SWEEP_METRICS)}.")
-        if self.pruner not in ("median", "none"):
-            raise ConfigError(f"Unknown pruner {self.pruner!r}: choose median or none.")
-        if self.n_trials < 0 or self.timeout < 0 or self.heartbeat < 1:
-            raise ConfigError("n_trials and timeout must be >= 0 and heartbeat >= 1.")
         if self.n_trials == 0 and self.timeout == 0:
             raise ConfigError("n_trials=0 with no timeout would run trials without end: give a number of trials, "
                               "or a timeout in seconds (n_trials=0 then means: until the timeout).")
         check_run_count(self.n_trials, f"n_trials={self.n_trials}")
-        check_seed(self.sampler_seed, "sampler_seed")
         self.seed_list()
         return self
+
+
+def check_early_epoch(train: TrainConfig) -> None:
+    """EL2N and GraNd are read at early_epoch, which must lie within the training."""
+    if not train.early_epoch <= train.epochs:
+        raise ConfigError(f"early_epoch must be between 1 and epochs={train.epochs}, got {train.early_epoch}.")
 
 
 @dataclass(frozen=True)
@@ -455,18 +518,17 @@ class ScoresConfig(AnalysisConfig):
 
     def check(self) -> "ScoresConfig":
         super().check()
-        if not 1 <= self.early_epoch <= self.epochs:
-            raise ConfigError(f"early_epoch must be between 1 and epochs={self.epochs}, got {self.early_epoch}.")
+        check_early_epoch(self.train)
         return self
 
 
 @dataclass(frozen=True)
-class PruneConfig(ScoresConfig):
+class PruneConfig(TrainingRunsConfig):
     """`prune`: train on the fraction of samples each score keeps; test error against the fraction."""
 
     keep_fractions: str = opt("0.1,0.3,0.5,0.7,0.9", 'prune: comma-separated fractions of the training set kept')
     prune_scores: str = opt("total_importance,el2n,grand,forgetting,final_nll,variability", 'prune: comma-separated scores that choose the kept samples (columns of scores.csv)')
-    num_seeds: int = opt(1, SEEDS_HELP)
+    num_seeds: int = opt(1, SEEDS_HELP, ge=1)
 
     def fraction_list(self) -> list[float]:
         return parse_floats(self.keep_fractions, "keep_fractions")
@@ -476,6 +538,7 @@ class PruneConfig(ScoresConfig):
 
     def check(self) -> "PruneConfig":
         super().check()
+        check_early_epoch(self)
         if not self.fraction_list() or any(not 0 < f <= 1 for f in self.fraction_list()):
             raise ConfigError(f"keep_fractions must be fractions in (0, 1], got {self.keep_fractions!r}.")
         from .analysis.scores import HARDER_IS_LARGER
@@ -484,8 +547,6 @@ class PruneConfig(ScoresConfig):
         if not self.score_list() or unknown:
             raise ConfigError(f"Unknown score(s) {', '.join(unknown) or '(none given)'} in prune_scores: choose "
                               f"among {', '.join(HARDER_IS_LARGER)} or importance_<layer>.")
-        if self.num_seeds < 1:
-            raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
         check_run_count(self.num_seeds * len(self.fraction_list()) * len(self.score_list()),
                         "keep_fractions x prune_scores x num_seeds")
         return self
@@ -544,11 +605,11 @@ def architecture_of(config: dict) -> str:
 
 
 @dataclass(frozen=True)
-class LearnabilityConfig(SharedRunsConfig, AnalysisConfig):
+class LearnabilityConfig(SharedRunsConfig, TrainingRunsConfig):
     """`learnability`: sample-wise learnability across architectures (Lee et al. 2019)."""
 
     architectures: str = opt("mlp:3x512,mlp:1x128,logreg,cnn", 'comma-separated architectures: mlp:<depth>x<width> | logreg | cnn | resnet20, vgg16 or mobilenet with :group or :batch and optionally :<channels> (BatchNorm models train with track=outputs)')
-    num_seeds: int = opt(3, SEEDS_HELP)
+    num_seeds: int = opt(3, SEEDS_HELP, ge=1)
 
     def architecture_list(self) -> list[dict]:
         return [parse_architecture(a) for a in _ids(self.architectures)]
@@ -561,8 +622,6 @@ class LearnabilityConfig(SharedRunsConfig, AnalysisConfig):
             raise ConfigError(f"architectures names {twice} twice: give each architecture once.")
         if not self.run_ids() and len(archs) < 2:
             raise ConfigError("learnability compares architectures: give at least two in architectures.")
-        if self.num_seeds < 1:
-            raise ConfigError(f"num_seeds must be at least 1, got {self.num_seeds}.")
         check_run_count(self.num_seeds * len(self.architecture_list()), "architectures x num_seeds")
         return self
 
@@ -571,8 +630,9 @@ class LearnabilityConfig(SharedRunsConfig, AnalysisConfig):
 class ExploreConfig(AnalysisConfig):
     """`explore`: one self-contained explorer.html of a train run (more ids: their curves beside it)."""
 
-    cluster_run_id: str = opt("", 'explore: cluster run whose clusters are shown; empty = the newest cluster run of the first train run')
-    tracking_url: str = opt("", 'explore: MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)')
+    cluster_run_id: str = opt("", 'cluster run whose clusters are shown; empty = the newest cluster run of the first train run')
+    tracking_url: str = opt("", 'MLflow UI address for run links; empty = MLFLOW_TRACKING_URI when it is http(s)')
+
 
 INFLUENCE_MODES = ("influence", "validate", "breakdown")
 
@@ -585,38 +645,42 @@ def parse_floats(text: str, name: str) -> list[float]:
 
 
 @dataclass(frozen=True)
-class InfluenceConfig(AnalysisConfig):
-    """`influence`: the effect of each training sample's weight on targets of the trained model
-    (paper section 4), fixed-point and unrolled, optionally validated against retraining."""
+class TargetSetOptions(Options):
+    """`influence`'s target set: which test samples the targets are measured on."""
 
-    SINGLE_RUN: ClassVar[bool] = True
-    mode: str = opt("influence", 'influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)')
-    targets: str = opt("test_loss,class_prob", 'comma-separated targets T: test_loss | class_prob | self')
     test_ids: str = opt("", 'comma-separated test-sample indices of the target set; empty = draw num_test')
-    num_test: int = opt(100, 'test samples drawn (with seed) when test_ids is empty')
-    test_class: int = opt(-1, 'draw the target set from this class only; -1 = any class')
-    target_class: int = opt(0, 'class c of the class_prob target (sum of predicted p(c) over the set)')
+    num_test: int = opt(100, 'test samples drawn (with seed) when test_ids is empty', ge=1)
+    test_class: int = opt(-1, 'draw the target set from this class only; -1 = any class', ge=-1)
+    target_class: int = opt(0, 'class c of the class_prob target (sum of predicted p(c) over the set)', ge=0)
+
+    def test_id_list(self) -> list[int]:
+        try:
+            values = [int(p) for p in _ids(self.test_ids)]
+        except ValueError:
+            raise ConfigError(f"test_ids must be comma-separated integers, got {self.test_ids!r}.") from None
+        if any(i < 0 for i in values):
+            raise ConfigError("test_ids must be indices into the test set (0 or more).")
+        return values
+
+    def check(self) -> "TargetSetOptions":
+        super().check()
+        self.test_id_list()
+        return self
+
+
+@dataclass(frozen=True)
+class HessianOptions(Options):
+    """`influence`'s inverse-Hessian solve at the trained parameters."""
+
     solver: str = opt("cg", 'direct (explicit Hessian) | cg (scipy) | lissa')
     damping: str = opt("auto", 'lambda added to the Hessian, (H + lambda I)^-1: auto = none where H is positive definite, else just enough to make it so (from its smallest eigenvalue); or a number >= 0, used as given')
-    max_direct: int = opt(5000, 'largest parameter count the direct solver accepts')
-    cg_tol: float = opt(1e-6, 'relative residual at which cg stops')
-    cg_maxiter: int = opt(500, 'cg iterations at most')
-    lissa_depth: int = opt(1000, 'terms of the LiSSA series')
-    lissa_scale: float = opt(0.0, 'LiSSA scale, above the top eigenvalue; 0 = estimated by power iteration')
-    lissa_batch: int = opt(0, 'samples per LiSSA Hessian estimate; 0 = all (deterministic)')
-    polish_steps: int = opt(0, 'full-batch L-BFGS iterations towards a fixed point before the influence')
-    per_layer: int = opt(1, "1 = also influence with the Hessian restricted to each layer's block")
-    unrolled: int = opt(-1, 'exact influence through the SGD trajectory: 1 = yes, 0 = no, -1 = when it fits max_memory_gb')
-    max_memory_gb: float = opt(4.0, 'memory the unrolled influence may use')
-    num_validate: int = opt(10, 'validate/breakdown: this many most influential samples and as many random ones')
-    small_change: float = opt(1e-6, 'validate: weight change 1 -> 1 - small_change replayed in float64')
-    loo_steps: int = opt(500, 'validate: L-BFGS iterations of each warm-started leave-one-out retraining')
-    breakdown_lrs: str = opt("0.01,0.1", 'breakdown: comma-separated learning rates')
-    breakdown_epochs: str = opt("5,30", 'breakdown: comma-separated training lengths in epochs')
-    breakdown_changes: str = opt("1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1", 'breakdown: comma-separated weight changes (1 = removal)')
-
-    def target_list(self) -> list[str]:
-        return _ids(self.targets)
+    max_direct: int = opt(5000, 'largest parameter count the direct solver accepts', ge=1)
+    cg_tol: float = opt(1e-6, 'relative residual at which cg stops', gt=0)
+    cg_maxiter: int = opt(500, 'cg iterations at most', ge=1)
+    lissa_depth: int = opt(1000, 'terms of the LiSSA series', ge=1)
+    lissa_scale: float = opt(0.0, 'LiSSA scale, above the top eigenvalue; 0 = estimated by power iteration', ge=0)
+    lissa_batch: int = opt(0, 'samples per LiSSA Hessian estimate; 0 = all (deterministic)', ge=0)
+    polish_steps: int = opt(0, 'full-batch L-BFGS iterations towards a fixed point before the influence', ge=0)
 
     def damping_value(self) -> float | None:
         """The damping as given, or None for auto (chosen from the Hessian's smallest eigenvalue)."""
@@ -631,41 +695,71 @@ class InfluenceConfig(AnalysisConfig):
                               f"{self.damping!r}.")
         return value
 
-    def test_id_list(self) -> list[int]:
-        try:
-            return [int(p) for p in _ids(self.test_ids)]
-        except ValueError:
-            raise ConfigError(f"test_ids must be comma-separated integers, got {self.test_ids!r}.") from None
-
-    def check(self) -> "InfluenceConfig":
+    def check(self) -> "HessianOptions":
         super().check()
-        if self.mode not in INFLUENCE_MODES:
-            raise ConfigError(f"Unknown mode {self.mode!r}: choose one of {', '.join(INFLUENCE_MODES)}.")
-        from .analysis.influence import SOLVERS, TARGETS
+        from .analysis.influence import SOLVERS
 
-        bad = [t for t in self.target_list() if t not in TARGETS]
-        if bad or not self.target_list():
-            raise ConfigError(f"Unknown target(s) {', '.join(bad) or '(none given)'}: choose from {', '.join(TARGETS)}.")
         if self.solver not in SOLVERS:
             raise ConfigError(f"Unknown solver {self.solver!r}: choose {', '.join(SOLVERS)}.")
         self.damping_value()
-        if any(i < 0 for i in self.test_id_list()):
-            raise ConfigError("test_ids must be indices into the test set (0 or more).")
-        if self.num_test < 1 or self.num_validate < 1:
-            raise ConfigError("num_test and num_validate must be at least 1.")
-        if not 0 < self.small_change < 1:
-            raise ConfigError(f"small_change must be between 0 and 1, got {self.small_change}.")
-        if self.polish_steps < 0 or self.loo_steps < 1 or self.max_memory_gb <= 0:
-            raise ConfigError("polish_steps must be >= 0, loo_steps >= 1 and max_memory_gb > 0.")
-        if self.unrolled not in (-1, 0, 1) or self.per_layer not in (0, 1):
-            raise ConfigError("unrolled must be -1, 0 or 1 and per_layer 0 or 1.")
-        if self.mode == "validate" and "self" in self.target_list() and len(self.target_list()) == 1:
-            raise ConfigError("validate compares the change of a test target: add test_loss or class_prob to targets.")
-        changes = parse_floats(self.breakdown_changes, "breakdown_changes")
-        if any(not 0 < c <= 1 for c in changes):
+        return self
+
+
+@dataclass(frozen=True)
+class VariantsOptions(Options):
+    """The influences `influence` gives beside the fixed point's."""
+
+    per_layer: int = opt(1, "1 = also influence with the Hessian restricted to each layer's block", choices=(0, 1))
+    unrolled: int = opt(-1, 'exact influence through the SGD trajectory: 1 = yes, 0 = no, -1 = when it fits max_memory_gb', choices=(-1, 0, 1))
+    max_memory_gb: float = opt(4.0, 'memory the unrolled influence may use', gt=0)
+
+
+@dataclass(frozen=True)
+class ValidationOptions(Options):
+    """`influence`'s modes validate and breakdown: retraining that checks the predictions."""
+
+    num_validate: int = opt(10, 'validate/breakdown: this many most influential samples and as many random ones', ge=1)
+    small_change: float = opt(1e-6, 'validate: weight change 1 -> 1 - small_change replayed in float64', gt=0, lt=1)
+    loo_steps: int = opt(500, 'validate: L-BFGS iterations of each warm-started leave-one-out retraining', ge=1)
+    breakdown_lrs: str = opt("0.01,0.1", 'breakdown: comma-separated learning rates')
+    breakdown_epochs: str = opt("5,30", 'breakdown: comma-separated training lengths in epochs')
+    breakdown_changes: str = opt("1e-6,1e-5,1e-4,1e-3,1e-2,1e-1,1", 'breakdown: comma-separated weight changes (1 = removal)')
+
+    def check(self) -> "ValidationOptions":
+        super().check()
+        if any(not 0 < c <= 1 for c in parse_floats(self.breakdown_changes, "breakdown_changes")):
             raise ConfigError("breakdown_changes must lie in (0, 1] (1 = removal).")
         if any(v <= 0 for v in parse_floats(self.breakdown_lrs, "breakdown_lrs")):
             raise ConfigError("breakdown_lrs must be positive.")
         if any(v < 1 or v != int(v) for v in parse_floats(self.breakdown_epochs, "breakdown_epochs")):
             raise ConfigError("breakdown_epochs must be positive integers.")
+        return self
+
+
+@dataclass(frozen=True)
+class InfluenceConfig(AnalysisConfig):
+    """`influence`: the effect of each training sample's weight on targets of the trained model
+    (paper section 4), fixed-point and unrolled, optionally validated against retraining. Its
+    options come in blocks of key=value pairs (target_set, hessian, variants, validation)."""
+
+    SINGLE_RUN: ClassVar[bool] = True
+    mode: str = opt("influence", 'influence | validate (also retrain to check the predictions) | breakdown (linear response vs change, lr, epochs)', choices=INFLUENCE_MODES)
+    targets: str = opt("test_loss,class_prob", 'comma-separated targets T: test_loss | class_prob | self')
+    target_set: TargetSetOptions = block(TargetSetOptions, "the test samples targets are measured on")
+    hessian: HessianOptions = block(HessianOptions, "the inverse-Hessian solve")
+    variants: VariantsOptions = block(VariantsOptions, "influences beside the fixed point's")
+    validation: ValidationOptions = block(ValidationOptions, "retraining of modes validate and breakdown")
+
+    def target_list(self) -> list[str]:
+        return _ids(self.targets)
+
+    def check(self) -> "InfluenceConfig":
+        super().check()
+        from .analysis.influence import TARGETS
+
+        bad = [t for t in self.target_list() if t not in TARGETS]
+        if bad or not self.target_list():
+            raise ConfigError(f"Unknown target(s) {', '.join(bad) or '(none given)'}: choose from {', '.join(TARGETS)}.")
+        if self.mode == "validate" and "self" in self.target_list() and len(self.target_list()) == 1:
+            raise ConfigError("validate compares the change of a test target: add test_loss or class_prob to targets.")
         return self

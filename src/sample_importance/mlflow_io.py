@@ -253,9 +253,12 @@ class OpenRun:
 
     def log_params_once(self, params: dict) -> None:
         """Log parameters not already on the run (`mlflow run` logs the MLproject parameters itself,
-        as the strings the user gave; logging them again with another spelling would fail)."""
+        as the strings the user gave; logging them again with another spelling would fail). A block
+        of options (a dict) gives one parameter per option, named block.option."""
         existing = self.client.get_run(self.run_id).data.params
-        fresh = {k: v for k, v in params.items() if k not in existing}
+        flat = {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in params.items()
+                for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
+        fresh = {k: v for k, v in flat.items() if k not in existing}
         if fresh:
             self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in fresh.items()])
 
@@ -751,7 +754,7 @@ def ensure_child(project_dir: str | Path, entry_point: str, config, run_name: st
     existing = find_finished_run(entry_point, config.fingerprint())
     if existing is not None:
         return existing, True
-    return launch_child(project_dir, entry_point, config.to_dict(), run_name), False
+    return launch_child(project_dir, entry_point, config.params(), run_name), False
 
 
 def list_artifacts(run_id: str, path: str) -> list[str]:

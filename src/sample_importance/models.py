@@ -287,7 +287,7 @@ def import_factory(spec: str) -> Callable:
     """The factory `package.module:function` names; ConfigError in one sentence when it cannot be imported."""
     import importlib
 
-    from .config import ConfigError
+    from .errors import ConfigError
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -355,7 +355,7 @@ def check_named(cfg, named_model: str) -> None:
     """A run's files are data that anyone who can write to the tracking store may have written, so
     the code they name is never imported: a researcher's factory is rebuilt only when the caller
     names the same factory (`named_model`: the user's own model=... or argument)."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     if is_factory(cfg.model) and cfg.model != named_model:
         raise ConfigError(f"The run was trained with the researcher's model {cfg.model!r}, and code named by a run's "
@@ -364,7 +364,7 @@ def check_named(cfg, named_model: str) -> None:
 
 
 def _user_model(spec: str, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    from .config import ConfigError
+    from .errors import ConfigError
 
     try:
         model = import_factory(spec)(tuple(image_shape), num_classes)
@@ -448,7 +448,7 @@ def expected_parameters(cfg, data) -> int:
 def check_model_size(cfg, data) -> None:
     """Refuse, before anything is allocated, a model whose parameters, gradients and activations
     cannot fit in this machine's memory."""
-    from .config import ConfigError
+    from .errors import ConfigError
 
     count = expected_parameters(cfg, data)
     need = count * 4 * 4 + cfg.batch_size * cfg.width * max(cfg.depth, 1) * 4 * 4  # params, grads, update, momentum; activations

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import MLP
-from .tracking import StepRecord
+from .step import StepRecord
 from .importance.rules import linear_sq_grad_norms
 
 

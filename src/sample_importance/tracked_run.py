@@ -31,7 +31,7 @@ from . import mlflow_io, plots
 from .errors import UserError
 from .importance import ImportanceRecorder
 from .models import ParameterProjection
-from .tracking import sample_statistics
+from .step import sample_statistics
 from .training import EpochRecord
 
 

@@ -20,7 +20,7 @@ from .errors import UserError
 from .importance import ImportanceRecorder
 from .stacked import StackedMLP
 from .models import importance_columns, importance_groups
-from .tracking import checkpoint_sq_grad_norms, sample_statistics, sgd_step
+from .step import checkpoint_sq_grad_norms, sample_statistics, sgd_step
 
 
 class DivergenceError(UserError):

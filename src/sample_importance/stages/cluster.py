@@ -32,7 +32,7 @@ def run(cfg: ClusterConfig) -> str:
         k = cfg.num_clusters
         imp = np.asarray(d.importance[:, members])  # (E, m, L)
         loss = np.asarray(d.loss[:, members])  # (E, m)
-        assign = clustering.kmeans_clusters(clustering.importance_features(imp, cfg.feature_scale), k, cfg.seed)
+        assign = clustering.kmeans_clusters(clustering.importance_features(imp, cfg.feature_scale), k, cfg.train.seed)
         summary = clustering.summarize_clusters(assign, imp, loss)
         names = d.layer_names
         claim, stats = clustering.cluster_claim(summary, names)
@@ -50,7 +50,7 @@ def run(cfg: ClusterConfig) -> str:
                                    "cluster_difficulty": float(summary.difficulty[c])}, step=c)
         mlflow_io.log_metrics(stats, step=0)
         shown = [0, k // 2, k - 1]  # easiest, a middle and the hardest cluster
-        data = load_dataset(d.metadata["dataset"], cfg.data_dir, d.metadata["subset"])
+        data = load_dataset(d.metadata["dataset"], cfg.train.data_dir, d.metadata["subset"])
         images = []
         for c in shown:
             ids = d.sample_id[members][summary.assignment == c][:16]

@@ -9,16 +9,16 @@ from typing import Callable
 import numpy as np
 
 from .. import mlflow_io, workers
-from ..config import AnalysisConfig, SharedRunsConfig, TrainConfig, fingerprint_of
+from ..config import RunsConfig, SharedRunsConfig, TrainConfig, fingerprint_of
 from ..dynamics import Dynamics, check_aligned
-from .train import train_many
+from ..runs import get_or_train
 
 CLAIMS = "claims.json"
 TAG_TRAIN_RUNS = "sample_importance.train_run_ids"
 TAG_AGGREGATED_IN = "sample_importance.aggregated_in"  # on a worker's run: the run that holds the results
 
 
-def train_runs(cfg: AnalysisConfig, seeds: list[int], architectures: list[dict] | None = None
+def train_runs(cfg: RunsConfig, seeds: list[int], architectures: list[dict] | None = None
                ) -> dict[str, Dynamics]:
     """The given train runs, or for each architecture (training-field overrides, e.g. {"model":
     "cnn"}; default: the configured one) and seed the finished run matching the training fields
@@ -26,19 +26,20 @@ def train_runs(cfg: AnalysisConfig, seeds: list[int], architectures: list[dict] 
     the same samples."""
     ids = cfg.run_ids()
     if not ids:
-        ids = train_shared(cfg, [dataclasses.replace(cfg.train_config(), seed=seed, **arch)
-                                 for arch in architectures or [{}] for seed in seeds])
+        ids = get_or_train([dataclasses.replace(cfg.train_config(), seed=seed, **arch)
+                            for arch in architectures or [{}] for seed in seeds], **how_to_train(cfg))
     mlflow_io.set_tags({TAG_TRAIN_RUNS: ",".join(ids)})
     runs = {run_id: mlflow_io.load_dynamics(run_id) for run_id in ids}
     check_aligned(runs)
     return runs
 
 
-def train_shared(cfg: TrainConfig, cfgs: list[TrainConfig]) -> list[str]:
-    """`train_many` with the stage's options: trained here, or shared with the other workers of the
-    same command when cfg has a `storage`."""
+def how_to_train(cfg) -> dict:
+    """`get_or_train`'s options from a stage's configuration: models per loop, and the workers'
+    storage where the stage shares its runs (`SharedRunsConfig.storage`)."""
     shared = isinstance(cfg, SharedRunsConfig) and cfg.storage
-    return train_many(cfgs, cfg.parallel_models, **({"storage": cfg.storage, "heartbeat": cfg.heartbeat} if shared else {}))
+    return {"parallel_models": cfg.train_config().parallel_models,
+            **({"storage": cfg.storage, "heartbeat": cfg.heartbeat} if shared else {})}
 
 
 def compare_once(cfg: TrainConfig, entry_point: str, run_ids: list[str], compare: Callable[[], None]) -> bool:
@@ -65,15 +66,15 @@ def compare_once(cfg: TrainConfig, entry_point: str, run_ids: list[str], compare
     return False
 
 
-def start_analysis(cfg: AnalysisConfig, entry_point: str, description: str):
+def start_analysis(cfg: RunsConfig, entry_point: str, description: str):
     cfg.check()
-    return mlflow_io.start_run(f"{entry_point} {cfg.dataset}", entry_point,
+    return mlflow_io.start_run(f"{entry_point} {cfg.train_config().dataset}", entry_point,
                                tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()}, description=description,
                                config=cfg.to_dict())
 
 
-def one_run(cfg: AnalysisConfig) -> Dynamics:
-    runs = train_runs(cfg, [cfg.seed])
+def one_run(cfg: RunsConfig) -> Dynamics:
+    runs = train_runs(cfg, [cfg.train_config().seed])
     return next(iter(runs.values()))
 
 

@@ -220,6 +220,7 @@ def log_explorer_of_active_run(data_dir: str, early_epoch: int = 2, cluster_run_
 def run(cfg: ExploreConfig) -> str:
     """The `explore` entry point: the explorer of the given (or matching) train runs."""
     with start_analysis(cfg, "explore", "Every training sample one click away: explorer.html") as run:
-        ids = list(train_runs(cfg, [cfg.seed]))
-        log_explorer(ids, cfg.data_dir, cfg.early_epoch, cfg.cluster_run_id, cfg.tracking_url, cfg.model)
+        t = cfg.train
+        ids = list(train_runs(cfg, [t.seed]))
+        log_explorer(ids, t.data_dir, t.early_epoch, cfg.cluster_run_id, cfg.tracking_url, t.model)
         return run.info.run_id

@@ -26,7 +26,7 @@ from ..data import Dataset, training_data
 from ..models import model_for
 from ..training import resolve_device, shuffled_orders
 from .common import as_images, train_runs
-from .train import retrain
+from ..runs import retrain
 
 
 INFLUENCE_MODELS = ("mlp", "cnn")  # the models whose parameters are all in `layers` (inf.Flat.blocks)
@@ -72,18 +72,18 @@ def load_trained(run_id: str, d: dyn.Dynamics, data_dir: str, device: str) -> Tr
 def target_set(data: Dataset, cfg: InfluenceConfig) -> np.ndarray:
     """Indices of the test samples the targets are measured on."""
     m = len(data.y_test)
-    ids = cfg.test_id_list()
+    ids = cfg.target_set.test_id_list()
     if ids:
         bad = [i for i in ids if i >= m]
         if bad:
             raise ConfigError(f"test id {bad[0]} is out of range: the test set of {data.name} has {m} samples "
                               f"(0..{m - 1}).")
         return np.array(sorted(set(ids)))
-    if cfg.test_class >= data.num_classes:
-        raise ConfigError(f"test_class={cfg.test_class} is not a class of {data.name} (0..{data.num_classes - 1}).")
-    pool = np.arange(m) if cfg.test_class < 0 else np.flatnonzero(data.y_test == cfg.test_class)
-    rng = np.random.default_rng([cfg.seed, 7])
-    return np.sort(rng.choice(pool, size=min(cfg.num_test, len(pool)), replace=False))
+    if cfg.target_set.test_class >= data.num_classes:
+        raise ConfigError(f"test_class={cfg.target_set.test_class} is not a class of {data.name} (0..{data.num_classes - 1}).")
+    pool = np.arange(m) if cfg.target_set.test_class < 0 else np.flatnonzero(data.y_test == cfg.target_set.test_class)
+    rng = np.random.default_rng([cfg.train.seed, 7])
+    return np.sort(rng.choice(pool, size=min(cfg.target_set.num_test, len(pool)), replace=False))
 
 
 def retrained_parameters(trained_cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray,
@@ -106,22 +106,22 @@ def inrun_target(d: dyn.Dynamics, cfg: InfluenceConfig) -> np.ndarray | None:
     """The run's in-run attribution target (its test-sample indices) where this influence measures
     the same target: the run attributed to test samples and no other target set was asked for."""
     meta = d.metadata
-    if d.contribution is None or meta.get("target_split") != "test" or cfg.test_id_list() or cfg.test_class >= 0:
+    if d.contribution is None or meta.get("target_split") != "test" or cfg.target_set.test_id_list() or cfg.target_set.test_class >= 0:
         return None
     return np.asarray(meta["target_ids"], dtype=np.int64)
 
 
 def run(cfg: InfluenceConfig) -> str:
     cfg.check()
-    with mlflow_io.start_run(f"influence {cfg.dataset}" + ("" if cfg.mode == "influence" else f" {cfg.mode}"),
+    with mlflow_io.start_run(f"influence {cfg.train.dataset}" + ("" if cfg.mode == "influence" else f" {cfg.mode}"),
                              "influence", tags={mlflow_io.TAG_FINGERPRINT: cfg.fingerprint()},
                              description="Influence of each training sample on the trained model (paper section 4)"
                                          f"; mode {cfg.mode}.", config=cfg.to_dict()) as run:
         if cfg.mode == "breakdown":
             _breakdown(cfg)
             return run.info.run_id
-        run_id, d = next(iter(train_runs(cfg, [cfg.seed]).items()))
-        trained = load_trained(run_id, d, cfg.data_dir, cfg.device)
+        run_id, d = next(iter(train_runs(cfg, [cfg.train.seed]).items()))
+        trained = load_trained(run_id, d, cfg.train.data_dir, cfg.train.device)
         data, dev = trained.data, trained.device
         inrun = inrun_target(d, cfg)
         test = target_set(data, cfg) if inrun is None else inrun
@@ -134,14 +134,14 @@ def run(cfg: InfluenceConfig) -> str:
         xt = torch.as_tensor(data.x_test[test], dtype=torch.float64, device=dev)
         yt = torch.as_tensor(data.y_test[test], device=dev)
         obj = inf.Objective(flat, x, y, trained.config.weight_decay)
-        if not 0 <= cfg.target_class < data.num_classes:
-            raise ConfigError(f"target_class={cfg.target_class} is not a class of {data.name} "
+        if not 0 <= cfg.target_set.target_class < data.num_classes:
+            raise ConfigError(f"target_class={cfg.target_set.target_class} is not a class of {data.name} "
                               f"(0..{data.num_classes - 1}).")
-        targets = [inf.make_target(t, flat, xt, yt, cfg.target_class) for t in cfg.target_list()]
+        targets = [inf.make_target(t, flat, xt, yt, cfg.target_set.target_class) for t in cfg.target_list()]
 
-        theta, before, after = inf.polish(obj, flat.of_model(), cfg.polish_steps)
+        theta, before, after = inf.polish(obj, flat.of_model(), cfg.hessian.polish_steps)
         print(f"gradient norm of the training objective: {before:.3e} at the end of SGD"
-              + (f", {after:.3e} after {cfg.polish_steps} L-BFGS steps" if cfg.polish_steps else ""), flush=True)
+              + (f", {after:.3e} after {cfg.hessian.polish_steps} L-BFGS steps" if cfg.hessian.polish_steps else ""), flush=True)
         mlflow_io.log_metrics({"grad_norm_sgd": before, "grad_norm_polished": after}, step=0)
         mlflow_io.set_tags({"sample_importance.train_run_id": run_id})
 
@@ -152,14 +152,14 @@ def run(cfg: InfluenceConfig) -> str:
         damping = choose_damping(cfg, obj, theta)
         solves = []
         blocks = flat.blocks(d.layer_names)
-        opts = dict(max_direct=cfg.max_direct, cg_tol=cfg.cg_tol, cg_maxiter=cfg.cg_maxiter,
-                    lissa_depth=cfg.lissa_depth, lissa_scale=cfg.lissa_scale, lissa_batch=cfg.lissa_batch,
-                    seed=cfg.seed)
+        opts = dict(max_direct=cfg.hessian.max_direct, cg_tol=cfg.hessian.cg_tol, cg_maxiter=cfg.hessian.cg_maxiter,
+                    lissa_depth=cfg.hessian.lissa_depth, lissa_scale=cfg.hessian.lissa_scale, lissa_batch=cfg.hessian.lissa_batch,
+                    seed=cfg.train.seed)
 
         def record(name: str, block: str, sol: inf.Solve, s: torch.Tensor) -> None:
             """The solve's row of solves.csv and its influence column, named unconverged_... when the
             solve did not reach cg_tol (so nothing reads it as a result)."""
-            solves.append({"target": name, "block": block, "solver": cfg.solver, "damping": damping,
+            solves.append({"target": name, "block": block, "solver": cfg.hessian.solver, "damping": damping,
                            "residual": sol.residual, "tol": sol.tol, "converged": sol.converged,
                            "matvecs": sol.matvecs, "seconds": sol.seconds, **sol.info})
             column = f"influence_{name}" + ("" if block == "all" else f"_{block}")
@@ -169,28 +169,28 @@ def run(cfg: InfluenceConfig) -> str:
         for target in targets:
             if target.fn is None:
                 start = time.perf_counter()
-                table["influence_self"] = inf.self_influence(obj, theta, damping, cfg.max_direct).cpu().numpy()
+                table["influence_self"] = inf.self_influence(obj, theta, damping, cfg.hessian.max_direct).cpu().numpy()
                 solves.append({"target": "self", "block": "all", "solver": "direct (Cholesky)", "damping": damping,
                                "seconds": time.perf_counter() - start})
                 continue
             b = grad(target.fn)(theta)
-            sol = inf.solve(cfg.solver, obj, theta, b, damping, **opts)
-            print(f"{target.name}: {cfg.solver} solve, relative residual {sol.residual:.2e}, {sol.matvecs} "
+            sol = inf.solve(cfg.hessian.solver, obj, theta, b, damping, **opts)
+            print(f"{target.name}: {cfg.hessian.solver} solve, relative residual {sol.residual:.2e}, {sol.matvecs} "
                   f"Hessian-vector products, {sol.seconds:.1f} s", flush=True)
             record(target.name, "all", sol, sol.x)
-            if cfg.per_layer:
+            if cfg.variants.per_layer:
                 for layer, sl in blocks.items():
-                    sol_l = inf.solve(cfg.solver, obj, theta, b[sl], damping, sl, **opts)
+                    sol_l = inf.solve(cfg.hessian.solver, obj, theta, b[sl], damping, sl, **opts)
                     s = torch.zeros_like(b)
                     s[sl] = sol_l.x
                     record(target.name, layer, sol_l, s)
-        _report_unconverged(solves, cfg.cg_tol)
+        _report_unconverged(solves, cfg.hessian.cg_tol)
         differentiable = [t for t in targets if t.fn is not None]
         if differentiable and _unrolled_wanted(cfg, flat, d, len(differentiable)):
             start = time.perf_counter()
             unrolled, _ = inf.unrolled_influence(
                 flat, trained.init_theta, x, y, d.batch_order, trained.config.batch_size, trained.config.lr,
-                trained.config.weight_decay, [t.fn for t in differentiable], max_bytes=cfg.max_memory_gb * 1e9,
+                trained.config.weight_decay, [t.fn for t in differentiable], max_bytes=cfg.variants.max_memory_gb * 1e9,
                 progress=lambda m: print(m, flush=True))
             for t, row in zip(differentiable, unrolled.cpu().numpy()):
                 table[f"unrolled_{t.name}"] = row
@@ -206,11 +206,11 @@ def choose_damping(cfg: InfluenceConfig, obj: inf.Objective, theta: torch.Tensor
     """The damping every solve of this run uses: as given, or (damping=auto) none where H is positive
     definite and otherwise just enough to make it so (`analysis.influence.auto_damping`); logged as the
     metric `damping`, with `min_eigenvalue` (and its residual) when it was chosen."""
-    given = cfg.damping_value()
+    given = cfg.hessian.damping_value()
     if given is not None:
         mlflow_io.log_metrics({"damping": given}, step=0)
         return given
-    spec = inf.auto_damping(obj, theta, seed=cfg.seed)
+    spec = inf.auto_damping(obj, theta, seed=cfg.train.seed)
     mlflow_io.log_metrics({"damping": spec.damping, "min_eigenvalue": spec.min_eigenvalue,
                            "min_eigenvalue_residual": spec.residual, "min_eigenvalue_seconds": spec.seconds}, step=0)
     verdict = ("positive definite: no damping" if spec.damping == 0 else
@@ -234,13 +234,13 @@ def _report_unconverged(solves: list[dict], tol: float) -> None:
 
 
 def _unrolled_wanted(cfg: InfluenceConfig, flat: inf.Flat, d: dyn.Dynamics, targets: int) -> bool:
-    if cfg.unrolled == 0:
+    if cfg.variants.unrolled == 0:
         return False
     steps = d.batch_order.shape[0] * -(-d.metadata["n"] // d.metadata["batch_size"])
     need = inf.unrolled_memory_bytes(flat.size, steps, targets=targets)
-    if cfg.unrolled == -1 and need > cfg.max_memory_gb * 1e9:
+    if cfg.variants.unrolled == -1 and need > cfg.variants.max_memory_gb * 1e9:
         print(f"skipping the unrolled influence: it needs about {need / 1e9:.1f} GB, more than max_memory_gb="
-              f"{cfg.max_memory_gb:g} (unrolled=1 insists and says so)", flush=True)
+              f"{cfg.variants.max_memory_gb:g} (unrolled=1 insists and says so)", flush=True)
         return False
     return True
 
@@ -310,27 +310,27 @@ def _validate(cfg: InfluenceConfig, trained: Trained, obj: inf.Objective, theta:
     fixed = table.get(f"influence_{target.name}")  # None when its solve did not converge: not validated
     chooser = next(c for c in (fixed, unrolled, table.get(f"unconverged_influence_{target.name}")) if c is not None)
     fixed = np.full(len(table), np.nan) if fixed is None else fixed.to_numpy()
-    top, rnd = _chosen(np.asarray(chooser), cfg.num_validate, cfg.seed)
+    top, rnd = _chosen(np.asarray(chooser), cfg.validation.num_validate, cfg.train.seed)
     chosen = np.concatenate([top, rnd])
     n = len(fixed)
     order = np.asarray(trained.dynamics.batch_order)
     tcfg = trained.config
     data = trained.data
     t0 = float(target.fn(retrained_parameters(tcfg, data, trained.init_state, order)))
-    base, _, base_grad = inf.polish(obj, theta, cfg.loo_steps)
+    base, _, base_grad = inf.polish(obj, theta, cfg.validation.loo_steps)
     t_base = float(target.fn(base))
     print(f"validating on {len(chosen)} samples: 2 replays and 1 leave-one-out each "
-          f"(base gradient norm after {cfg.loo_steps} L-BFGS steps: {base_grad:.2e})", flush=True)
+          f"(base gradient norm after {cfg.validation.loo_steps} L-BFGS steps: {base_grad:.2e})", flush=True)
     rows = []
     for k, i in enumerate(chosen):
         w = np.ones(n)
-        w[i] = 1.0 - cfg.small_change
+        w[i] = 1.0 - cfg.validation.small_change
         small = float(target.fn(retrained_parameters(tcfg, data, trained.init_state, order, w))) - t0
         w[i] = 0.0
         removal = float(target.fn(retrained_parameters(tcfg, data, trained.init_state, order, w))) - t0
         wt = torch.ones(n, dtype=torch.float64, device=theta.device)
         wt[i] = 0.0
-        loo_theta, _, loo_grad = inf.polish(obj, base, cfg.loo_steps, weight=wt)
+        loo_theta, _, loo_grad = inf.polish(obj, base, cfg.validation.loo_steps, weight=wt)
         rows.append({"sample_id": int(i), "group": "top" if k < len(top) else "random",
                      "influence_fixed": fixed[i], "influence_unrolled": np.nan if unrolled is None else unrolled[i],
                      "actual_small": small, "actual_removal": removal,
@@ -344,7 +344,7 @@ def _validate(cfg: InfluenceConfig, trained: Trained, obj: inf.Objective, theta:
         if val[f"influence_{method}"].isna().any():
             continue
         panels = []
-        for counterfactual, dv in (("small", -cfg.small_change), ("removal", -1.0), ("loo", -1.0)):
+        for counterfactual, dv in (("small", -cfg.validation.small_change), ("removal", -1.0), ("loo", -1.0)):
             predicted = dv * val[f"influence_{method}"].to_numpy()
             actual = val[f"actual_{counterfactual}"].to_numpy()
             stats = inf.agreement(predicted, actual)
@@ -365,17 +365,17 @@ def _breakdown(cfg: InfluenceConfig) -> None:
     """For each (lr, epochs): train from the seed's initialisation in float64, take the unrolled
     influence on the test-loss target, replay with v_i = 1 - change for the chosen samples and
     correlate the predicted change (-change x influence) with the replayed one."""
-    data = training_data(cfg)
-    dev = resolve_device(cfg.device)
+    data = training_data(cfg.train)
+    dev = resolve_device(cfg.train.device)
     test = target_set(data, cfg)
     xt = torch.as_tensor(data.x_test[test], dtype=torch.float64, device=dev)
     yt = torch.as_tensor(data.y_test[test], device=dev)
     x = torch.as_tensor(data.x_train, dtype=torch.float64, device=dev)
     y = torch.as_tensor(data.y_train, device=dev)
-    changes = parse_floats(cfg.breakdown_changes, "breakdown_changes")
+    changes = parse_floats(cfg.validation.breakdown_changes, "breakdown_changes")
     rows, samples = [], []
-    for lr in parse_floats(cfg.breakdown_lrs, "breakdown_lrs"):
-        for epochs in [int(e) for e in parse_floats(cfg.breakdown_epochs, "breakdown_epochs")]:
+    for lr in parse_floats(cfg.validation.breakdown_lrs, "breakdown_lrs"):
+        for epochs in [int(e) for e in parse_floats(cfg.validation.breakdown_epochs, "breakdown_epochs")]:
             tcfg = dataclasses.replace(cfg.train_config(), lr=lr, epochs=epochs)
             model = model_for(tcfg, data).double()
             init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -383,12 +383,12 @@ def _breakdown(cfg: InfluenceConfig) -> None:
             target = inf.make_target("test_loss", flat, xt, yt)
             order = shuffled_orders(data.n_train, epochs, tcfg.seed)
             influence, _ = inf.unrolled_influence(flat, flat.of_model(), x, y, order, tcfg.batch_size, lr,
-                                                  tcfg.weight_decay, [target.fn], max_bytes=cfg.max_memory_gb * 1e9)
+                                                  tcfg.weight_decay, [target.fn], max_bytes=cfg.variants.max_memory_gb * 1e9)
             influence = influence[0].cpu().numpy()
             # The baseline goes through the same retraining code as the counterfactuals, so their
             # difference is the weight change alone.
             t0 = float(target.fn(retrained_parameters(tcfg, data, init, order)))
-            chosen = np.concatenate(_chosen(influence, cfg.num_validate, cfg.seed))
+            chosen = np.concatenate(_chosen(influence, cfg.validation.num_validate, cfg.train.seed))
             for change in changes:
                 actual = []
                 for i in chosen:

@@ -14,7 +14,7 @@ from ..training import check_batching
 from .cluster import check_class_size
 from .common import CLAIMS, TAG_TRAIN_RUNS
 from .explore import log_explorer
-from .train import train_run_name
+from ..runs import get_or_train
 
 
 STEPS = ("stability", "decompose", "nll", "cluster")
@@ -22,12 +22,12 @@ STEPS = ("stability", "decompose", "nll", "cluster")
 
 def _step_configs(cfg: StudyConfig, train_run_id: str) -> dict:
     """The configuration of every analysis step of the study, reading the train run `train_run_id`."""
-    fields = cfg.train_config().to_dict()
+    train = cfg.train_config()
     return {
-        "stability": StabilityConfig(**fields, num_seeds=cfg.num_seeds, every=cfg.every),
-        "decompose": DecomposeConfig(**fields, train_run_ids=train_run_id),
-        "nll": NllConfig(**fields, train_run_ids=train_run_id),
-        "cluster": ClusterConfig(**fields, train_run_ids=train_run_id, label=cfg.label, num_clusters=cfg.num_clusters),
+        "stability": StabilityConfig(**train.to_dict(), num_seeds=cfg.num_seeds, every=cfg.every),
+        "decompose": DecomposeConfig(train=train, train_run_ids=train_run_id),
+        "nll": NllConfig(train=train, train_run_ids=train_run_id),
+        "cluster": ClusterConfig(train=train, train_run_ids=train_run_id, label=cfg.label, num_clusters=cfg.num_clusters),
     }
 
 
@@ -54,8 +54,7 @@ def run(cfg: StudyConfig, project_dir: str | Path) -> str:
                                          "decomposition, NLL correlation, clustering; see report.html.",
                              config=cfg.to_dict()) as run:
         runs = {}
-        runs["train"], reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
-        print(f"{'reusing' if reused else 'trained'} train run {runs['train']}", flush=True)
+        runs["train"] = get_or_train([tcfg], launch_from=project_dir)[0]
         configs = _step_configs(cfg, runs["train"])
         for step, scfg in configs.items():
             runs[step], reused = mlflow_io.ensure_child(project_dir, step, scfg, f"{step} {cfg.dataset}")

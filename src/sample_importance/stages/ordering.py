@@ -14,8 +14,8 @@ from ..config import ConfigError, OrderingConfig, TrainRunConfig
 from ..data import training_data
 from ..dynamics import check_matches
 from ..training import check_batching
-from .common import compare_once, train_shared
-from .train import train_run_name
+from ..runs import get_or_train
+from .common import compare_once, how_to_train
 
 def registered_name(dataset: str) -> str:
     return f"ordering-{dataset}"
@@ -39,19 +39,15 @@ def run(cfg: OrderingConfig, project_dir: str | Path) -> str:
         if any(m in ordering.NEEDS_REFERENCE for m in methods):
             if reference:
                 check_matches(reference, mlflow_io.load_dynamics(reference), cfg.dataset, data.n_train)
-            elif cfg.storage:  # one of the workers trains it, the others wait for it
-                reference = train_shared(cfg, [cfg.train_config()])[0]
-            else:
-                tcfg = cfg.train_config()
-                reference, reused = mlflow_io.ensure_child(project_dir, "train", tcfg, train_run_name(tcfg))
-                print(f"{'reusing' if reused else 'trained'} reference run {reference}", flush=True)
+            else:  # with a storage, one of the workers trains it and the others wait for it
+                reference = get_or_train([cfg.train_config()], launch_from=project_dir, **how_to_train(cfg))[0]
         mlflow_io.set_tags({"sample_importance.reference_run_id": reference})
 
         variants = [(method, seed) for seed in seeds for method in methods]
-        ids = train_shared(cfg, [TrainRunConfig(**dataclasses.replace(cfg.train_config(), seed=seed).to_dict(),
-                                                ordering=method,
-                                                reference_run_id=reference if method in ordering.NEEDS_REFERENCE else "")
-                                 for method, seed in variants])
+        ids = get_or_train([TrainRunConfig(**dataclasses.replace(cfg.train_config(), seed=seed).to_dict(),
+                                           ordering=method,
+                                           reference_run_id=reference if method in ordering.NEEDS_REFERENCE else "")
+                            for method, seed in variants], **how_to_train(cfg))
         runs = pd.DataFrame([{"method": m, "seed": s, "run_id": i} for (m, s), i in zip(variants, ids)])
         compare_once(cfg, "ordering", ids, lambda: _compare(cfg, runs, methods, reference))
         return run.info.run_id

@@ -7,18 +7,19 @@ import pandas as pd
 
 from .. import mlflow_io, plots
 from ..analysis import scores as S
-from ..config import ScoresConfig
+from ..config import RunsConfig, ScoresConfig
 from ..data import load_dataset, with_target
 from ..dynamics import Dynamics
 from .common import start_analysis, train_runs
 from .explore import log_explorer_of_active_run
 
 
-def scored_runs(cfg: ScoresConfig) -> tuple[list[Dynamics], pd.DataFrame, dict[str, str]]:
+def scored_runs(cfg: RunsConfig) -> tuple[list[Dynamics], pd.DataFrame, dict[str, str]]:
     """The runs (the first is scored; EL2N and GraNd average over all), their score table and the
     scores they cannot give with the reason, which is printed and logged (score_definitions.json)."""
-    runs = list(train_runs(cfg, [cfg.seed]).values())
-    table, missing = S.score_table(runs, cfg.early_epoch)
+    train = cfg.train_config()
+    runs = list(train_runs(cfg, [train.seed]).values())
+    table, missing = S.score_table(runs, train.early_epoch)
     for name, reason in missing.items():
         print(f"score {name} cannot be given: {reason}", flush=True)
     mlflow_io.log_dict({name: {"definition": text, "harder_is_larger": harder, "available": name in table,
@@ -42,7 +43,7 @@ def run(cfg: ScoresConfig) -> str:
         d = runs[0]
         columns = [c for c in (*S.SCORES, *S.ATTRIBUTION_SCORES) if c in table]
         noise = float(d.metadata["config"].get("label_noise", 0.0))
-        flipped = flipped_labels(d, cfg.data_dir) if noise > 0 else None
+        flipped = flipped_labels(d, cfg.train.data_dir) if noise > 0 else None
         if flipped is not None:
             table["flipped"] = flipped
         mlflow_io.log_table(table, "scores.csv")
@@ -63,5 +64,5 @@ def run(cfg: ScoresConfig) -> str:
                 print(f"label noise {noise:g}: {r['score']:<19} AUROC {r['auroc']:.3f}  precision@{r['k']} "
                       f"{r['precision_at_k']:.3f}  found after inspecting "
                       + ", ".join(f"{c.removeprefix('found_at_')}%: {r[c]:.2f}" for c in found_columns), flush=True)
-        log_explorer_of_active_run(cfg.data_dir, cfg.early_epoch, model=cfg.model)
+        log_explorer_of_active_run(cfg.train.data_dir, cfg.train.early_epoch, model=cfg.train.model)
         return run.info.run_id

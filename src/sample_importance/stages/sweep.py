@@ -21,7 +21,7 @@ from .. import mlflow_io, plots, workers
 from ..config import SWEEP_METRICS, SweepConfig
 from ..errors import Stopped
 from ..training import DivergenceError
-from .train import run_train, train_many
+from ..runs import get_or_train, run_train
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # matplotlib plots
 
@@ -140,8 +140,8 @@ def _trial(cfg: SweepConfig, trial: optuna.Trial, parent: str, seeds: list[int],
                 if trial.should_prune():
                     raise Stopped(f"trial {trial.number} pruned at epoch {epoch + 1}")
 
-            ids = train_many([dataclasses.replace(cfg.train_config(), lr=lr, seed=seed) for seed in seeds],
-                             cfg.parallel_models, verbose=False, epoch_callback=report)
+            ids = get_or_train([dataclasses.replace(cfg.train_config(), lr=lr, seed=seed) for seed in seeds],
+                               cfg.parallel_models, verbose=False, epoch_callback=report)
             values = [mlflow_io.metric_series(i, cfg.metric)[-1] for i in ids]
             taus = [mlflow_io.load_dynamics(i).total_importance for i in ids]
             value = float(np.mean(values))
