@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, all_runs, private_store
 from sample_importance import dynamics as dyn
-from sample_importance import load_dynamics, mlflow_io
+from sample_importance import liveness, load_dynamics, mlflow_io
 from sample_importance.stages import train as train_stage
 from sample_importance.config import TrainRunConfig
 from sample_importance.dynamics import DynamicsError
@@ -78,7 +78,7 @@ def test_a_planted_checkpoint_is_never_executed_nor_resumed_unasked(tracking, ca
     # A run tagged with this user's name but whose checkpoint file belongs to another account is
     # not resumed unasked either (tags are writable by anyone who can reach the server).
     if os.getuid() == 0:
-        other = _plant(dataclasses.replace(cfg, seed=1), marker, user=mlflow_io.user(), uid=4242)
+        other = _plant(dataclasses.replace(cfg, seed=1), marker, user=liveness.user(), uid=4242)
         second = train_entry.main(args + ["--seed=1"])
         assert second != other and not marker.exists()
 
@@ -497,8 +497,8 @@ def interrupt_on_usr1(monkeypatch):
     """`_cli`'s interrupt handler on SIGUSR1 (holding at most 0.5 s), restored afterwards."""
     import _cli
 
-    monkeypatch.setattr(_cli._Interrupt, "HOLD_S", 0.5)
-    previous = signal.signal(signal.SIGUSR1, _cli._Interrupt())
+    monkeypatch.setattr(_cli.HeldInterrupt, "HOLD_S", 0.5)
+    previous = signal.signal(signal.SIGUSR1, _cli.HeldInterrupt())
     yield
     signal.signal(signal.SIGUSR1, previous)
     sys.setprofile(None)

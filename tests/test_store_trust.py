@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import all_runs
 from sample_importance import dynamics as dyn
-from sample_importance import load_dynamics, mlflow_io
+from sample_importance import liveness, load_dynamics, mlflow_io
 from sample_importance.config import TrainRunConfig
 from sample_importance.stages import train as train_stage
 
@@ -136,10 +136,10 @@ def test_a_symlinked_checkpoint_or_lock_is_never_followed(tracking, monkeypatch,
 
     # A planted lock file that links elsewhere: nothing is created where it points.
     target = tracking / "attacker-chosen"
-    lock = folder.parent.parent / mlflow_io.LOCK_FILE
+    lock = folder.parent.parent / liveness.LOCK_FILE
     lock.unlink(missing_ok=True)
     lock.symlink_to(target)
-    with pytest.raises(mlflow_io.RunLockError, match="symbolic link is never followed"):
+    with pytest.raises(liveness.RunLockError, match="symbolic link is never followed"):
         with mlflow_io.claim(killed):
             pass
     assert not target.exists()
@@ -210,7 +210,7 @@ def test_a_planted_running_run_of_another_machine_loses_its_claim(tracking, caps
     cfg = TrainRunConfig(**TINY)
     client = MlflowClient()
     exp = mlflow.get_experiment_by_name("Default").experiment_id
-    stale = int((time.time() - 2 * mlflow_io.LEASE_S) * 1000)
+    stale = int((time.time() - 2 * liveness.LEASE_S) * 1000)
     blocker = client.create_run(exp, run_name="planted", start_time=stale, tags={
         mlflow_io.TAG_ENTRY_POINT: "train", mlflow_io.TAG_FINGERPRINT: cfg.fingerprint(),
         mlflow_io.TAG_OWNER: "elsewhere:1", mlflow_io.TAG_USER: "mallory@elsewhere\x1b[2J"}).info.run_id

@@ -6,15 +6,10 @@ The tracking store is MLflow's default (SQLite `mlflow.db` in the working direct
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import getpass
 import os
 import shutil
-import socket
 import sys
-import stat
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +23,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import dynamics as dyn
+from . import liveness
+from .liveness import RunBusyError, owner, user
 from .errors import Stopped, UserError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in logs
@@ -43,23 +40,7 @@ TAG_OWNER = "sample_importance.owner"  # host:pid of the process running the run
 TAG_USER = "sample_importance.user"  # user@host that created the run: the one who may resume it unasked
 TAG_HEARTBEAT = "sample_importance.heartbeat"  # Unix time of the owner's last sign of life (every HEARTBEAT_S)
 TAG_DAMAGED = "sample_importance.damaged"  # why its checkpoint cannot be resumed from (then it never is)
-HEARTBEAT_S = 60.0
-LEASE_S = 900.0  # a RUNNING run of another machine with no heartbeat for this long has lost its claim
-PARENT_PID_VAR = "SAMPLE_IMPORTANCE_PARENT_PID"  # a launched step watches this process id and ends with it
-LOCK_FILE = "sample_importance.lock"  # beside a run's local artifact folder: held by the process working on it
-
-
-def owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def user() -> str:
-    """This process's user and machine, as recorded in TAG_USER."""
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):  # no user name for this uid (some containers)
-        name = f"uid{os.getuid()}"
-    return f"{name}@{socket.gethostname()}"
+_HEARTBEAT = liveness.Heartbeat(lambda run_id: MlflowClient().set_tag(run_id, TAG_HEARTBEAT, str(int(time.time()))))
 
 
 def shown(text: object, limit: int = 300) -> str:
@@ -70,80 +51,21 @@ def shown(text: object, limit: int = 300) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-class _Heartbeat:
-    """One daemon thread that sets TAG_HEARTBEAT on every RUNNING run this process owns, every
-    HEARTBEAT_S: the lease by which other machines tell a live run from one whose machine died
-    (`reap_orphans`). Its writes are best effort (a store that is briefly unreachable is retried
-    at the next beat)."""
-
-    def __init__(self) -> None:
-        self.runs: set[str] = set()
-        self.lock = threading.Lock()
-        self.thread: threading.Thread | None = None
-
-    def add(self, run_id: str) -> None:
-        with self.lock:
-            self.runs.add(run_id)
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._beat, name="run-heartbeat", daemon=True)
-                self.thread.start()
-
-    def remove(self, run_id: str) -> None:
-        with self.lock:
-            self.runs.discard(run_id)
-
-    def _beat(self) -> None:
-        while True:
-            time.sleep(HEARTBEAT_S)
-            with self.lock:
-                runs = list(self.runs)
-            for run_id in runs:
-                with contextlib.suppress(Exception):
-                    MlflowClient().set_tag(run_id, TAG_HEARTBEAT, str(int(time.time())))
-
-
-_HEARTBEAT = _Heartbeat()
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def reap_orphans() -> list[str]:
     """Mark FAILED every RUNNING run whose process is gone: on this machine, a process that no
     longer exists (killed with -9); on another machine, one whose heartbeat (TAG_HEARTBEAT, else
     its start) is older than LEASE_S (that machine died, or the run was planted to block its
     configuration). No run stays RUNNING forever, and no claim holds without a live owner."""
-    host = socket.gethostname()
     try:
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER}` LIKE '%:%'")
     except MlflowException:
         return []
-    reaped, now = [], time.time()
+    reaped = []
     for run in runs:
         owner_tag = run.data.tags[TAG_OWNER]
-        owner_host, _, pid = owner_tag.rpartition(":")
-        if owner_host == host:
-            if not (pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))):
-                continue
-            reason = f"its process ({shown(owner_tag)}) died"
-        else:
-            try:
-                beat = float(run.data.tags.get(TAG_HEARTBEAT, "0"))
-            except ValueError:
-                beat = 0.0
-            silent = now - max(beat, (run.info.start_time or 0) / 1000)
-            if not silent > LEASE_S:
-                continue
-            reason = f"its process ({shown(owner_tag)}) sent no heartbeat for {silent / 60:.0f} minutes"
-        if _reap(run.info.run_id, owner_tag, reason):
+        reason = liveness.gone(owner_tag, run.data.tags.get(TAG_HEARTBEAT, "0"), (run.info.start_time or 0) / 1000)
+        if reason is not None and _reap(run.info.run_id, owner_tag, shown(reason)):
             reaped.append(run.info.run_id)
     return reaped
 
@@ -167,25 +89,6 @@ def _reap(run_id: str, dead_owner: str, reason: str) -> bool:
         return False
 
 
-def database_call(frame):
-    """The outermost frame, among `frame` and its callers, that runs SQL store code (SQLAlchemy,
-    MLflow's SQL stores and database utilities, Optuna's RDB storage), or None. An interrupt
-    raised inside such a call can leave a SQLite database locked: the run's own last writes then
-    wait 20 s each for the lock and fail, and the run stays RUNNING."""
-    if "sqlalchemy" not in sys.modules:  # nothing has opened a SQL store
-        return None
-    store = os.path.dirname(mlflow.store.__file__) + os.sep
-    places = (store + "db" + os.sep, *(os.path.dirname(sys.modules[name].__file__) + os.sep
-                                      for name in ("sqlalchemy", "optuna.storages._rdb") if name in sys.modules))
-    outermost = None
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if name.startswith(places) or (name.startswith(store) and os.path.basename(name).startswith("sqlalchemy_")):
-            outermost = frame
-        frame = frame.f_back
-    return outermost
-
-
 class StoreError(UserError):
     """The tracking store cannot be used (unreachable, unsupported, a driver missing)."""
 
@@ -204,12 +107,8 @@ def check_store() -> None:
     if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
         database = Path(unquote(uri[len("sqlite:///"):]))
         if database.parent.is_dir():
-            fd = os.open(f"{database}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            with liveness.waiting_lock(Path(f"{database}.lock")):
                 _probe(uri)
-            finally:
-                os.close(fd)
             return
     _probe(uri)
 
@@ -503,10 +402,6 @@ def load_dynamics(run_id: str, allow_partial: bool = False) -> dyn.Dynamics:
         raise dyn.DynamicsError(f"Run {run_id}: {exc}") from None
 
 
-class RunBusyError(UserError):
-    """Another process is working on the run."""
-
-
 def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, checkpoint: str) -> str | None:
     """The run to continue: `run_id` if given (it must hold a checkpoint), else the newest unfinished
     run with this configuration whose process is gone, which left a checkpoint, and which this user
@@ -545,7 +440,7 @@ def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, 
         path = None if local is None else local / subdir / checkpoint
         if path is None or not os.path.lexists(path):
             continue
-        if tags.get(TAG_USER) == me and _mine(local.parent, local, path.parent, path):
+        if tags.get(TAG_USER) == me and liveness.owned_by_me(local.parent, local, path.parent, path):
             problem = dyn.load_problem(path)
             if problem is None:
                 return run.info.run_id
@@ -561,18 +456,6 @@ def resumable_run(entry_point: str, fingerprint: str, run_id: str, subdir: str, 
     return None
 
 
-def _mine(*paths: Path) -> bool:
-    """Whether every path is this user's own and no symbolic link (the folders down to a file, and
-    the file a plain one): a run's folder planted in a shared store may hold links to the user's
-    files, which a check that follows them would take for the user's own."""
-    try:
-        modes = [os.lstat(p) for p in paths]
-    except OSError:
-        return False
-    return (all(m.st_uid == os.getuid() and not stat.S_ISLNK(m.st_mode) for m in modes)
-            and stat.S_ISREG(modes[-1].st_mode))
-
-
 def check_still_resumable(run_id: str, subdir: str, checkpoint: str) -> None:
     """Under the run's lock: raise RunBusyError if another process resumed and ended it meanwhile."""
     run = get_run(run_id)
@@ -584,48 +467,14 @@ def check_still_resumable(run_id: str, subdir: str, checkpoint: str) -> None:
 
 @contextlib.contextmanager
 def claim(run_id: str) -> Iterator[None]:
-    """Hold an exclusive lock on the run for as long as this process works on it (a lock file
-    beside its local artifact folder; the operating system releases it when the process ends,
-    however it ends). Raises RunBusyError at once if another process holds it. Runs with a remote
-    artifact store are never resumed, so they need no lock."""
+    """Hold the run's lock (`liveness.lock`, beside its local artifact folder) for as long as this
+    process works on it. Runs with a remote artifact store are never resumed, so they need no lock."""
     local = _local_path(get_run(run_id).info.artifact_uri)
     if local is None:
         yield
         return
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_lock(run_id, local.parent / LOCK_FILE)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunBusyError(f"Run {run_id} is being worked on by another process on this machine: wait for it "
-                               f"to finish (the results go to run {run_id}), or stop that process first.") from None
+    with liveness.lock(run_id, local.parent):
         yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _open_lock(run_id: str, path: Path) -> int:
-    """The lock file's descriptor: created exclusively, or opened without following a link (a planted
-    link would make this process create or lock a file wherever it points); a plain file only."""
-    nofollow = getattr(os, "O_NOFOLLOW", 0)
-    try:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
-        except FileExistsError:
-            fd = os.open(path, os.O_RDWR | nofollow)
-    except OSError as exc:
-        raise RunLockError(f"Run {run_id}'s lock file {path} cannot be used ({exc.strerror or exc}; a symbolic "
-                           "link is never followed): delete that run, or that file if you made it.") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise RunLockError(f"Run {run_id}'s lock file {path} is not a plain file: delete that run, or that file if "
-                           "you made it.")
-    return fd
-
-
-class RunLockError(UserError):
-    """A run's lock file is not one this project made (a link, a folder)."""
 
 
 def find_finished_run(entry_point: str, fingerprint: str) -> str | None:
@@ -661,7 +510,7 @@ def _complete_run(fingerprint: str) -> str | None:
         if local is None or TAG_MODEL_URI not in tags or any(t in tags for t in (TAG_DIVERGED, TAG_STOPPED)):
             continue
         folder = local / dyn.DIRNAME
-        if os.path.lexists(folder / dyn.CHECKPOINT) or not _mine(local.parent, local, folder, folder / dyn.METADATA):
+        if os.path.lexists(folder / dyn.CHECKPOINT) or not liveness.owned_by_me(local.parent, local, folder, folder / dyn.METADATA):
             continue
         try:
             dyn.load_dir(folder)  # complete, every checksum right
@@ -701,7 +550,7 @@ def launch_child(project_dir: str | Path, entry_point: str, parameters: dict, ru
     client = MlflowClient()
     child = client.create_run(parent.info.experiment_id, run_name=run_name,
                               tags={"mlflow.parentRunId": parent.info.run_id})
-    os.environ[PARENT_PID_VAR] = str(os.getpid())  # inherited by the step, which ends when this process ends
+    os.environ[liveness.PARENT_PID_VAR] = str(os.getpid())  # inherited by the step, which ends when this process ends
     try:
         mlflow.projects.run(str(project_dir), entry_point=entry_point,
                             parameters={k: str(v) for k, v in parameters.items()},

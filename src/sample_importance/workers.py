@@ -22,7 +22,7 @@ from typing import Callable
 
 import optuna
 
-from . import mlflow_io
+from . import liveness, mlflow_io
 from .errors import ConfigError
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, enqueue attrs
@@ -115,7 +115,7 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(ATTR_OWNER, "")
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not mlflow_io.process_alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not liveness.process_alive(int(pid)):
             try:
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -150,7 +150,7 @@ def share(name: str, storage: str, heartbeat: int, count: int, work: Callable[[i
             if other.user_attrs.get(ATTR_JOB) == k and other.number < trial.number:
                 trial.set_user_attr("duplicate_of", other.number)
                 raise optuna.TrialPruned()
-        trial.set_user_attr(ATTR_OWNER, mlflow_io.owner())
+        trial.set_user_attr(ATTR_OWNER, liveness.owner())
         try:
             work(k, lambda run_id: trial.set_user_attr(ATTR_RUN, run_id))
         except Exception as exc:

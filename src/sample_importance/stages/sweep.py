@@ -17,7 +17,7 @@ import numpy as np
 import optuna
 from scipy.stats import spearmanr
 
-from .. import mlflow_io, plots, workers
+from .. import liveness, mlflow_io, plots, workers
 from ..config import SWEEP_METRICS, SweepConfig
 from ..errors import Stopped
 from ..training import DivergenceError
@@ -117,7 +117,7 @@ def _reference_tau(cfg: SweepConfig, seed: int) -> np.ndarray:
         try:
             print(f"training the reference run (lr={cfg.reference_lr}, seed {seed})", flush=True)
             run_id = run_train(ref, quiet=True)
-        except mlflow_io.RunBusyError:  # another worker trains it right now: use its run
+        except liveness.RunBusyError:  # another worker trains it right now: use its run
             print("another worker trains the reference run; waiting for it", flush=True)
             run_id = mlflow_io.wait_for_finished_run("train", ref.fingerprint())
     return mlflow_io.load_dynamics(run_id).total_importance
@@ -129,7 +129,7 @@ def _trial(cfg: SweepConfig, trial: optuna.Trial, parent: str, seeds: list[int],
                                   {"sample_importance.entry_point": "trial", "optuna.study": cfg.name(),
                                    "optuna.trial": str(trial.number)})
     trial.set_user_attr(workers.ATTR_RUN, run_id)
-    trial.set_user_attr(workers.ATTR_OWNER, mlflow_io.owner())
+    trial.set_user_attr(workers.ATTR_OWNER, liveness.owner())
     per_epoch = SWEEP_METRICS[cfg.metric]
     try:
         with mlflow_io.start_run(f"trial {trial.number} lr={lr:.4g}", "trial", run_id=run_id):
