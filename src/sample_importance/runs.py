@@ -296,7 +296,7 @@ def get_or_train(cfgs: list[TrainConfig], parallel_models: int = 0, *, storage: 
         c = cfgs[k]
         groups.setdefault((c.dataset, c.subset, c.model, c.depth, c.width, c.norm, c.channels, c.track, c.batch_size,
                            c.epochs, c.device, c.attribute_to, c.target_size, c.target_every), []).append(k)
-    parent = mlflow_io.active_run_id()
+    parent = mlflow_io.active_run_id() if groups else ""  # the runs trained here nest under the active run
     errors, group = [], 0
     for members in groups.values():
         size, batched = group_size(cfgs[members[0]], len(members), parallel_models)

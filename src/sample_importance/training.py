@@ -200,18 +200,17 @@ def fit_many(
 
     The models share the training inputs, epochs, batch size and device; each has its own labels
     (datas[m].y_train: label noise), presentation order, learning rate, weight decay and sample
-    weights. `batched` (True or None: whenever the models are MLPs of one shape and no on_batch
-    probe is given) trains them as one stacked computation (`stacked.StackedMLP`); otherwise (or
-    with False) the loop steps each model in turn. `on_epoch(m, record)` gets model m's finished epoch (its parameters are
-    current in models[m]); returning False stops training model m. `on_epoch_end(epoch, metrics)`
-    follows with the metrics of every model that finished the epoch.
+    weights. How a step is taken is a strategy: `StackedSteps` (one stacked computation, when
+    `batched` is True or None and the models are MLPs of one shape under plain SGD, no on_batch
+    probe, one process, no attribution) or `PerModelSteps` (each model in turn).
+    `on_epoch(m, record)` gets model m's finished epoch (its parameters are current in models[m]);
+    returning False stops training model m. `on_epoch_end(epoch, metrics)` follows with the metrics
+    of every model that finished the epoch.
 
     Returns, per model, its FitResult, the DivergenceError that stopped it, or None if on_epoch
     stopped it. A diverging model stops alone; the others go on.
     """
-    M = len(models)
-    cfg = cfgs[0]
-    n = datas[0].n_train
+    M, cfg, n = len(models), cfgs[0], datas[0].n_train
     for c, d in zip(cfgs, datas):
         if _shared(c) != _shared(cfg) or d.x_train.shape != datas[0].x_train.shape:
             raise ValueError("fit_many trains models on the same inputs, epochs, batch size, device, track and target")
@@ -223,22 +222,14 @@ def fit_many(
     device = resolve_device(cfg.device)
     for model in models:
         model.to(device)
-    optimizers = [make_optimizer(m, c) if o is None else o
-                  for m, c, o in zip(models, cfgs, optimizers or [None] * M)]
-    classes = datas[0].num_classes
+    optimizers = [make_optimizer(m, c) if o is None else o for m, c, o in zip(models, cfgs, optimizers or [None] * M)]
     dtype = next(models[0].parameters()).dtype
     rank, world = distributed.rank_and_world()
     if world > 1:
         check_data_parallel(cfg, n, M, world)
-    # Batched where it can be (MLPs of one shape, plain SGD, no per-model probe, one process); otherwise in turn.
     importance_on = track and cfg.track == "importance"  # track=outputs: the per-sample statistics alone
     attributing = importance_on and cfg.attribute_to != "none"  # in-run attribution to datas[m]'s target set
-    batched = batched is not False and on_batch is None and StackedMLP.stackable(models) and \
-        not any(c.momentum for c in cfgs) and world == 1 and not attributing
-    # Data-parallel (torchrun): each process steps its share of every batch through DDP, which
-    # averages the processes' gradients (grad_scale = world undoes the average's 1/world).
-    steppers = [torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m for m in models]
-    stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs]) if batched else None
+    columns = importance_columns(models[0])[0] if importance_on else []
 
     # The data and each epoch's presentation orders live on the device; batches are gathered there.
     x_train = torch.as_tensor(datas[0].x_train, device=device, dtype=dtype)  # (n, d)
@@ -249,21 +240,10 @@ def fit_many(
                                torch.as_tensor(w, device=device, dtype=dtype) for w in sample_weights])  # (M, n)
     x_test = torch.as_tensor(datas[0].x_test, device=device, dtype=dtype)
     y_test = torch.as_tensor(datas[0].y_test, device=device)
-    rows = torch.arange(M, device=device).unsqueeze(1)  # (M, 1): scatters each model's batch into its row
-    targets = [Target(d, device, dtype) for d in datas] if attributing else None
-
-    # One recorder per model for the whole run (hooks on its layers, summed into the model's importance
-    # columns), unless stacked or not recording importance.
-    recorders = [ImportanceRecorder(m, batchnorm=c.batchnorm, groups=importance_groups(m))
-                 if importance_on and stack is None else None for m, c in zip(models, cfgs)]
-    columns = importance_columns(models[0])[0] if importance_on else []
-    layers = len(columns)
-    for rec in recorders:
-        assert rec is None or rec.group_names == columns, (rec.group_names, columns)
-    steps_per_epoch = -(-n // cfg.batch_size)
-    if attributing:
-        for m in range(M):
-            targets[m].start(models[m])
+    stackable = batched is not False and on_batch is None and StackedMLP.stackable(models) and \
+        not any(c.momentum for c in cfgs) and world == 1 and not attributing
+    steps = StackedSteps(models, cfgs, importance_on) if stackable else \
+        PerModelSteps(models, datas, cfgs, optimizers, importance_on, attributing, columns, world, on_batch)
     try:
         results: list[FitResult | DivergenceError | None] = [None] * M
         live = [True] * M
@@ -271,10 +251,7 @@ def fit_many(
         for epoch in range(start_epoch, cfg.epochs):
             start = time.perf_counter()
             # Per-epoch buffers indexed by (model, sample_id), filled on the device, copied to the host once.
-            importance = torch.zeros(M, n, layers, device=device, dtype=dtype)
-            loss = torch.zeros(M, n, device=device, dtype=dtype)
-            logits = torch.zeros(M, n, classes, device=device, dtype=dtype)
-            contribution = torch.zeros(M, n, layers, device=device, dtype=dtype) if attributing else None
+            buffers = EpochBuffers.zeros(M, n, len(columns), datas[0].num_classes, attributing, device, dtype)
             order_dev = torch.as_tensor(np.stack([o[epoch] for o in orders]), device=device)  # (M, n): one copy an epoch
             for model in models:
                 model.train()
@@ -284,40 +261,23 @@ def fit_many(
                 if world > 1:
                     ids = ids.tensor_split(world, dim=1)[rank]  # (M, B / world): this process's share
                 w = None if weights is None else weights.gather(1, ids)
-                if stack is not None:
-                    rec = stack.step(x_train[ids], y_train.gather(1, ids), track=importance_on, weight=w)
-                    _store((rows, ids), rec, importance, loss, logits, importance_on)
-                    continue
-                for m in (m for m in range(M) if live[m]):
-                    if on_batch is not None:
-                        on_batch(models[m], ids[m])
-                    target = None
-                    if attributing:
-                        target = targets[m].gradient(models[m], recorders[m], (epoch * steps_per_epoch + j) % cfg.target_every == 0)
-                    rec = sgd_step(steppers[m], optimizers[m], x_train[ids[m]], y_train[m, ids[m]],
-                                   track=importance_on, weight=None if w is None else w[m], recorder=recorders[m],
-                                   batch_size=size, grad_scale=world, target=target)
-                    _store((m, ids[m]), rec, importance, loss, logits, importance_on)
-                    if attributing:
-                        contribution[m, ids[m]] = rec.contribution
-                        targets[m].stepped(models[m])
-            if stack is not None:
-                stack.write_back()
+                steps.step(epoch * -(-n // cfg.batch_size) + j, x_train, y_train, ids, w, size, buffers, live)
+            steps.end_epoch()
             if world > 1:  # every process gets every sample's entries (zeros where another trained it)
-                distributed.sum_over_processes([importance, loss, logits] + ([contribution] if attributing else []))
+                distributed.sum_over_processes(buffers.tensors())
             seconds = time.perf_counter() - start
-            p_true, correct, error_l2 = sample_statistics(logits, loss, y_train)
-            host = [_host32(t) for t in (importance, loss, p_true, error_l2)] + [correct.cpu().numpy()]
-            contribution = None if contribution is None else _host32(contribution)
+            p_true, correct, error_l2 = sample_statistics(buffers.logits, buffers.loss, y_train)
+            host = [_host32(t) for t in (buffers.importance, buffers.loss, p_true, error_l2)] + [correct.cpu().numpy()]
+            contribution = None if buffers.contribution is None else _host32(buffers.contribution)
             # End-of-epoch evaluation of the training set (one extra forward pass; a backward pass too at
             # early_epoch), each array stacked over models and copied to the host once.
             start = time.perf_counter()
             evaluated = [m for m in range(M) if track and live[m] and cfgs[m].eval_train]
             for m in evaluated:
                 models[m].eval()
-            evals = [evaluate_train(models[m], x_train, y_train[m], importance_on and epoch + 1 == cfgs[m].early_epoch,
-                                    recorder=recorders[m]) for m in evaluated]
-            evals = _to_host(evaluated, evals)
+            evals = _to_host(evaluated, [evaluate_train(models[m], x_train, y_train[m], importance_on and
+                                                        epoch + 1 == cfgs[m].early_epoch, recorder=steps.recorders[m])
+                                         for m in evaluated])
             eval_seconds = time.perf_counter() - start
             finished = []
             for m in (m for m in range(M) if live[m]):
@@ -330,29 +290,11 @@ def fit_many(
                 except DivergenceError as exc:
                     results[m], live[m] = exc, False
                     continue
-                model = models[m]
-                model.eval()
-                test_loss, test_correct = evaluate(model, x_test, y_test)
-                layer_totals = record.importance.sum(0, dtype=np.float64)  # B_d^t
-                record.metrics = {
-                    "train_loss": float(record.loss.mean(dtype=np.float64)),
-                    "train_error": float(1.0 - record.correct.mean()),
-                    "test_loss": float(test_loss.double().mean()),
-                    "test_error": float(1.0 - test_correct.double().mean()),
-                    "importance_total": float(layer_totals.sum()),  # A^t
-                    **{f"importance_{name}": float(v) for name, v in zip(columns, layer_totals)},
-                    "epoch_seconds": seconds,  # of the whole loop: all M models
-                    "samples_per_second": n / seconds,  # per model
-                }
+                models[m].eval()
+                record.metrics = epoch_metrics(record, models[m], x_test, y_test, columns, seconds, eval_seconds)
                 if attributing:
                     record.contribution = contribution[m]
-                    record.metrics |= targets[m].epoch_metrics(model, record.contribution, columns)
-                if record.eval_loss is not None:
-                    record.metrics |= {
-                        "eval_train_loss": float(record.eval_loss.mean(dtype=np.float64)),  # end-of-epoch parameters
-                        "eval_train_error": float(1.0 - record.eval_correct.mean()),
-                        "eval_seconds": eval_seconds,  # the end-of-epoch evaluation of all M models
-                    }
+                    record.metrics |= steps.targets[m].epoch_metrics(models[m], record.contribution, columns)
                 histories[m].append(record.metrics)
                 finished.append(record.metrics)
                 if on_epoch is not None and on_epoch(m, record) is False:
@@ -368,7 +310,131 @@ def fit_many(
             results[m] = FitResult(models[m], final_loss.cpu().numpy().astype(np.float32), histories[m])
         return results
     finally:
-        for rec in recorders:
+        steps.close()
+
+
+def epoch_metrics(record: EpochRecord, model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
+                  columns: list[str], seconds: float, eval_seconds: float) -> dict[str, float]:
+    """One model's figures of a finished epoch: in-batch training loss and error, test loss and
+    error under the end-of-epoch parameters (model in eval mode), the importance totals A^t and
+    B_d^t, the time of the loop (all models together), and the end-of-epoch evaluation's."""
+    n = len(record.loss)
+    test_loss, test_correct = evaluate(model, x_test, y_test)
+    layer_totals = record.importance.sum(0, dtype=np.float64)  # B_d^t
+    metrics = {
+        "train_loss": float(record.loss.mean(dtype=np.float64)),
+        "train_error": float(1.0 - record.correct.mean()),
+        "test_loss": float(test_loss.double().mean()),
+        "test_error": float(1.0 - test_correct.double().mean()),
+        "importance_total": float(layer_totals.sum()),  # A^t
+        **{f"importance_{name}": float(v) for name, v in zip(columns, layer_totals)},
+        "epoch_seconds": seconds,  # of the whole loop: all models
+        "samples_per_second": n / seconds,  # per model
+    }
+    if record.eval_loss is not None:
+        metrics |= {
+            "eval_train_loss": float(record.eval_loss.mean(dtype=np.float64)),  # end-of-epoch parameters
+            "eval_train_error": float(1.0 - record.eval_correct.mean()),
+            "eval_seconds": eval_seconds,  # the end-of-epoch evaluation of all models
+        }
+    return metrics
+
+
+@dataclass
+class EpochBuffers:
+    """One epoch's per-sample quantities of M models on the device, indexed by (model, sample_id)."""
+
+    importance: torch.Tensor  # (M, n, layers)
+    loss: torch.Tensor  # (M, n)
+    logits: torch.Tensor  # (M, n, classes)
+    contribution: torch.Tensor | None  # (M, n, layers) with in-run attribution, else None
+
+    @classmethod
+    def zeros(cls, M: int, n: int, layers: int, classes: int, attributing: bool, device, dtype) -> "EpochBuffers":
+        z = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+        return cls(z(M, n, layers), z(M, n), z(M, n, classes), z(M, n, layers) if attributing else None)
+
+    def store(self, where, rec, track: bool) -> None:
+        """Scatter a step's per-sample quantities at `where` (an index)."""
+        if track:
+            self.importance[where] = rec.importance
+        self.loss[where] = rec.loss
+        self.logits[where] = rec.logits
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.importance, self.loss, self.logits] + ([] if self.contribution is None else [self.contribution])
+
+
+class StackedSteps:
+    """The step strategy for MLPs of one shape under plain SGD: all M models as one stacked
+    computation (`stacked.StackedMLP`), importance through the Linear rule."""
+
+    def __init__(self, models: list[torch.nn.Module], cfgs: list[TrainConfig], importance_on: bool):
+        self.stack = StackedMLP(models, [c.lr for c in cfgs], [c.weight_decay for c in cfgs])
+        self.importance_on = importance_on
+        self.recorders = [None] * len(models)  # the end-of-epoch evaluation records through none
+        self.targets = None
+        self.rows = None
+
+    def step(self, step: int, x_train, y_train, ids, w, size: int, buffers: EpochBuffers, live: list[bool]) -> None:
+        if self.rows is None:
+            self.rows = torch.arange(len(ids), device=ids.device).unsqueeze(1)  # (M, 1): each model's row
+        rec = self.stack.step(x_train[ids], y_train.gather(1, ids), track=self.importance_on, weight=w)
+        buffers.store((self.rows, ids), rec, self.importance_on)
+
+    def end_epoch(self) -> None:
+        self.stack.write_back()
+
+    def close(self) -> None:
+        pass
+
+
+class PerModelSteps:
+    """The step strategy for any models: each in turn through `step.sgd_step`, with its own
+    recorder for the whole run (hooks on its layers, summed into its importance columns), its
+    optimizer (momentum, Nesterov), its share of a data-parallel batch (DDP) and its in-run
+    attribution target."""
+
+    def __init__(self, models, datas, cfgs, optimizers, importance_on: bool, attributing: bool, columns: list[str],
+                 world: int, on_batch):
+        self.models, self.cfgs, self.optimizers = models, cfgs, optimizers
+        self.importance_on, self.world, self.on_batch = importance_on, world, on_batch
+        # Data-parallel (torchrun): each process steps its share of every batch through DDP, which
+        # averages the processes' gradients (grad_scale = world undoes the average's 1/world).
+        self.steppers = [torch.nn.parallel.DistributedDataParallel(m) if world > 1 else m for m in models]
+        self.recorders = [ImportanceRecorder(m, batchnorm=c.batchnorm, groups=importance_groups(m))
+                          if importance_on else None for m, c in zip(models, cfgs)]
+        for rec in self.recorders:
+            assert rec is None or rec.group_names == columns, (rec.group_names, columns)
+        self.targets = None
+        if attributing:
+            dtype = next(models[0].parameters()).dtype
+            device = next(models[0].parameters()).device
+            self.targets = [Target(d, device, dtype) for d in datas]
+            for target, model in zip(self.targets, models):
+                target.start(model)
+
+    def step(self, step: int, x_train, y_train, ids, w, size: int, buffers: EpochBuffers, live: list[bool]) -> None:
+        for m in (m for m in range(len(self.models)) if live[m]):
+            model = self.models[m]
+            if self.on_batch is not None:
+                self.on_batch(model, ids[m])
+            target = None
+            if self.targets is not None:
+                target = self.targets[m].gradient(model, self.recorders[m], step % self.cfgs[m].target_every == 0)
+            rec = sgd_step(self.steppers[m], self.optimizers[m], x_train[ids[m]], y_train[m, ids[m]],
+                           track=self.importance_on, weight=None if w is None else w[m], recorder=self.recorders[m],
+                           batch_size=size, grad_scale=self.world, target=target)
+            buffers.store((m, ids[m]), rec, self.importance_on)
+            if target is not None:
+                buffers.contribution[m, ids[m]] = rec.contribution
+                self.targets[m].stepped(model)
+
+    def end_epoch(self) -> None:
+        pass
+
+    def close(self) -> None:
+        for rec in self.recorders:
             if rec is not None:
                 rec.close()
 
@@ -448,14 +514,6 @@ class Target:
         if change != 0:
             out["target_explained"] = first / change
         return out
-
-
-def _store(where, rec, importance, loss, logits, track: bool) -> None:
-    """Scatter a step's per-sample quantities into the epoch buffers at `where` (an index)."""
-    if track:
-        importance[where] = rec.importance
-    loss[where] = rec.loss
-    logits[where] = rec.logits
 
 
 def _to_host(models: list[int], evals: list[tuple[torch.Tensor, ...]]) -> dict[int, list[np.ndarray]]:
