@@ -23,12 +23,6 @@ TRACKS = ("importance", "outputs")
 ATTRIBUTION_TARGETS = ("none", "test", "holdout")  # attribute_to: the target set V of in-run attribution
 ATTRIBUTION_DETAILS = ("target_size", "target_every")  # what attribute_to=none leaves unused
 NOT_RESULT = ("data_dir", "device", "parallel_models")  # how a result is computed, not what it is
-# Options added after runs existed: at these values a configuration keeps its older fingerprint.
-LATER_DEFAULTS = {"model": "mlp", "label_noise": 0.0, "norm": "group", "channels": 0, "track": "importance",
-                  "batchnorm": "refuse", "momentum": 0.0, "nesterov": 0, "attribute_to": "none", "target_size": 1000,
-                  "target_every": 1}
-
-
 def fingerprint_of(key: dict) -> str:
     """The one fingerprint function: a short hash of a JSON-able key (how finished runs are found)."""
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -39,7 +33,7 @@ def _fingerprint(fields: dict) -> str:
     defaults left out)."""
     idle = ATTRIBUTION_DETAILS if fields.get("attribute_to", "none") == "none" else ()  # no target: no size or schedule
     return fingerprint_of({k: v for k, v in fields.items() if k not in NOT_RESULT and k not in idle
-                           and LATER_DEFAULTS.get(k, object()) != v})
+                           and LATER_DEFAULTS.get(k, object()) != v})  # LATER_DEFAULTS: from the fields, below
 DEFAULT_DATA_DIR = str(Path.home() / ".cache" / "sample-importance")
 MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit integers for torch's and numpy's generators
 MAX_RUNS = 1000  # training runs one stage may ask for (seeds x methods x architectures)
@@ -48,12 +42,18 @@ MAX_RUNS = 1000  # training runs one stage may ask for (seeds x methods x archit
 SEEDS_HELP = "seeds (seed, seed+1, ...) trained when train_run_ids is empty"  # every stage that trains several
 
 
-def opt(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None):
+def opt(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
+        later: bool = False, per_model: bool = False):
     """A configuration field: its default, its one line of help (what the command line and the
     MLproject show) and the values it accepts (`choices`, or bounds ge/gt/le/lt), written once,
-    beside the field; `check_fields` turns them into the one-sentence errors."""
+    beside the field; `check_fields` turns them into the one-sentence errors.
+
+    A training option also says `later` (added after runs existed: at its default it is left out of
+    the fingerprint, so the runs made before keep theirs; every new option says so) and `per_model`
+    (models trained together in one loop may differ in it; the others they share)."""
     limits = {k: v for k, v in {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
-    return dataclasses.field(default=default, metadata={"help": help, **limits})
+    flags = {k: True for k, v in (("later", later), ("per_model", per_model)) if v}
+    return dataclasses.field(default=default, metadata={"help": help, **limits, **flags})
 
 
 def block(cls: type, help: str):
@@ -172,30 +172,30 @@ class Options:
 @dataclass(frozen=True)
 class TrainConfig(Options):
     dataset: str = opt("digits", " | ".join(f"{name} ({text})" for name, text in DATASETS.items()), choices=tuple(DATASETS))
-    data_dir: str = opt(DEFAULT_DATA_DIR, 'folder where torchvision datasets are read (and downloaded to)')
+    data_dir: str = opt(DEFAULT_DATA_DIR, 'folder where torchvision datasets are read (and downloaded to)', per_model=True)
     subset: int = opt(0, 'keep the first n training samples; 0 = all', ge=0)
-    model: str = opt("mlp", "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear) | resnet20 | vgg16 | mobilenet (Lee et al.'s architectures) | package.module:factory (your own: factory(image_shape, num_classes) -> nn.Module)")
+    model: str = opt("mlp", "mlp (depth x width ReLU layers) | cnn (two 3x3 conv + 2x2 max-pool layers of 16 and 32 channels, then linear) | resnet20 | vgg16 | mobilenet (Lee et al.'s architectures) | package.module:factory (your own: factory(image_shape, num_classes) -> nn.Module)", later=True)
     depth: int = opt(3, 'hidden layers; 0 = logistic regression', ge=0)
     width: int = opt(512, 'units per hidden layer', ge=1)
-    lr: float = opt(0.1, 'SGD step size (paper: 0.1)', gt=0)
+    lr: float = opt(0.1, 'SGD step size (paper: 0.1)', gt=0, per_model=True)
     batch_size: int = opt(100, 'samples per SGD step (paper: 100)', ge=1)
     epochs: int = opt(50, 'passes over the training set (paper: 50)', ge=1)
-    weight_decay: float = opt(1e-5, 'L2 coefficient added to the gradient as weight_decay * theta', ge=0)
-    seed: int = opt(0, 'fixes the initialisation and the per-epoch shuffle', ge=0, le=MAX_SEED)
-    label_noise: float = opt(0.0, 'fraction of training labels flipped to another class, drawn with seed (label-noise experiment)', ge=0, lt=1)
+    weight_decay: float = opt(1e-5, 'L2 coefficient added to the gradient as weight_decay * theta', ge=0, per_model=True)
+    seed: int = opt(0, 'fixes the initialisation and the per-epoch shuffle', ge=0, le=MAX_SEED, per_model=True)
+    label_noise: float = opt(0.0, 'fraction of training labels flipped to another class, drawn with seed (label-noise experiment)', ge=0, lt=1, later=True, per_model=True)
     device: str = opt("auto", 'auto (CUDA if available) | cpu | cuda', choices=DEVICES)
-    parallel_models: int = opt(0, 'models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)', ge=0)
-    eval_train: int = opt(1, '1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off', choices=(0, 1))
-    early_epoch: int = opt(2, '1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)', ge=1)
-    norm: str = opt("group", 'resnet20, vgg16, mobilenet: group (GroupNorm: exact and cheap per-sample importance) | batch (BatchNorm, as published; needs batchnorm=exact or track=outputs)')
-    channels: int = opt(0, 'resnet20, vgg16, mobilenet: channels of the first stage (later stages scale with it); 0 = as published (16, 64, 32)', ge=0)
-    track: str = opt("importance", 'importance (per-sample importance and every other statistic) | outputs (per-sample loss, p_true, correctness, EL2N only: what learnability needs, at the cost of plain training)', choices=TRACKS)
-    batchnorm: str = opt("refuse", 'BatchNorm in training mode with track=importance: refuse | exact (exact per-sample gradients by batched vector-Jacobian products, several times slower)')
-    momentum: float = opt(0.0, "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i", ge=0, lt=1)
-    nesterov: int = opt(0, '1 = Nesterov momentum (needs momentum > 0)', choices=(0, 1))
-    attribute_to: str = opt("none", "in-run attribution (dynamics/contribution.npy): none | test (the first target_size test samples) | holdout (the last target_size training samples, held out of training)", choices=ATTRIBUTION_TARGETS)
-    target_size: int = opt(1000, 'samples in the target set of attribute_to (test: at most the test split)', ge=1)
-    target_every: int = opt(1, 'recompute the target gradient every this many steps (1 = every step: exact first order; k > 1: the steps between use the last one)', ge=1)
+    parallel_models: int = opt(0, 'models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)', ge=0, per_model=True)
+    eval_train: int = opt(1, '1 = after every epoch, evaluate every training sample under the end-of-epoch parameters (loss, p_true, correct, EL2N; what learnability, cartography and EL2N use); 0 = off', choices=(0, 1), per_model=True)
+    early_epoch: int = opt(2, '1-based epoch after which per-sample gradient norms are recorded at the end-of-epoch parameters (GraNd), and at which EL2N and GraNd are read (Paul et al.: early in training)', ge=1, per_model=True)
+    norm: str = opt("group", 'resnet20, vgg16, mobilenet: group (GroupNorm: exact and cheap per-sample importance) | batch (BatchNorm, as published; needs batchnorm=exact or track=outputs)', later=True)
+    channels: int = opt(0, 'resnet20, vgg16, mobilenet: channels of the first stage (later stages scale with it); 0 = as published (16, 64, 32)', ge=0, later=True)
+    track: str = opt("importance", 'importance (per-sample importance and every other statistic) | outputs (per-sample loss, p_true, correctness, EL2N only: what learnability needs, at the cost of plain training)', choices=TRACKS, later=True)
+    batchnorm: str = opt("refuse", 'BatchNorm in training mode with track=importance: refuse | exact (exact per-sample gradients by batched vector-Jacobian products, several times slower)', later=True, per_model=True)
+    momentum: float = opt(0.0, "SGD momentum (the paper: 0; Lee et al.'s models are trained with 0.9); importance is then the step's exact phi_i", ge=0, lt=1, later=True, per_model=True)
+    nesterov: int = opt(0, '1 = Nesterov momentum (needs momentum > 0)', choices=(0, 1), later=True, per_model=True)
+    attribute_to: str = opt("none", "in-run attribution (dynamics/contribution.npy): none | test (the first target_size test samples) | holdout (the last target_size training samples, held out of training)", choices=ATTRIBUTION_TARGETS, later=True)
+    target_size: int = opt(1000, 'samples in the target set of attribute_to (test: at most the test split)', ge=1, later=True)
+    target_every: int = opt(1, 'recompute the target gradient every this many steps (1 = every step: exact first order; k > 1: the steps between use the last one)', ge=1, later=True)
 
     def check(self) -> "TrainConfig":
         """Raise ConfigError for a value no data can make valid; return self."""
@@ -245,6 +245,11 @@ class TrainConfig(Options):
         configuration."""
         return _fingerprint(self.to_dict())
 
+
+# Options added after runs existed: at these values a configuration keeps its older fingerprint.
+LATER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.metadata.get("later")}
+# What models trained together in one loop share: every training option but the per-model ones.
+SHARED_IN_LOOP = tuple(f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("per_model"))
 
 ORDERINGS = ordering_methods.METHODS
 

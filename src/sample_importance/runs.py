@@ -17,7 +17,7 @@ from . import distributed
 from . import dynamics as dyn
 from . import mlflow_io, plots, workers
 from .analysis import ordering
-from .config import ConfigError, TrainConfig, TrainRunConfig, fingerprint_of, trained_config
+from .config import SHARED_IN_LOOP, ConfigError, TrainConfig, TrainRunConfig, fingerprint_of, trained_config
 from .data import Dataset, training_data
 from .models import ParameterProjection, check_model_size, importance_columns, model_for, check_named
 from .tracked_run import phi_convention
@@ -294,8 +294,7 @@ def get_or_train(cfgs: list[TrainConfig], parallel_models: int = 0, *, storage: 
     groups: dict[tuple, list[int]] = {}
     for k in fresh:  # models trained together share inputs, shape and schedule
         c = cfgs[k]
-        groups.setdefault((c.dataset, c.subset, c.model, c.depth, c.width, c.norm, c.channels, c.track, c.batch_size,
-                           c.epochs, c.device, c.attribute_to, c.target_size, c.target_every), []).append(k)
+        groups.setdefault(tuple(getattr(c, name) for name in SHARED_IN_LOOP), []).append(k)
     parent = mlflow_io.active_run_id() if groups else ""  # the runs trained here nest under the active run
     errors, group = [], 0
     for members in groups.values():
