@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def start_mlflow_server(folder: Path, backend_uri: str):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", backend_uri, "--artifacts-destination", str(folder / "artifacts"),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job consumers: none is used
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
