@@ -151,7 +151,7 @@ def test_a_run_without_a_model_is_refused_with_exit_status_2(store):
     MlflowClient().set_terminated(other)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
     proc = subprocess.run([sys.executable, str(REPO / "entry_points" / "influence.py"), "--train_run_ids", other,
-                           "--device", "cpu"], capture_output=True, text=True, cwd=tmp, env=env)
+                           "--train", "device=cpu"], capture_output=True, text=True, cwd=tmp, env=env)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "not a finished `train` run" in lines[0], proc.stderr

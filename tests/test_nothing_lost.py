@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_runs, private_store
+from conftest import REPO, all_runs, folded, private_store
 from sample_importance import dynamics as dyn
 from sample_importance import liveness, load_dynamics, mlflow_io
 from sample_importance.stages import train as train_stage
@@ -339,7 +339,8 @@ def test_bad_input_is_refused_at_once_in_one_line(shared_store, capsys, entry, a
     before = {r.info.run_id for r in all_runs(shared_store)}
     start = time.perf_counter()
     with pytest.raises(SystemExit) as info:
-        run_cli(lambda: module.main(["--epochs", "2", "--width", "8", "--subset", "100", "--device", "cpu", *args]))
+        run_cli(lambda: module.main(folded(entry, ["--epochs", "2", "--width", "8", "--subset", "100", "--device", "cpu",
+                                                   *args])))
     assert time.perf_counter() - start < 20
     assert info.value.code == 2
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, all_runs
+from conftest import REPO, all_runs, folded
 from sample_importance import load_dynamics
 from sample_importance.dynamics import DynamicsError
 
@@ -170,7 +170,7 @@ def test_train_analysis_and_registry_through_a_real_server(tmp_path, mlflow_serv
     tiny = ["--subset", "100", "--epochs", "2", "--width", "8", "--batch_size", "50"]
 
     def run(entry, *args):
-        proc = subprocess.run([sys.executable, str(REPO / "entry_points" / f"{entry}.py"), *tiny, *args],
+        proc = subprocess.run([sys.executable, str(REPO / "entry_points" / f"{entry}.py"), *folded(entry, [*tiny, *args])],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return proc.stdout

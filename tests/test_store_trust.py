@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import all_runs
+from conftest import all_runs, folded
 from sample_importance import dynamics as dyn
 from sample_importance import liveness, load_dynamics, mlflow_io
 from sample_importance.config import TrainRunConfig
@@ -68,12 +68,12 @@ def test_a_factory_named_by_a_planted_run_is_never_imported(tracking, capsys):
     meta["config"]["model"] = spec
     (folder / dyn.METADATA).write_text(json.dumps(meta))
 
-    assert _cli("explore", ARGS) == 2
+    assert _cli("explore", folded("explore", ARGS)) == 2
     line = _one_error_line(capsys)
     assert "never imported" in line and spec in line, line
     assert not marker.exists()
     # Named on the command line, a module inside a run's artifacts is still not imported.
-    assert _cli("explore", ARGS + [f"--model={spec}"]) == 2
+    assert _cli("explore", folded("explore", ARGS + [f"--model={spec}"])) == 2
     line = _one_error_line(capsys)
     assert "inside a tracking store's run folder" in line, line
     assert not marker.exists()
@@ -251,7 +251,7 @@ def test_a_planted_influence_table_without_sample_id_is_left_out(tracking, capsy
     client.set_terminated(planted, "FINISHED")
     import explore
 
-    explore.main(ARGS + [f"--train_run_ids={source}"])
+    explore.main(folded("explore", ARGS + [f"--train_run_ids={source}"]))
     out = capsys.readouterr()
     assert "influence scores are left out" in out.out and "'sample_id' is missing" in out.out, out
     assert "Traceback" not in out.err

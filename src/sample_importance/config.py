@@ -36,6 +36,7 @@ def _fingerprint(fields: dict) -> str:
                            and LATER_DEFAULTS.get(k, object()) != v})  # LATER_DEFAULTS: from the fields, below
 DEFAULT_DATA_DIR = str(Path.home() / ".cache" / "sample-importance")
 MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit integers for torch's and numpy's generators
+SEED_RANGE = "an integer between 0 and 2**63 - 1"
 MAX_RUNS = 1000  # training runs one stage may ask for (seeds x methods x architectures)
 
 
@@ -43,15 +44,17 @@ SEEDS_HELP = "seeds (seed, seed+1, ...) trained when train_run_ids is empty"  # 
 
 
 def opt(default, help: str, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
-        later: bool = False, per_model: bool = False):
+        bounds: str | None = None, later: bool = False, per_model: bool = False):
     """A configuration field: its default, its one line of help (what the command line and the
     MLproject show) and the values it accepts (`choices`, or bounds ge/gt/le/lt), written once,
-    beside the field; `check_fields` turns them into the one-sentence errors.
+    beside the field; `check_fields` turns them into the one-sentence errors (`bounds`: how the
+    error names the range, where words say it better than the numbers).
 
     A training option also says `later` (added after runs existed: at its default it is left out of
     the fingerprint, so the runs made before keep theirs; every new option says so) and `per_model`
     (models trained together in one loop may differ in it; the others they share)."""
-    limits = {k: v for k, v in {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    limits = {k: v for k, v in {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "bounds": bounds}.items()
+              if v is not None}
     flags = {k: True for k, v in (("later", later), ("per_model", per_model)) if v}
     return dataclasses.field(default=default, metadata={"help": help, **limits, **flags})
 
@@ -93,7 +96,7 @@ def check_fields(options) -> None:
             raise ConfigError(f"Unknown {f.name} {value!r}: choose one of {choices}." if isinstance(value, str)
                               else f"{f.name} must be one of {choices}, got {value}.")
         if not _within(value, m):
-            raise ConfigError(f"{f.name} must be {_bounds(m)}, got {value}.")
+            raise ConfigError(f"{f.name} must be {m.get('bounds') or _bounds(m)}, got {value}.")
 
 
 def _typed(kind: type, raw: str, name: str):
@@ -178,10 +181,10 @@ class TrainConfig(Options):
     depth: int = opt(3, 'hidden layers; 0 = logistic regression', ge=0)
     width: int = opt(512, 'units per hidden layer', ge=1)
     lr: float = opt(0.1, 'SGD step size (paper: 0.1)', gt=0, per_model=True)
-    batch_size: int = opt(100, 'samples per SGD step (paper: 100)', ge=1)
+    batch_size: int = opt(100, 'samples per SGD step (paper: 100)', ge=1, bounds="a positive integer")
     epochs: int = opt(50, 'passes over the training set (paper: 50)', ge=1)
     weight_decay: float = opt(1e-5, 'L2 coefficient added to the gradient as weight_decay * theta', ge=0, per_model=True)
-    seed: int = opt(0, 'fixes the initialisation and the per-epoch shuffle', ge=0, le=MAX_SEED, per_model=True)
+    seed: int = opt(0, 'fixes the initialisation and the per-epoch shuffle', ge=0, le=MAX_SEED, bounds=SEED_RANGE, per_model=True)
     label_noise: float = opt(0.0, 'fraction of training labels flipped to another class, drawn with seed (label-noise experiment)', ge=0, lt=1, later=True, per_model=True)
     device: str = opt("auto", 'auto (CUDA if available) | cpu | cuda', choices=DEVICES)
     parallel_models: int = opt(0, 'models a multi-run stage (stability, learnability, ordering, sweep seeds) trains in one loop: 0 = auto (all; batched on a GPU), 1 = each alone, k = k at once, batched (MLPs)', ge=0, per_model=True)
@@ -307,7 +310,7 @@ def trained_config(metadata: dict, **overrides) -> TrainConfig:
 
 def check_seed(seed: int, name: str = "seed") -> None:
     if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{name} must be an integer between 0 and 2**63 - 1, got {seed}.")
+        raise ConfigError(f"{name} must be {SEED_RANGE}, got {seed}.")
 
 
 def check_run_count(count: int, what: str) -> None:
@@ -417,7 +420,7 @@ CLUSTER_HELP = {"label": "class whose samples are clustered (paper: 5 on MNIST)"
 @dataclass(frozen=True)
 class ClusterConfig(AnalysisConfig):
     SINGLE_RUN: ClassVar[bool] = True
-    label: int = opt(5, CLUSTER_HELP["label"], ge=0)
+    label: int = opt(5, CLUSTER_HELP["label"], ge=0, le=9, bounds="a class between 0 and 9")
     num_clusters: int = opt(20, CLUSTER_HELP["num_clusters"], ge=3)
     feature_scale: str = opt("log", 'log | raw: cluster log10(beta) profiles or raw beta', choices=("log", "raw"))
 
@@ -428,7 +431,7 @@ class StudyConfig(TrainConfig):
 
     num_seeds: int = opt(3, "stability: " + SEEDS_HELP, ge=2)
     every: int = opt(5, "stability: compare importance every this many epochs (paper: 5)", ge=1)
-    label: int = opt(5, "cluster: " + CLUSTER_HELP["label"], ge=0)
+    label: int = opt(5, "cluster: " + CLUSTER_HELP["label"], ge=0, le=9, bounds="a class between 0 and 9")
     num_clusters: int = opt(20, "cluster: " + CLUSTER_HELP["num_clusters"], ge=3)
 
 
@@ -474,7 +477,7 @@ class SweepConfig(TrainConfig):
     metric: str = opt("final_test_error", 'minimised: final_test_error | final_test_loss | final_train_loss', choices=tuple(SWEEP_METRICS))
     study_name: str = opt("", 'Optuna study name; empty = sweep-<dataset>')
     storage: str = opt("", 'Optuna storage: empty = optuna-journal.log beside the tracking store (mlflow.db); a journal .log path (relative: from there); or a database URL')
-    sampler_seed: int = opt(0, 'seed of the TPE sampler', ge=0, le=MAX_SEED)
+    sampler_seed: int = opt(0, 'seed of the TPE sampler', ge=0, le=MAX_SEED, bounds=SEED_RANGE)
     pruner: str = opt("median", 'median | none', choices=("median", "none"))
     reference_lr: float = opt(0.1, "learning rate each trial's importance ranking is compared with (paper: 0.1)")
     heartbeat: int = opt(60, 'seconds between trial heartbeats on database storages; stale trials fail after twice that', ge=1)
