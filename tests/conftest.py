@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+if "PYTEST_XDIST_WORKER" in os.environ:  # the workers share the cores: one thread each (and their children)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "entry_points"))  # the entry points import their `_cli` helper
 sys.path.insert(0, str(REPO / "src"))  # this checkout's library, whatever is installed
