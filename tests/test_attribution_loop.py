@@ -14,6 +14,8 @@ from sample_importance.data import training_data
 from sample_importance.models import model_for
 from sample_importance.training import fit
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 
 def per_sample_reference(model, x, y, G: dict, factor: float) -> torch.Tensor:
     """(B, layers): each L_i backpropagated alone, phi_i = factor * g_i / B, dotted with G layer by layer."""

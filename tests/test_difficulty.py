@@ -12,6 +12,8 @@ from conftest import folded
 from sample_importance.errors import UserError
 from sample_importance.explorer import data as X
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 BASE = ["--subset", "100", "--epochs", "4", "--batch_size", "20", "--device", "cpu"]
 
 

@@ -17,6 +17,8 @@ from conftest import REPO, all_runs, free_port
 from sample_importance import ImportanceRecorder, load_dynamics
 from sample_importance import dynamics as dyn
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 ARGS = ["--subset", "200", "--width", "16", "--batch_size", "50", "--device", "cpu"]
 ARRAYS = ["importance_values", "loss", "p_true", "error_l2", "eval_loss", "eval_p_true", "eval_error_l2",
           "final_loss"]

@@ -15,6 +15,8 @@ import pytest
 from conftest import folded, module_store
 from sample_importance.explorer import data as X
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 
 def reference_grid(v: float) -> float:
     """One value through the log grid, the obvious way."""

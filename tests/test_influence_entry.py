@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, all_runs, folded, module_store
 from sample_importance.errors import UserError
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 TRAIN = ["--subset", "60", "--depth", "1", "--width", "8", "--batch_size", "20", "--epochs", "3", "--lr", "0.2",
          "--weight_decay", "1e-3", "--device", "cpu", "--seed", "1"]
 

@@ -21,6 +21,8 @@ from sample_importance import ImportanceRecorder, load_dynamics
 from sample_importance import config as C
 from test_explorer import browser, check_detail, needs_chromium, wait_for  # noqa: F401  (browser: a fixture)
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 
 def first_batch(d) -> np.ndarray:
     """Positions (rows of the run's arrays) of the samples of the run's first step."""

@@ -146,6 +146,7 @@ def test_factory_model_is_seeded_and_takes_images():
     assert importance_columns(a)[0] == ["0", "1", "4"]  # each parameterised module alone
 
 
+@pytest.mark.integration
 def test_own_model_through_mlflow_run_then_decompose_and_scores(tracking):
     """`mlflow run . -e train -P model=tests.fixtures:tiny_model`: the researcher's factory trains
     through the same `train` path (dynamics, metrics, model), and `decompose` and `scores` read it."""
@@ -183,6 +184,7 @@ def test_own_model_through_mlflow_run_then_decompose_and_scores(tracking):
     assert np.isfinite(table[["importance_0", "importance_1", "importance_4", "grand", "el2n"]]).all().all()
 
 
+@pytest.mark.integration
 def test_learnability_on_lee_et_al_architectures(tracking):
     """`learnability` with Lee et al.'s three architectures (tiny widths; GroupNorm, and a BatchNorm
     ResNet trained with track=outputs) and an MLP: Table 1 has every pair, each learnability is the
@@ -212,6 +214,7 @@ def test_learnability_on_lee_et_al_architectures(tracking):
                                    rtol=1e-5)
 
 
+@pytest.mark.integration
 def test_an_outputs_run_is_refused_by_importance_analyses(tracking):
     """track=outputs writes no importance.npy; `decompose` stops with one sentence naming the run and
     the option (its run ends FAILED, never RUNNING); `scores` gives the other scores and names the rest."""

@@ -425,6 +425,8 @@ import _cli
 import sqlalchemy.engine.default
 from sample_importance import mlflow_io
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 execute = sqlalchemy.engine.default.DefaultDialect.do_execute
 armed = []
 

@@ -10,6 +10,8 @@ from conftest import all_runs
 from sample_importance.analysis import ordering as O
 from sample_importance.config import ORDERINGS
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 N, B = 12, 3  # 12 samples in b = 4 batches of 3
 NLL = np.array([5.0, 0.1, 3.0, 0.2, 9.0, 1.0, 0.5, 7.0, 2.0, 4.0, 0.3, 6.0])
 TAU = -NLL  # another ranking: reversed

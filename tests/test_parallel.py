@@ -16,6 +16,8 @@ from sample_importance.data import training_data, with_label_noise
 from sample_importance.models import model_for
 from sample_importance.training import DivergenceError, EpochRecord, fit, fit_many
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 FIELDS = ("importance", "loss", "p_true", "error_l2")
 
 

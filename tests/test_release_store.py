@@ -17,6 +17,8 @@ from sample_importance import config as C
 from sample_importance import liveness, load_dynamics, mlflow_io
 from sample_importance.runs import get_or_train, run_train
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 RELEASE = sorted((Path(__file__).parent / "data").glob("store-*.tar.gz"))[-1]
 
 

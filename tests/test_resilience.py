@@ -19,6 +19,8 @@ from conftest import REPO, all_runs, folded
 from sample_importance import load_dynamics
 from sample_importance.dynamics import DynamicsError
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 ARGS = ["--epochs", "25", "--width", "128", "--batch_size", "50", "--subset", "1000", "--device", "cpu"]
 TIMING = {"epoch_seconds", "samples_per_second", "eval_seconds"}  # wall-clock: the only numbers allowed to differ
 

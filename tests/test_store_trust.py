@@ -17,6 +17,8 @@ from sample_importance import liveness, load_dynamics, mlflow_io
 from sample_importance.config import TrainRunConfig
 from sample_importance.stages import train as train_stage
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 TINY = dict(subset=100, epochs=2, width=8, batch_size=50, device="cpu")
 ARGS = [f"--{k}={v}" for k, v in TINY.items()]
 

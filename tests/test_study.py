@@ -13,13 +13,12 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, all_runs
 from sample_importance import config as C
 from sample_importance.data import load_dataset
+from sample_importance.stages import STAGES
 from test_train_entry import _mlflow_run
 
-ENTRY_CONFIGS = {"main": C.StudyConfig, "train": C.TrainRunConfig, "stability": C.StabilityConfig,
-                 "decompose": C.DecomposeConfig, "nll": C.NllConfig, "cluster": C.ClusterConfig,
-                 "ordering": C.OrderingConfig, "sweep": C.SweepConfig, "influence": C.InfluenceConfig,
-                 "scores": C.ScoresConfig, "prune": C.PruneConfig, "learnability": C.LearnabilityConfig,
-                 "explore": C.ExploreConfig}
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
+ENTRY_CONFIGS = {name: stage.config for name, stage in STAGES.items()}  # the registry owns the list
 
 
 def test_mlproject_parameters_mirror_the_configs():
@@ -39,14 +38,15 @@ def test_mlproject_parameters_mirror_the_configs():
         assert ep["command"].startswith(f"python entry_points/{name}.py ")
 
 
-ANALYSES = ("decompose", "nll", "cluster", "scores", "explore", "influence")  # read runs, train none of their own
 
 
 def test_analyses_take_their_own_options_and_the_runs_they_read():
     """An analysis entry point takes at most 8 parameters: its own, train_run_ids, and the training
     configuration as one block; its fingerprint is the one of the flat configuration it replaced."""
     spec = yaml.safe_load((REPO / "MLproject").read_text())
-    for name in ANALYSES:
+    analyses = [name for name, stage in STAGES.items() if issubclass(stage.config, C.AnalysisConfig)]
+    assert {"decompose", "nll", "cluster", "scores", "explore", "influence"} <= set(analyses)
+    for name in analyses:
         params = spec["entry_points"][name]["parameters"]
         assert len(params) <= 8 and {"train_run_ids", "train"} <= set(params), (name, list(params))
         assert not set(params) & {f.name for f in dataclasses.fields(C.TrainConfig)}, name
@@ -62,12 +62,9 @@ def test_analyses_take_their_own_options_and_the_runs_they_read():
 def test_mlproject_and_entry_point_scripts_are_generated_from_the_stage_registry():
     import importlib.util
 
-    from sample_importance.stages import STAGES
-
     spec = importlib.util.spec_from_file_location("write_mlproject", REPO / "tools" / "write_mlproject.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert set(STAGES) == set(ENTRY_CONFIGS) and all(STAGES[n].config is c for n, c in ENTRY_CONFIGS.items())
     assert (REPO / "MLproject").read_text() == tool.render(), "run python tools/write_mlproject.py"
     assert (REPO / "docs" / "parameters.md").read_text() == tool.parameters_page(), "run python tools/write_mlproject.py"
     for name in STAGES:

@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, all_runs, start_mlflow_server, stop
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 TINY = ["--subset", "150", "--epochs", "3", "--width", "8", "--batch_size", "50"]
 
 

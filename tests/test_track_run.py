@@ -14,6 +14,8 @@ from conftest import all_runs
 from sample_importance import config as C
 from sample_importance.errors import UserError
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 
 def digits(n: int):
     from sklearn.datasets import load_digits

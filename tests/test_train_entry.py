@@ -17,6 +17,8 @@ from sample_importance.config import TrainRunConfig
 from sample_importance.data import load_dataset
 from sample_importance.runs import replay
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 ARGS = ["--subset", "120", "--epochs", "3", "--width", "32", "--batch_size", "25", "--device", "cpu", "--seed", "4"]
 METRICS = ["train_loss", "train_error", "test_loss", "test_error", "importance_total", "importance_L1",
            "importance_L2", "importance_L3", "importance_Out", "epoch_seconds", "samples_per_second", "eval_train_loss", "eval_train_error", "eval_seconds"]

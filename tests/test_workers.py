@@ -19,6 +19,8 @@ from conftest import REPO, start_mlflow_server, stop
 from sample_importance import workers
 from sample_importance.config import ORDERINGS
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 ARGS = ["--subset", "100", "--epochs", "4", "--width", "8", "--batch_size", "25", "--num_seeds", "1", "--device", "cpu"]
 
 
