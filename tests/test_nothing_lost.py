@@ -25,6 +25,8 @@ from sample_importance.stages import train as train_stage
 from sample_importance.config import TrainRunConfig
 from sample_importance.dynamics import DynamicsError
 
+pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
+
 TINY = dict(subset=100, epochs=2, width=8, batch_size=50, device="cpu")
 ARRAYS = ("importance", "loss", "p_true", "correct", "error_l2", "batch_order", "param_projection", "final_loss",
           "label", "sample_id", "eval_loss", "eval_p_true", "eval_correct", "eval_error_l2", "eval_grad_norm")
@@ -424,8 +426,6 @@ sys.path.insert(0, {entry_points!r})
 import _cli
 import sqlalchemy.engine.default
 from sample_importance import mlflow_io
-
-pytestmark = pytest.mark.integration  # real processes, stores, servers or trained runs
 
 execute = sqlalchemy.engine.default.DefaultDialect.do_execute
 armed = []

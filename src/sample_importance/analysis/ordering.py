@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import ttest_rel, wilcoxon
-from sklearn.decomposition import PCA
 
 from .claims import Claim
 
@@ -82,6 +80,8 @@ def mixed_vs_homogeneous(final_test_error: dict[str, np.ndarray]) -> MixedVsHomo
     b = np.mean([final_test_error[m] for m in homog], axis=0)
     diff = a - b
     if len(diff) >= 2 and np.any(diff != 0):
+        from scipy.stats import ttest_rel, wilcoxon  # here: every entry point reads this module's names
+
         p_t = float(ttest_rel(a, b, alternative="less").pvalue)
         p_w = float(wilcoxon(a, b, alternative="less").pvalue)
     else:
@@ -111,5 +111,7 @@ def trajectory_pca(trajectories: dict[str, np.ndarray], components: int = 2) -> 
     """
     labels = list(trajectories)
     stacked = np.concatenate([trajectories[l] for l in labels]).astype(np.float64)
+    from sklearn.decomposition import PCA  # here: every entry point reads this module's names
+
     pca = PCA(n_components=components).fit(stacked)
     return {l: pca.transform(np.asarray(trajectories[l], dtype=np.float64)) for l in labels}
