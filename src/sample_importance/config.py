@@ -321,6 +321,14 @@ def check_run_count(count: int, what: str) -> None:
                           "lower the count, or split the study into several calls.")
 
 
+def check_items(items: list[str], known, what: str, where: str = "", more: str = "") -> None:
+    """A comma-separated list: at least one item, each a known one."""
+    unknown = [item for item in items if item not in known]
+    if unknown or not items:
+        raise ConfigError(f"Unknown {what} {', '.join(unknown) or '(none given)'}{where}: choose from "
+                          f"{', '.join(known)}{more}.")
+
+
 def check_unique(items: list, name: str) -> None:
     repeated = sorted({str(v) for v in items if items.count(v) > 1})
     if repeated:
@@ -448,10 +456,7 @@ class OrderingConfig(SharedRunsConfig, TrainConfig):
 
     def check(self) -> "OrderingConfig":
         super().check()
-        unknown = [m for m in self.method_list() if m not in ORDERINGS]
-        if unknown or not self.method_list():
-            raise ConfigError(f"Unknown ordering method(s) {', '.join(unknown) or '(none given)'}: choose from "
-                              f"{', '.join(ORDERINGS)}.")
+        check_items(self.method_list(), ORDERINGS, "ordering method(s)")
         check_unique(self.method_list(), "methods")
         check_run_count(self.num_seeds * len(self.method_list()), f"{len(self.method_list())} methods x num_seeds={self.num_seeds}")
         return self
@@ -551,10 +556,8 @@ class PruneConfig(TrainingRunsConfig):
             raise ConfigError(f"keep_fractions must be fractions in (0, 1], got {self.keep_fractions!r}.")
         from .analysis.scores import HARDER_IS_LARGER
 
-        unknown = [s for s in self.score_list() if s not in HARDER_IS_LARGER and not s.startswith("importance_")]
-        if not self.score_list() or unknown:
-            raise ConfigError(f"Unknown score(s) {', '.join(unknown) or '(none given)'} in prune_scores: choose "
-                              f"among {', '.join(HARDER_IS_LARGER)} or importance_<layer>.")
+        check_items([s for s in self.score_list() if not s.startswith("importance_")] or self.score_list(),
+                    HARDER_IS_LARGER, "score(s)", " in prune_scores", " or importance_<layer>")
         check_run_count(self.num_seeds * len(self.fraction_list()) * len(self.score_list()),
                         "keep_fractions x prune_scores x num_seeds")
         return self
@@ -765,9 +768,7 @@ class InfluenceConfig(AnalysisConfig):
         super().check()
         from .analysis.influence import TARGETS
 
-        bad = [t for t in self.target_list() if t not in TARGETS]
-        if bad or not self.target_list():
-            raise ConfigError(f"Unknown target(s) {', '.join(bad) or '(none given)'}: choose from {', '.join(TARGETS)}.")
+        check_items(self.target_list(), TARGETS, "target(s)")
         if self.mode == "validate" and "self" in self.target_list() and len(self.target_list()) == 1:
             raise ConfigError("validate compares the change of a test target: add test_loss or class_prob to targets.")
         return self
