@@ -321,9 +321,9 @@ def check_run_count(count: int, what: str) -> None:
                           "lower the count, or split the study into several calls.")
 
 
-def check_items(items: list[str], known, what: str, where: str = "", more: str = "") -> None:
-    """A comma-separated list: at least one item, each a known one."""
-    unknown = [item for item in items if item not in known]
+def check_items(items: list[str], known, what: str, where: str = "", more: str = "", pattern: str = "") -> None:
+    """A comma-separated list: at least one item, each a known one (or starting with `pattern`)."""
+    unknown = [item for item in items if item not in known and not (pattern and item.startswith(pattern))]
     if unknown or not items:
         raise ConfigError(f"Unknown {what} {', '.join(unknown) or '(none given)'}{where}: choose from "
                           f"{', '.join(known)}{more}.")
@@ -556,8 +556,8 @@ class PruneConfig(TrainingRunsConfig):
             raise ConfigError(f"keep_fractions must be fractions in (0, 1], got {self.keep_fractions!r}.")
         from .analysis.scores import HARDER_IS_LARGER
 
-        check_items([s for s in self.score_list() if not s.startswith("importance_")] or self.score_list(),
-                    HARDER_IS_LARGER, "score(s)", " in prune_scores", " or importance_<layer>")
+        check_items(self.score_list(), HARDER_IS_LARGER, "score(s)", " in prune_scores", " or importance_<layer>",
+                    pattern="importance_")
         check_run_count(self.num_seeds * len(self.fraction_list()) * len(self.score_list()),
                         "keep_fractions x prune_scores x num_seeds")
         return self
