@@ -214,3 +214,9 @@ def folded(stage: str, argv: list[str]) -> list[str]:
             out += argv[i:i + step]
         i += step
     return out + [x for block, parts in blocks.items() for x in (f"--{block}", " ".join(parts))]
+
+
+def pytest_collection_modifyitems(items):
+    """The integration tests first (stable order otherwise): under xdist the long ones start early
+    and the short unit tests fill the end, so neither process waits for the other at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
