@@ -138,6 +138,23 @@ class RunLookupError(UserError):
     """A run id does not exist or lacks what was asked of it."""
 
 
+def _mlflow_pytorch():
+    """`mlflow.pytorch`, imported without its Lightning autologging module. Where Lightning is
+    installed, MLflow imports that module (and Lightning) with `mlflow.pytorch`, 4 s on the 2-core
+    machine, though only `mlflow.pytorch.autolog` needs it, which this project never calls; every
+    `train` process that logs its model paid it. A later `autolog` imports it as usual."""
+    name = "mlflow.pytorch._lightning_autolog"
+    skipped = "mlflow.pytorch" not in sys.modules and name not in sys.modules
+    if skipped:
+        sys.modules[name] = None  # its import raises ImportError, which mlflow.pytorch passes over
+    try:
+        import mlflow.pytorch
+    finally:
+        if skipped and sys.modules.get(name, 0) is None:
+            del sys.modules[name]
+    return mlflow.pytorch
+
+
 class OpenRun:
     """A run this process works on, addressed by its id: every call logs to that run whether or not
     it is MLflow's active run, so several runs can be open at once in one thread (many `train` runs
@@ -190,10 +207,11 @@ class OpenRun:
         model = model.cpu().eval()
         with torch.no_grad():
             output = model(torch.as_tensor(input_example)).numpy()
-        info = mlflow.pytorch.log_model(
+        flavor = _mlflow_pytorch()
+        info = flavor.log_model(
             model, name="model", signature=infer_signature(np.asarray(input_example), output),
             input_example=np.asarray(input_example), run_id=self.run_id,
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            pip_requirements=flavor.get_default_pip_requirements(),
         )
         self.set_tags({TAG_MODEL_URI: info.model_uri})  # models:/<id>: what the registry registers
 
