@@ -85,14 +85,16 @@ def test_two_processes_write_the_run_one_process_writes(tmp_path, tracking):
 
 
 def test_a_killed_process_stops_the_run_and_the_same_command_resumes_it(tmp_path):
-    # 40 epochs of about 0.3 s: the kill below lands mid-training even when the two ranks keep this
-    # process off both cores for seconds (with 12, a slow reader once found the run finished)
-    args = [*ARGS, "--subset", "1000", "--width", "128", "--epochs", "40"]
+    # 100 epochs of 0.13-0.3 s: the kill below lands mid-training even when the two ranks and the
+    # other test process keep this one off both cores for seconds (with 12 epochs, and with 40 under
+    # two test processes, a slow reader found the run finished)
+    epochs = 100
+    args = [*ARGS, "--subset", "1000", "--width", "128", "--epochs", str(epochs)]
     proc = torchrun(tmp_path, *args)
     seen = []
     for line in proc.stdout:  # until rank 0 reports its first epoch
         seen.append(line)
-        if line.startswith("epoch   1/40"):
+        if line.startswith(f"epoch   1/{epochs}"):
             break
     assert proc.poll() is None, "".join(seen)[-3000:]
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
@@ -112,7 +114,7 @@ def test_a_killed_process_stops_the_run_and_the_same_command_resumes_it(tmp_path
         [run] = all_runs(tmp_path)  # the same run, finished; no second run
         assert run.info.run_id == stopped.info.run_id and run.info.status == "FINISHED"
         d = load_dynamics(run.info.run_id)
-        assert d.metadata["complete"] and len(d.loss) == 40
+        assert d.metadata["complete"] and len(d.loss) == epochs
     finally:
         mlflow.set_tracking_uri(None)
 
