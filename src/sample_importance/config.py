@@ -165,11 +165,13 @@ class Options:
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """One line of help per field, for the command line and the docs (a block's with its options)."""
-        return {f.name: f.metadata["help"] + ("" if "block" not in f.metadata else
-                                              ", as key=value pairs (empty = the defaults): " + "; ".join(
-                    f"{k}={d.default!r} ({text})" for d in dataclasses.fields(f.metadata["block"])
-                    for k, text in [(d.name, f.metadata["block"].field_help()[d.name])]))
-                for f in dataclasses.fields(cls)}
+        def text(f) -> str:
+            if "block" not in f.metadata:
+                return f.metadata["help"]
+            inner = dataclasses.fields(f.metadata["block"])
+            return (f.metadata["help"] + ", as key=value pairs (empty = the defaults): "
+                    + "; ".join(f"{d.name}={d.default!r} ({d.metadata['help']})" for d in inner))
+        return {f.name: text(f) for f in dataclasses.fields(cls)}
 
 
 @dataclass(frozen=True)

@@ -49,21 +49,25 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def gone(owner_tag: str, heartbeat: str, start_s: float, now: float | None = None) -> str | None:
+def died_here(owner_tag: str) -> bool:
+    """Whether `owner_tag` (host:pid, as `owner` writes it) names a process of this machine that no
+    longer exists."""
+    host, _, pid = owner_tag.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))
+
+
+def gone(owner_tag: str, heartbeat: str, start_s: float) -> str | None:
     """Why the owner (host:pid) of a RUNNING run is gone, or None while it may live: on this
     machine, its process no longer exists (killed with -9); on another machine, its heartbeat (else
     the run's start) is older than LEASE_S (that machine died, or the run was planted to block its
     configuration)."""
-    owner_host, _, pid = owner_tag.rpartition(":")
-    if owner_host == socket.gethostname():
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            return f"its process ({owner_tag}) died"
-        return None
+    if owner_tag.rpartition(":")[0] == socket.gethostname():
+        return f"its process ({owner_tag}) died" if died_here(owner_tag) else None
     try:
         beat = float(heartbeat)
     except ValueError:
         beat = 0.0
-    silent = (time.time() if now is None else now) - max(beat, start_s)
+    silent = time.time() - max(beat, start_s)
     return f"its process ({owner_tag}) sent no heartbeat for {silent / 60:.0f} minutes" if silent > LEASE_S else None
 
 

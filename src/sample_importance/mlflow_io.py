@@ -16,7 +16,6 @@ from typing import Iterator
 from urllib.parse import unquote, urlparse
 
 import mlflow
-import mlflow.store
 import numpy as np
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException

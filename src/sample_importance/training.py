@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .config import ConfigError, TrainConfig
+from .config import SHARED_IN_LOOP, ConfigError, TrainConfig
 from .data import Dataset
 from .errors import UserError
 from .importance import ImportanceRecorder
@@ -213,7 +213,7 @@ def fit_many(
     M, cfg, n = len(models), cfgs[0], datas[0].n_train
     for c, d in zip(cfgs, datas):
         if _shared(c) != _shared(cfg) or d.x_train.shape != datas[0].x_train.shape:
-            raise ValueError("fit_many trains models on the same inputs, epochs, batch size, device, track and target")
+            raise ValueError(f"fit_many trains models that share {', '.join(SHARED_IN_LOOP)} and their inputs")
     check_batching(cfg, n)
     orders = [shuffled_orders(n, c.epochs, c.seed) if o is None else np.asarray(o)
               for o, c in zip(orders or [None] * M, cfgs)]
@@ -440,8 +440,8 @@ class PerModelSteps:
 
 
 def _shared(cfg: TrainConfig) -> tuple:
-    """What the models of one `fit_many` loop share."""
-    return (cfg.epochs, cfg.batch_size, cfg.device, cfg.track, cfg.attribute_to, cfg.target_size, cfg.target_every)
+    """What the models of one `fit_many` loop share (all but the per-model options)."""
+    return tuple(getattr(cfg, name) for name in SHARED_IN_LOOP)
 
 
 class Target:

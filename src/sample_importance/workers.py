@@ -14,7 +14,6 @@ the next invocation of the command."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -110,12 +109,9 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    host = socket.gethostname()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(ATTR_OWNER, "")
-        owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not liveness.process_alive(int(pid)):
+        if liveness.died_here(trial.user_attrs.get(ATTR_OWNER, "")):
             try:
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:

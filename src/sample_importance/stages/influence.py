@@ -79,11 +79,12 @@ def target_set(data: Dataset, cfg: InfluenceConfig) -> np.ndarray:
             raise ConfigError(f"test id {bad[0]} is out of range: the test set of {data.name} has {m} samples "
                               f"(0..{m - 1}).")
         return np.array(sorted(set(ids)))
-    if cfg.target_set.test_class >= data.num_classes:
-        raise ConfigError(f"test_class={cfg.target_set.test_class} is not a class of {data.name} (0..{data.num_classes - 1}).")
-    pool = np.arange(m) if cfg.target_set.test_class < 0 else np.flatnonzero(data.y_test == cfg.target_set.test_class)
+    ts = cfg.target_set
+    if ts.test_class >= data.num_classes:
+        raise ConfigError(f"test_class={ts.test_class} is not a class of {data.name} (0..{data.num_classes - 1}).")
+    pool = np.arange(m) if ts.test_class < 0 else np.flatnonzero(data.y_test == ts.test_class)
     rng = np.random.default_rng([cfg.train.seed, 7])
-    return np.sort(rng.choice(pool, size=min(cfg.target_set.num_test, len(pool)), replace=False))
+    return np.sort(rng.choice(pool, size=min(ts.num_test, len(pool)), replace=False))
 
 
 def retrained_parameters(trained_cfg: TrainConfig, data: Dataset, init_state: dict, order: np.ndarray,
@@ -106,7 +107,8 @@ def inrun_target(d: dyn.Dynamics, cfg: InfluenceConfig) -> np.ndarray | None:
     """The run's in-run attribution target (its test-sample indices) where this influence measures
     the same target: the run attributed to test samples and no other target set was asked for."""
     meta = d.metadata
-    if d.contribution is None or meta.get("target_split") != "test" or cfg.target_set.test_id_list() or cfg.target_set.test_class >= 0:
+    asked = cfg.target_set.test_id_list() or cfg.target_set.test_class >= 0  # another target set
+    if d.contribution is None or meta.get("target_split") != "test" or asked:
         return None
     return np.asarray(meta["target_ids"], dtype=np.int64)
 
@@ -139,9 +141,10 @@ def run(cfg: InfluenceConfig) -> str:
                               f"(0..{data.num_classes - 1}).")
         targets = [inf.make_target(t, flat, xt, yt, cfg.target_set.target_class) for t in cfg.target_list()]
 
-        theta, before, after = inf.polish(obj, flat.of_model(), cfg.hessian.polish_steps)
+        h = cfg.hessian
+        theta, before, after = inf.polish(obj, flat.of_model(), h.polish_steps)
         print(f"gradient norm of the training objective: {before:.3e} at the end of SGD"
-              + (f", {after:.3e} after {cfg.hessian.polish_steps} L-BFGS steps" if cfg.hessian.polish_steps else ""), flush=True)
+              + (f", {after:.3e} after {h.polish_steps} L-BFGS steps" if h.polish_steps else ""), flush=True)
         mlflow_io.log_metrics({"grad_norm_sgd": before, "grad_norm_polished": after}, step=0)
         mlflow_io.set_tags({"sample_importance.train_run_id": run_id})
 
@@ -152,14 +155,13 @@ def run(cfg: InfluenceConfig) -> str:
         damping = choose_damping(cfg, obj, theta)
         solves = []
         blocks = flat.blocks(d.layer_names)
-        opts = dict(max_direct=cfg.hessian.max_direct, cg_tol=cfg.hessian.cg_tol, cg_maxiter=cfg.hessian.cg_maxiter,
-                    lissa_depth=cfg.hessian.lissa_depth, lissa_scale=cfg.hessian.lissa_scale, lissa_batch=cfg.hessian.lissa_batch,
-                    seed=cfg.train.seed)
+        opts = dict(max_direct=h.max_direct, cg_tol=h.cg_tol, cg_maxiter=h.cg_maxiter, lissa_depth=h.lissa_depth,
+                    lissa_scale=h.lissa_scale, lissa_batch=h.lissa_batch, seed=cfg.train.seed)
 
         def record(name: str, block: str, sol: inf.Solve, s: torch.Tensor) -> None:
             """The solve's row of solves.csv and its influence column, named unconverged_... when the
             solve did not reach cg_tol (so nothing reads it as a result)."""
-            solves.append({"target": name, "block": block, "solver": cfg.hessian.solver, "damping": damping,
+            solves.append({"target": name, "block": block, "solver": h.solver, "damping": damping,
                            "residual": sol.residual, "tol": sol.tol, "converged": sol.converged,
                            "matvecs": sol.matvecs, "seconds": sol.seconds, **sol.info})
             column = f"influence_{name}" + ("" if block == "all" else f"_{block}")
@@ -169,22 +171,22 @@ def run(cfg: InfluenceConfig) -> str:
         for target in targets:
             if target.fn is None:
                 start = time.perf_counter()
-                table["influence_self"] = inf.self_influence(obj, theta, damping, cfg.hessian.max_direct).cpu().numpy()
+                table["influence_self"] = inf.self_influence(obj, theta, damping, h.max_direct).cpu().numpy()
                 solves.append({"target": "self", "block": "all", "solver": "direct (Cholesky)", "damping": damping,
                                "seconds": time.perf_counter() - start})
                 continue
             b = grad(target.fn)(theta)
-            sol = inf.solve(cfg.hessian.solver, obj, theta, b, damping, **opts)
-            print(f"{target.name}: {cfg.hessian.solver} solve, relative residual {sol.residual:.2e}, {sol.matvecs} "
+            sol = inf.solve(h.solver, obj, theta, b, damping, **opts)
+            print(f"{target.name}: {h.solver} solve, relative residual {sol.residual:.2e}, {sol.matvecs} "
                   f"Hessian-vector products, {sol.seconds:.1f} s", flush=True)
             record(target.name, "all", sol, sol.x)
             if cfg.variants.per_layer:
                 for layer, sl in blocks.items():
-                    sol_l = inf.solve(cfg.hessian.solver, obj, theta, b[sl], damping, sl, **opts)
+                    sol_l = inf.solve(h.solver, obj, theta, b[sl], damping, sl, **opts)
                     s = torch.zeros_like(b)
                     s[sl] = sol_l.x
                     record(target.name, layer, sol_l, s)
-        _report_unconverged(solves, cfg.hessian.cg_tol)
+        _report_unconverged(solves, h.cg_tol)
         differentiable = [t for t in targets if t.fn is not None]
         if differentiable and _unrolled_wanted(cfg, flat, d, len(differentiable)):
             start = time.perf_counter()
@@ -376,7 +378,7 @@ def _breakdown(cfg: InfluenceConfig) -> None:
     rows, samples = [], []
     for lr in parse_floats(cfg.validation.breakdown_lrs, "breakdown_lrs"):
         for epochs in [int(e) for e in parse_floats(cfg.validation.breakdown_epochs, "breakdown_epochs")]:
-            tcfg = dataclasses.replace(cfg.train_config(), lr=lr, epochs=epochs)
+            tcfg = dataclasses.replace(cfg.train, lr=lr, epochs=epochs)
             model = model_for(tcfg, data).double()
             init = {k: v.clone() for k, v in model.state_dict().items()}
             flat = inf.Flat(model.to(dev))

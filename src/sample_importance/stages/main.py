@@ -11,10 +11,10 @@ from ..config import ClusterConfig, DecomposeConfig, NllConfig, StabilityConfig,
 from ..data import training_data
 from ..report import render_report
 from ..training import check_batching
+from ..runs import get_or_train
 from .cluster import check_class_size
 from .common import CLAIMS, TAG_TRAIN_RUNS
 from .explore import log_explorer
-from ..runs import get_or_train
 
 
 STEPS = ("stability", "decompose", "nll", "cluster")
